@@ -1,0 +1,84 @@
+//! Shared pieces of the benchmarks: the machine limits measured once per run, and a line
+//! that prints a measured figure next to its ratio to the limit that bounds it.
+
+use dsv3_kernels::machine::Limits;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The limits of this machine, measured once per benchmark process and printed when first used.
+pub fn limits() -> &'static Limits {
+    static L: OnceLock<Limits> = OnceLock::new();
+    L.get_or_init(|| {
+        let l = Limits::measure();
+        println!("{}", l.describe());
+        l
+    })
+}
+
+/// What bounds a kernel: the bytes it must move, the FLOPs it must do, or both.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Work {
+    /// Bytes read from memory plus bytes written.
+    pub bytes: f64,
+    /// Floating-point operations (an FMA counts as 2).
+    pub flops: f64,
+}
+
+/// Median wall time of `reps` calls of `f` after one warm-up call.
+pub fn median_time(reps: usize, mut f: impl FnMut()) -> Duration {
+    f();
+    let mut t: Vec<Duration> = (0..reps.max(1))
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed()
+        })
+        .collect();
+    t.sort();
+    t[t.len() / 2]
+}
+
+/// Prints `name: time, GB/s (ratio to read bandwidth), GFLOP/s (ratio to FMA peak)` and
+/// returns the bandwidth ratio.
+pub fn report(name: &str, work: Work, time: Duration) -> f64 {
+    let l = limits();
+    let s = time.as_secs_f64();
+    let gbs = work.bytes / s / 1e9;
+    let gflops = work.flops / s / 1e9;
+    let bw_ratio = work.bytes / s / l.read_bytes_per_s;
+    let fl_ratio = work.flops / s / l.fma_flops_per_s;
+    let mut line = format!("{name:<48} {:>10.1} us", s * 1e6);
+    if work.bytes > 0.0 {
+        line += &format!("  {gbs:>8.2} GB/s = {:>5.1}% of read bw", 100.0 * bw_ratio);
+    }
+    if work.flops > 0.0 {
+        line += &format!("  {gflops:>8.2} GFLOP/s = {:>5.1}% of FMA peak", 100.0 * fl_ratio);
+    }
+    println!("{line}");
+    bw_ratio
+}
+
+/// A deterministic xorshift generator, so benchmark inputs need no extra dependency.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    /// Uniform in [-1, 1).
+    pub fn f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    pub fn vec_f32(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.f32()).collect()
+    }
+}

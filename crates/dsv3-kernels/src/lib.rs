@@ -1,0 +1,37 @@
+//! # dsv3-kernels
+//!
+//! Every kernel family of the DeepSeek-V3 engine, each in its own module with
+//!
+//! * a **reference** (`reference` submodule): plain loops that read like the model spec, no
+//!   performance intent; the oracle for every other implementation;
+//! * a **fast** CPU implementation (the module's top-level functions): multi-threaded
+//!   (rayon), cache-blocked, written so the compiler vectorises it, with run-time dispatch to
+//!   AVX2/FMA where the CPU has them ([`cpu`]).
+//!
+//! Shapes travel in small `Copy` structs that are validated before any work starts; a wrong
+//! length gives a [`KernelError`], never a panic. The op-level [`backend::Backend`] trait is
+//! what model crates call; [`backend::Cpu`] implements it with the fast functions.
+//!
+//! This is the only crate of the workspace with `unsafe` code, each block with a `// SAFETY:`
+//! comment.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_debug_implementations)]
+
+pub mod cpu;
+pub mod error;
+pub mod machine;
+
+pub mod fp8;
+pub mod gemm;
+
+pub mod act;
+pub mod embed;
+pub mod norm;
+pub mod rope;
+
+pub mod a2a;
+pub mod gating;
+pub mod permute;
+
+pub use error::{KernelError, Result};
