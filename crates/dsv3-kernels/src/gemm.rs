@@ -1,1 +1,453 @@
-//! (in progress)
+//! GEMM against block-scaled FP8 weights: `out[M, N] = a[M, K] · W[N, K]ᵀ` (model-spec §4),
+//! dense and grouped (MoE experts) in the two layouts DeepGEMM uses.
+//!
+//! Two numeric paths, chosen at run time ([`GemmPath`]):
+//! * **Reference**: the exact dequantised weight (fp8 × scale_inv) against f32 activations,
+//!   f32 accumulation. The weight stays FP8 in memory; the fast kernel decodes it per 128-wide
+//!   block into L1 and applies the block scale to each block's partial sum.
+//! * **Fp8**: activations quantised per 1x128 tile (scale = amax/448), FP8 × FP8 products
+//!   accumulated in f32 within each 128-wide block, the block sum scaled by
+//!   `a_scale[m, kb] · w_scale[n/128, kb]` and promoted into an f32 total (DeepGEMM's scheme).
+//!   `K` must be a multiple of 128.
+//!
+//! Grouped layouts: **contiguous** (prefill; expert `e` owns rows `offsets[e]..offsets[e+1]` of
+//! one `[rows, K]` activation) and **masked** (decode; `[E, capacity, K]` with a row count per
+//! expert; rows past the count are written as zeros).
+
+use crate::cpu::{IsaLevel, isa_level};
+use crate::error::{KernelError, Result, check_len, checked_mul, invalid, shape_err};
+use crate::fp8::{self, ActQuantShape, BLOCK, Fp8WeightRef, ScaleFmt, blocks, decode_fast};
+use rayon::prelude::*;
+
+/// `out[m, n] = Σ_k a[m, k] · w[n, k]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemmShape {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// Which numeric path a GEMM takes (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GemmPath {
+    #[default]
+    Reference,
+    Fp8,
+}
+
+impl std::str::FromStr for GemmPath {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "reference" => Ok(GemmPath::Reference),
+            "fp8" => Ok(GemmPath::Fp8),
+            _ => Err(format!("unknown GEMM path `{s}` (expected `reference` or `fp8`)")),
+        }
+    }
+}
+
+impl GemmShape {
+    fn validate(&self, op: &'static str, path: GemmPath, a: usize, w: &Fp8WeightRef<'_>, out: usize) -> Result<()> {
+        if w.rows() != self.n || w.cols() != self.k {
+            return Err(shape_err(op, format!("weight is [{}, {}], shape wants [n={}, k={}]", w.rows(), w.cols(), self.n, self.k)));
+        }
+        if path == GemmPath::Fp8 && self.k % BLOCK != 0 {
+            return Err(shape_err(op, format!("the fp8 path needs k % 128 == 0, got k = {}", self.k)));
+        }
+        check_len(op, "a", a, checked_mul(op, "a", self.m, self.k)?)?;
+        check_len(op, "out", out, checked_mul(op, "out", self.m, self.n)?)
+    }
+}
+
+/// Plain-loop references (§4.2, §4.4): the oracles of the fast kernels.
+pub mod reference {
+    use super::*;
+
+    /// `out[m, n] = Σ_k a[m, k] · b[n, k]` in f32, in order of k.
+    pub fn gemm_f32(a: &[f32], b: &[f32], s: GemmShape, out: &mut [f32]) -> Result<()> {
+        const OP: &str = "gemm_f32 (reference)";
+        check_len(OP, "a", a.len(), checked_mul(OP, "a", s.m, s.k)?)?;
+        check_len(OP, "b", b.len(), checked_mul(OP, "b", s.n, s.k)?)?;
+        check_len(OP, "out", out.len(), checked_mul(OP, "out", s.m, s.n)?)?;
+        for m in 0..s.m {
+            for n in 0..s.n {
+                let mut acc = 0f32;
+                for k in 0..s.k {
+                    acc += a[m * s.k + k] * b[n * s.k + k];
+                }
+                out[m * s.n + n] = acc;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reference path: dequantise the weight (§4.2), then an f32 GEMM.
+    pub fn gemm_dequant(a: &[f32], w: Fp8WeightRef<'_>, s: GemmShape, out: &mut [f32]) -> Result<()> {
+        s.validate("gemm_dequant (reference)", GemmPath::Reference, a.len(), &w, out.len())?;
+        gemm_f32(a, &w.dequantize(), s, out)
+    }
+
+    /// §4.4 on an already quantised activation: per 128-block exact FP8 products summed in
+    /// f32, the block sum times both scales, summed over blocks in f32.
+    pub fn gemm_fp8(a_q: &[u8], a_s: &[f32], w: Fp8WeightRef<'_>, s: GemmShape, out: &mut [f32]) -> Result<()> {
+        const OP: &str = "gemm_fp8 (reference)";
+        check_len(OP, "a_q", a_q.len(), checked_mul(OP, "a_q", s.m, s.k)?)?;
+        s.validate(OP, GemmPath::Fp8, a_q.len(), &w, out.len())?;
+        let kb_n = s.k / BLOCK;
+        check_len(OP, "a_s", a_s.len(), s.m * kb_n)?;
+        for m in 0..s.m {
+            for n in 0..s.n {
+                let mut total = 0f32;
+                for kb in 0..kb_n {
+                    let mut block = 0f32;
+                    for k in kb * BLOCK..(kb + 1) * BLOCK {
+                        block += fp8::decode_e4m3(a_q[m * s.k + k]) * fp8::decode_e4m3(w.data()[n * s.k + k]);
+                    }
+                    total += block * a_s[m * kb_n + kb] * w.scale_at(n, kb * BLOCK);
+                }
+                out[m * s.n + n] = total;
+            }
+        }
+        Ok(())
+    }
+
+    /// Either path on an f32 activation (the fp8 path quantises it with the reference quantiser).
+    pub fn gemm(a: &[f32], w: Fp8WeightRef<'_>, s: GemmShape, path: GemmPath, out: &mut [f32]) -> Result<()> {
+        match path {
+            GemmPath::Reference => gemm_dequant(a, w, s, out),
+            GemmPath::Fp8 => {
+                s.validate("gemm (reference)", path, a.len(), &w, out.len())?;
+                let qs = ActQuantShape { rows: s.m, cols: s.k };
+                let (mut q, mut sc) = (vec![0u8; a.len()], vec![0f32; s.m * qs.tiles()]);
+                fp8::reference::act_quant(a, qs, ScaleFmt::Float, &mut q, &mut sc)?;
+                gemm_fp8(&q, &sc, w, s, out)
+            }
+        }
+    }
+
+    /// Grouped, contiguous layout: expert `e` multiplies rows `offsets[e]..offsets[e+1]`.
+    pub fn grouped_contiguous(a: &[f32], offsets: &[u32], w: &[Fp8WeightRef<'_>], path: GemmPath, out: &mut [f32]) -> Result<()> {
+        let g = GroupedShape::contiguous("grouped_contiguous (reference)", a.len(), offsets, w, out.len())?;
+        for e in 0..w.len() {
+            let (r0, r1) = (offsets[e] as usize, offsets[e + 1] as usize);
+            let s = GemmShape { m: r1 - r0, n: g.n, k: g.k };
+            gemm(&a[r0 * g.k..r1 * g.k], w[e], s, path, &mut out[r0 * g.n..r1 * g.n])?;
+        }
+        Ok(())
+    }
+
+    /// Grouped, masked layout: `a` is `[E, capacity, K]`, expert `e` multiplies its first
+    /// `counts[e]` rows; the other rows of `out` are zero.
+    pub fn grouped_masked(a: &[f32], counts: &[u32], capacity: usize, w: &[Fp8WeightRef<'_>], path: GemmPath, out: &mut [f32]) -> Result<()> {
+        let g = GroupedShape::masked("grouped_masked (reference)", a.len(), counts, capacity, w, out.len())?;
+        out.fill(0.0);
+        for e in 0..w.len() {
+            let rows = counts[e] as usize;
+            let (a0, o0) = (e * capacity * g.k, e * capacity * g.n);
+            let s = GemmShape { m: rows, n: g.n, k: g.k };
+            gemm(&a[a0..a0 + rows * g.k], w[e], s, path, &mut out[o0..o0 + rows * g.n])?;
+        }
+        Ok(())
+    }
+}
+
+/// The common (n, k) of a grouped GEMM, validated.
+struct GroupedShape {
+    n: usize,
+    k: usize,
+}
+
+impl GroupedShape {
+    fn common(op: &'static str, w: &[Fp8WeightRef<'_>]) -> Result<GroupedShape> {
+        let first = w.first().ok_or_else(|| shape_err(op, "no experts"))?;
+        let (n, k) = (first.rows(), first.cols());
+        if let Some(e) = w.iter().position(|x| x.rows() != n || x.cols() != k) {
+            return Err(shape_err(op, format!("expert {e} weight is [{}, {}], expert 0 is [{n}, {k}]", w[e].rows(), w[e].cols())));
+        }
+        Ok(GroupedShape { n, k })
+    }
+
+    fn contiguous(op: &'static str, a: usize, offsets: &[u32], w: &[Fp8WeightRef<'_>], out: usize) -> Result<GroupedShape> {
+        let g = Self::common(op, w)?;
+        check_len(op, "offsets", offsets.len(), w.len() + 1)?;
+        if offsets[0] != 0 || offsets.windows(2).any(|p| p[1] < p[0]) {
+            return Err(invalid(op, "offsets", "must start at 0 and never decrease"));
+        }
+        let rows = offsets[w.len()] as usize;
+        check_len(op, "a", a, checked_mul(op, "a", rows, g.k)?)?;
+        check_len(op, "out", out, checked_mul(op, "out", rows, g.n)?)?;
+        Ok(g)
+    }
+
+    fn masked(op: &'static str, a: usize, counts: &[u32], cap: usize, w: &[Fp8WeightRef<'_>], out: usize) -> Result<GroupedShape> {
+        let g = Self::common(op, w)?;
+        check_len(op, "counts", counts.len(), w.len())?;
+        if let Some(e) = counts.iter().position(|&c| c as usize > cap) {
+            return Err(invalid(op, "counts", format!("expert {e} has {} rows, capacity is {cap}", counts[e])));
+        }
+        let rows = checked_mul(op, "a", w.len(), cap)?;
+        check_len(op, "a", a, checked_mul(op, "a", rows, g.k)?)?;
+        check_len(op, "out", out, checked_mul(op, "out", rows, g.n)?)?;
+        Ok(g)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fast CPU kernels.
+// ---------------------------------------------------------------------------------------------
+
+/// Rows of W one task owns (decoded per 128-block into an L1-resident tile).
+const NC: usize = 16;
+/// Rows of A one task owns.
+const MC: usize = 128;
+
+/// The activation side of the core: f32 values and, on the fp8 path, their tile scales.
+#[derive(Clone, Copy)]
+struct ASide<'a> {
+    /// `[rows, k]`: f32 activations (reference path) or decoded FP8 codes (fp8 path).
+    x: &'a [f32],
+    /// `[rows, k/128]` tile scales (fp8 path only).
+    scales: Option<&'a [f32]>,
+}
+
+/// One GEMM of the grouped or dense drivers: rows `r0..r1` of the activation against one weight.
+#[derive(Clone, Copy)]
+struct Job<'a> {
+    a: ASide<'a>,
+    w: Fp8WeightRef<'a>,
+    /// First output row in the caller's output buffer.
+    out_row: usize,
+    m: usize,
+}
+
+/// Dense GEMM on either path. `a` is `[m, k]` f32, `out` is `[m, n]`.
+pub fn gemm(a: &[f32], w: Fp8WeightRef<'_>, s: GemmShape, path: GemmPath, out: &mut [f32]) -> Result<()> {
+    s.validate("gemm", path, a.len(), &w, out.len())?;
+    let prepared = prepare_a("gemm", a, s.m, s.k, path)?;
+    let job = Job { a: prepared.side(a), w, out_row: 0, m: s.m };
+    run_jobs(&[job], s.n, s.k, out);
+    Ok(())
+}
+
+/// The fp8 path on an activation that is already quantised (codes + 1x128 scales).
+pub fn gemm_fp8_quantized(a_q: &[u8], a_s: &[f32], w: Fp8WeightRef<'_>, s: GemmShape, out: &mut [f32]) -> Result<()> {
+    const OP: &str = "gemm_fp8_quantized";
+    s.validate(OP, GemmPath::Fp8, a_q.len(), &w, out.len())?;
+    check_len(OP, "a_s", a_s.len(), s.m * (s.k / BLOCK))?;
+    let mut x = vec![0f32; a_q.len()];
+    x.par_chunks_mut(1 << 14).zip(a_q.par_chunks(1 << 14)).for_each(|(x, q)| x.iter_mut().zip(q).for_each(|(o, &b)| *o = decode_fast(b)));
+    let job = Job { a: ASide { x: &x, scales: Some(a_s) }, w, out_row: 0, m: s.m };
+    run_jobs(&[job], s.n, s.k, out);
+    Ok(())
+}
+
+/// Grouped GEMM, contiguous layout (see [`reference::grouped_contiguous`]).
+pub fn grouped_contiguous(a: &[f32], offsets: &[u32], w: &[Fp8WeightRef<'_>], path: GemmPath, out: &mut [f32]) -> Result<()> {
+    const OP: &str = "grouped_contiguous";
+    let g = GroupedShape::contiguous(OP, a.len(), offsets, w, out.len())?;
+    let rows = offsets[w.len()] as usize;
+    if path == GemmPath::Fp8 && g.k % BLOCK != 0 {
+        return Err(shape_err(OP, format!("the fp8 path needs k % 128 == 0, got k = {}", g.k)));
+    }
+    let prepared = prepare_a(OP, a, rows, g.k, path)?;
+    let side = prepared.side(a);
+    let jobs: Vec<Job<'_>> = (0..w.len())
+        .filter(|&e| offsets[e + 1] > offsets[e])
+        .map(|e| {
+            let (r0, r1) = (offsets[e] as usize, offsets[e + 1] as usize);
+            Job { a: side.rows(r0, r1, g.k), w: w[e], out_row: r0, m: r1 - r0 }
+        })
+        .collect();
+    run_jobs(&jobs, g.n, g.k, out);
+    Ok(())
+}
+
+/// Grouped GEMM, masked layout (see [`reference::grouped_masked`]).
+pub fn grouped_masked(a: &[f32], counts: &[u32], capacity: usize, w: &[Fp8WeightRef<'_>], path: GemmPath, out: &mut [f32]) -> Result<()> {
+    const OP: &str = "grouped_masked";
+    let g = GroupedShape::masked(OP, a.len(), counts, capacity, w, out.len())?;
+    if path == GemmPath::Fp8 && g.k % BLOCK != 0 {
+        return Err(shape_err(OP, format!("the fp8 path needs k % 128 == 0, got k = {}", g.k)));
+    }
+    // Only the live rows are quantised: pack them contiguously first (cheap next to the GEMM).
+    let mut offsets = vec![0u32; w.len() + 1];
+    for e in 0..w.len() {
+        offsets[e + 1] = offsets[e] + counts[e];
+    }
+    let live = offsets[w.len()] as usize;
+    let mut packed = Vec::with_capacity(live * g.k);
+    for e in 0..w.len() {
+        let a0 = e * capacity * g.k;
+        packed.extend_from_slice(&a[a0..a0 + counts[e] as usize * g.k]);
+    }
+    let mut packed_out = vec![0f32; live * g.n];
+    grouped_contiguous(&packed, &offsets, w, path, &mut packed_out)?;
+    out.par_chunks_mut(capacity.max(1) * g.n).enumerate().for_each(|(e, o)| {
+        let (p0, p1) = (offsets[e] as usize * g.n, offsets[e + 1] as usize * g.n);
+        o[..p1 - p0].copy_from_slice(&packed_out[p0..p1]);
+        o[p1 - p0..].fill(0.0);
+    });
+    Ok(())
+}
+
+/// On the fp8 path, the activation quantised and decoded back to f32 codes (exact small
+/// values) plus its scales; on the reference path nothing.
+struct Prepared {
+    x: Vec<f32>,
+    scales: Vec<f32>,
+    fp8: bool,
+}
+
+impl Prepared {
+    fn side<'a>(&'a self, a: &'a [f32]) -> ASide<'a> {
+        if self.fp8 { ASide { x: &self.x, scales: Some(&self.scales) } } else { ASide { x: a, scales: None } }
+    }
+}
+
+impl<'a> ASide<'a> {
+    fn rows(self, r0: usize, r1: usize, k: usize) -> ASide<'a> {
+        let kb = k / BLOCK;
+        ASide { x: &self.x[r0 * k..r1 * k], scales: self.scales.map(|s| &s[r0 * kb..r1 * kb]) }
+    }
+}
+
+fn prepare_a(op: &'static str, a: &[f32], m: usize, k: usize, path: GemmPath) -> Result<Prepared> {
+    if path == GemmPath::Reference || m == 0 {
+        return Ok(Prepared { x: Vec::new(), scales: Vec::new(), fp8: path == GemmPath::Fp8 });
+    }
+    let shape = ActQuantShape { rows: m, cols: k };
+    let mut q = vec![0u8; a.len()];
+    let mut scales = vec![0f32; m * shape.tiles()];
+    fp8::act_quant(a, shape, ScaleFmt::Float, &mut q, &mut scales).map_err(|e| match e {
+        KernelError::Invalid { detail, .. } => invalid(op, "a", detail),
+        other => other,
+    })?;
+    let mut x = vec![0f32; a.len()];
+    x.par_chunks_mut(1 << 14).zip(q.par_chunks(1 << 14)).for_each(|(x, q)| x.iter_mut().zip(q).for_each(|(o, &b)| *o = decode_fast(b)));
+    Ok(Prepared { x, scales, fp8: true })
+}
+
+/// Splits every job into (row chunk, column chunk) tiles, runs them in parallel, and writes
+/// each tile into `out` (`[total rows, n]`).
+fn run_jobs(jobs: &[Job<'_>], n: usize, k: usize, out: &mut [f32]) {
+    let n_chunks = n.div_ceil(NC);
+    let tiles: Vec<(usize, usize, usize)> = jobs
+        .iter()
+        .enumerate()
+        .flat_map(|(j, job)| (0..job.m.div_ceil(MC)).flat_map(move |mc| (0..n_chunks).map(move |nc| (j, mc * MC, nc * NC))))
+        .collect();
+    let results: Vec<Vec<f32>> = tiles
+        .par_iter()
+        .map(|&(j, m0, n0)| {
+            let job = &jobs[j];
+            let (m1, n1) = ((m0 + MC).min(job.m), (n0 + NC).min(n));
+            let mut tile = vec![0f32; (m1 - m0) * (n1 - n0)];
+            core_tile(job, k, m0, m1, n0, n1, &mut tile);
+            tile
+        })
+        .collect();
+    // Scatter the tiles (disjoint rectangles of `out`).
+    for (&(j, m0, n0), tile) in tiles.iter().zip(&results) {
+        let job = &jobs[j];
+        let w = (n0 + NC).min(n) - n0;
+        for (i, row) in tile.chunks_exact(w).enumerate() {
+            let r = job.out_row + m0 + i;
+            out[r * n + n0..r * n + n0 + w].copy_from_slice(row);
+        }
+    }
+}
+
+/// Computes `tile[m - m0][n - n0]` for one job over all of K, one 128-block at a time: the
+/// weight block is decoded into an L1 tile, each (m, n) block dot is summed in f32 and then
+/// scaled by the block's scale(s) into the f32 total.
+fn core_tile(job: &Job<'_>, k: usize, m0: usize, m1: usize, n0: usize, n1: usize, tile: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn wide(job: &Job<'_>, k: usize, m0: usize, m1: usize, n0: usize, n1: usize, tile: &mut [f32]) {
+            core_tile_body::<Fused>(job, k, m0, m1, n0, n1, tile)
+        }
+        if isa_level() == IsaLevel::Avx2Fma {
+            // SAFETY: `wide` differs from the baseline body only in its target features, and
+            // the CPU was checked at run time to have all of them.
+            return unsafe { wide(job, k, m0, m1, n0, n1, tile) };
+        }
+    }
+    core_tile_body::<Plain>(job, k, m0, m1, n0, n1, tile)
+}
+
+#[inline(always)]
+fn core_tile_body<F: MulAdd>(job: &Job<'_>, k: usize, m0: usize, m1: usize, n0: usize, n1: usize, tile: &mut [f32]) {
+    let nw = n1 - n0;
+    let kb_n = blocks(k);
+    let mut wt = [0f32; NC * BLOCK];
+    let a_rows = &job.a.x[m0 * k..m1 * k];
+    for kb in 0..kb_n {
+        let (k0, k1) = (kb * BLOCK, ((kb + 1) * BLOCK).min(k));
+        let len = k1 - k0;
+        // Decode rows n0..n1 of this block into the L1 tile.
+        for n in n0..n1 {
+            let src = &job.w.data()[n * k + k0..n * k + k1];
+            let dst = &mut wt[(n - n0) * BLOCK..(n - n0) * BLOCK + len];
+            for (d, &b) in dst.iter_mut().zip(src) {
+                *d = decode_fast(b);
+            }
+        }
+        for n in n0..n1 {
+            let ws = job.w.scale_inv()[(n / BLOCK) * kb_n + kb];
+            let wrow = &wt[(n - n0) * BLOCK..(n - n0) * BLOCK + len];
+            for (i, arow) in a_rows.chunks_exact(k).enumerate() {
+                let dot = dot_body::<F>(&arow[k0..k1], wrow);
+                let s = match job.a.scales {
+                    Some(sc) => sc[(m0 + i) * kb_n + kb] * ws,
+                    None => ws,
+                };
+                tile[i * nw + (n - n0)] += dot * s;
+            }
+        }
+    }
+}
+
+/// Multiply-add as one fused instruction (where the caller is compiled with FMA) or as a
+/// multiply then an add (baseline, where `mul_add` would be a slow library call).
+trait MulAdd {
+    fn mul_add(a: f32, b: f32, c: f32) -> f32;
+}
+struct Fused;
+struct Plain;
+impl MulAdd for Fused {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+impl MulAdd for Plain {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
+
+/// Dot product of two slices of equal length (at most 128) with two 8-lane accumulators.
+#[inline(always)]
+fn dot_body<F: MulAdd>(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 8;
+    let mut acc = [[0f32; L]; 2];
+    let mut ca = a.chunks_exact(2 * L);
+    let mut cb = b.chunks_exact(2 * L);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for h in 0..2 {
+            for l in 0..L {
+                acc[h][l] = F::mul_add(x[h * L + l], y[h * L + l], acc[h][l]);
+            }
+        }
+    }
+    let mut s = 0f32;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        s = F::mul_add(*x, *y, s);
+    }
+    for l in 0..L {
+        s += acc[0][l] + acc[1][l];
+    }
+    s
+}
