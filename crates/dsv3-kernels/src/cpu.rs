@@ -34,10 +34,7 @@ pub fn isa_level() -> IsaLevel {
 
 #[cfg(target_arch = "x86_64")]
 fn detect() -> IsaLevel {
-    if std::is_x86_feature_detected!("avx2")
-        && std::is_x86_feature_detected!("fma")
-        && std::is_x86_feature_detected!("f16c")
-    {
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
         IsaLevel::Avx2Fma
     } else {
         IsaLevel::Baseline

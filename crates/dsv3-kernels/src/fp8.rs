@@ -260,7 +260,7 @@ impl ActQuantShape {
         self.cols / BLOCK
     }
     fn validate(&self, op: &'static str, x: usize, q: usize, s: usize) -> Result<()> {
-        if self.cols == 0 || self.cols % BLOCK != 0 {
+        if self.cols == 0 || !self.cols.is_multiple_of(BLOCK) {
             return Err(shape_err(op, format!("cols = {} must be a positive multiple of {BLOCK}", self.cols)));
         }
         let n = checked_mul(op, "x", self.rows, self.cols)?;

@@ -17,6 +17,8 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_debug_implementations)]
+// Kernels index several arrays in lock-step on purpose: it is the form that vectorises.
+#![allow(clippy::needless_range_loop)]
 
 pub mod cpu;
 pub mod error;
@@ -30,8 +32,11 @@ pub mod embed;
 pub mod norm;
 pub mod rope;
 
+pub mod backend;
+
 pub mod a2a;
 pub mod gating;
 pub mod permute;
 
+pub use backend::{Backend, Cpu};
 pub use error::{KernelError, Result};

@@ -100,23 +100,37 @@ pub fn measure_fma_peak() -> f64 {
     best
 }
 
-crate::cpu::dispatch! { fn fma_loop(seed: f32, iters: usize) -> usize = fma_loop_body; }
-
-/// Runs `iters` rounds of 16 independent 8-lane FMA chains; returns the FLOP count.
-#[inline(always)]
-fn fma_loop_body(seed: f32, iters: usize) -> usize {
-    const LANES: usize = 8;
-    const CHAINS: usize = 16;
-    let mut acc = [[seed; LANES]; CHAINS];
-    let a = black_box([0.999_999f32; LANES]);
-    let b = black_box([1e-7f32; LANES]);
+/// Runs `iters` rounds of 12 independent FMA chains of the widest vector the fast kernels use;
+/// returns the FLOP count.
+fn fma_loop(seed: f32, iters: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::isa_level() == crate::cpu::IsaLevel::Avx2Fma {
+        // SAFETY: the CPU was checked at run time to have avx2 and fma.
+        return unsafe { fma_loop_avx2(seed, iters) };
+    }
+    let mut acc = [seed; 8];
     for _ in 0..iters {
-        for c in acc.iter_mut() {
-            for l in 0..LANES {
-                c[l] = c[l].mul_add(a[l], b[l]);
-            }
+        for a in acc.iter_mut() {
+            *a = *a * 0.999_999 + 1e-7;
         }
     }
     black_box(acc);
-    iters * CHAINS * LANES * 2
+    iters * 8 * 2
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn fma_loop_avx2(seed: f32, iters: usize) -> usize {
+    use std::arch::x86_64::*;
+    const CHAINS: usize = 12;
+    let mut acc = [_mm256_set1_ps(seed); CHAINS];
+    let a = _mm256_set1_ps(black_box(0.999_999));
+    let b = _mm256_set1_ps(black_box(1e-7));
+    for _ in 0..iters {
+        for c in acc.iter_mut() {
+            *c = _mm256_fmadd_ps(*c, a, b);
+        }
+    }
+    black_box(acc);
+    iters * CHAINS * 8 * 2
 }

@@ -158,7 +158,10 @@ fn act_quant_detects_nan_and_inf_in_a_tile() {
         x[2 * 256 + 130] = bad; // row 2, second tile; amax by f32::max would hide a NaN
         let shape = ActQuantShape { rows: 3, cols: 256 };
         let (mut q, mut s) = (vec![0u8; x.len()], vec![0f32; 6]);
-        for r in [fp8::act_quant(&x, shape, ScaleFmt::Float, &mut q, &mut s), fp8::reference::act_quant(&x, shape, ScaleFmt::Float, &mut q, &mut s)] {
+        for r in [
+            fp8::act_quant(&x, shape, ScaleFmt::Float, &mut q, &mut s),
+            fp8::reference::act_quant(&x, shape, ScaleFmt::Float, &mut q, &mut s),
+        ] {
             match r {
                 Err(KernelError::Invalid { detail, .. }) => assert!(detail.contains("row 2, columns 128..256"), "{detail}"),
                 other => panic!("expected an error for {bad}, got {other:?}"),

@@ -115,7 +115,11 @@ fn real_v3_shapes_small_m() {
                 for col in (0..n).step_by(n / 61) {
                     for r in 0..m {
                         let want: f64 = (0..k)
-                            .map(|c| a_used[r * k + c] as f64 * dsv3_kernels::fp8::decode_e4m3(v.data()[col * k + c]) as f64 * v.scale_at(col, c) as f64)
+                            .map(|c| {
+                                a_used[r * k + c] as f64
+                                    * dsv3_kernels::fp8::decode_e4m3(v.data()[col * k + c]) as f64
+                                    * v.scale_at(col, c) as f64
+                            })
                             .sum();
                         max_err = max_err.max((fast[r * n + col] as f64 - want).abs());
                         max_ref = max_ref.max(want.abs());
@@ -207,19 +211,34 @@ fn bad_shapes_are_typed_errors() {
     let s = GemmShape { m: 2, n: 16, k: 129 };
     assert!(matches!(gemm::gemm(&[0.0; 2 * 129], w.view(), s, GemmPath::Fp8, &mut out), Err(KernelError::Shape { .. })));
     assert!(matches!(gemm::gemm(&[0.0; 2 * 128], w.view(), s, GemmPath::Reference, &mut out), Err(KernelError::Length { what: "a", .. })));
-    assert!(matches!(gemm::gemm(&[0.0; 2 * 129], w.view(), GemmShape { n: 17, ..s }, GemmPath::Reference, &mut out), Err(KernelError::Shape { .. })));
-    assert!(matches!(gemm::gemm(&[0.0; 2 * 129], w.view(), s, GemmPath::Reference, &mut out[1..]), Err(KernelError::Length { what: "out", .. })));
+    assert!(matches!(
+        gemm::gemm(&[0.0; 2 * 129], w.view(), GemmShape { n: 17, ..s }, GemmPath::Reference, &mut out),
+        Err(KernelError::Shape { .. })
+    ));
+    assert!(matches!(
+        gemm::gemm(&[0.0; 2 * 129], w.view(), s, GemmPath::Reference, &mut out[1..]),
+        Err(KernelError::Length { what: "out", .. })
+    ));
     let views = [w.view(), w.view()];
     let mut out = vec![0f32; 3 * 16];
-    assert!(matches!(gemm::grouped_contiguous(&[0.0; 3 * 129], &[0, 2, 1], &views, GemmPath::Reference, &mut out), Err(KernelError::Invalid { what: "offsets", .. })));
-    assert!(matches!(gemm::grouped_contiguous(&[0.0; 3 * 129], &[0, 3], &views, GemmPath::Reference, &mut out), Err(KernelError::Length { what: "offsets", .. })));
-    assert!(matches!(gemm::grouped_masked(&[0.0; 2 * 2 * 129], &[1, 3], 2, &views, GemmPath::Reference, &mut vec![0.0; 4 * 16]), Err(KernelError::Invalid { what: "counts", .. })));
+    assert!(matches!(
+        gemm::grouped_contiguous(&[0.0; 3 * 129], &[0, 2, 1], &views, GemmPath::Reference, &mut out),
+        Err(KernelError::Invalid { what: "offsets", .. })
+    ));
+    assert!(matches!(
+        gemm::grouped_contiguous(&[0.0; 3 * 129], &[0, 3], &views, GemmPath::Reference, &mut out),
+        Err(KernelError::Length { what: "offsets", .. })
+    ));
+    assert!(matches!(
+        gemm::grouped_masked(&[0.0; 2 * 2 * 129], &[1, 3], 2, &views, GemmPath::Reference, &mut vec![0.0; 4 * 16]),
+        Err(KernelError::Invalid { what: "counts", .. })
+    ));
     assert!(matches!(gemm::grouped_contiguous(&[], &[0], &[], GemmPath::Reference, &mut []), Err(KernelError::Shape { .. })));
     // A NaN activation on the fp8 path is detected by the quantiser and named.
     let mut a = vec![0.5f32; 2 * 128];
     a[130] = f32::NAN;
     let w = Fp8Weight::quantize(16, 128, &vec![0.5; 16 * 128]).unwrap();
-    let r = gemm::gemm(&a, w.view(), GemmShape { m: 2, n: 16, k: 128 }, GemmPath::Fp8, &mut vec![0.0; 32]);
+    let r = gemm::gemm(&a, w.view(), GemmShape { m: 2, n: 16, k: 128 }, GemmPath::Fp8, &mut [0.0; 32]);
     assert!(matches!(&r, Err(KernelError::Invalid { op: "gemm", what: "a", detail }) if detail.contains("row 1")), "{r:?}");
 }
 

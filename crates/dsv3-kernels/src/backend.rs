@@ -1,0 +1,240 @@
+//! The op-level interface model code is written against, and its CPU implementation.
+//!
+//! `dsv3-mla`, `dsv3-moe` and `dsv3-runtime` are generic over [`Backend`] and monomorphised:
+//! no dynamic dispatch per op and no `cfg(feature = "cuda")` outside this crate. Buffers are
+//! the backend's own ([`Backend::Buf`]: a `Vec` on the CPU, a device slice on a GPU); shapes
+//! travel in the same small `Copy` structs the kernels validate. Activations are f32 on the
+//! CPU backend.
+
+use crate::embed::EmbedShape;
+use crate::error::Result;
+use crate::fp8::{ActQuantShape, Fp8Weight, Fp8WeightRef, ScaleFmt};
+use crate::gating::RouteCfg;
+use crate::gemm::{GemmPath, GemmShape};
+use crate::norm::RowsShape;
+use crate::permute::{DispatchPlan, PlanShape};
+use crate::rope::{RopeCfg, RopeLayout, RopeTable};
+use crate::{act, embed, fp8, gating, gemm, norm, permute, rope};
+use std::fmt::Debug;
+
+/// Element types a backend buffer can hold.
+pub trait Elem: bytemuck::Pod + Default + Send + Sync + Debug + 'static {}
+impl Elem for f32 {}
+impl Elem for u8 {}
+impl Elem for u32 {}
+impl Elem for i32 {}
+impl Elem for half::bf16 {}
+
+/// One implementation of every op family. Methods validate shapes before any work and return
+/// [`crate::KernelError`] on a mismatch.
+pub trait Backend: Send + Sync + Debug {
+    /// A buffer of `T` owned by the backend.
+    type Buf<T: Elem>: Send + Sync + Debug;
+    /// A block-scaled FP8 weight resident on the backend.
+    type Weight: Send + Sync + Debug;
+    /// A RoPE cos/sin table resident on the backend.
+    type Rope: Send + Sync + Debug;
+    /// A dispatch plan (per-expert counts, offsets and slot maps) for one batch.
+    type Plan: Send + Sync + Debug;
+
+    /// A short name for logs ("cpu", "cuda").
+    fn name(&self) -> &'static str;
+
+    // --- memory -------------------------------------------------------------------------
+    fn zeros<T: Elem>(&self, len: usize) -> Result<Self::Buf<T>>;
+    fn upload<T: Elem>(&self, host: &[T]) -> Result<Self::Buf<T>>;
+    fn download<T: Elem>(&self, buf: &Self::Buf<T>) -> Result<Vec<T>>;
+    fn len<T: Elem>(&self, buf: &Self::Buf<T>) -> usize;
+    fn upload_weight(&self, w: Fp8WeightRef<'_>) -> Result<Self::Weight>;
+    /// `(rows, cols)` of a weight.
+    fn weight_shape(&self, w: &Self::Weight) -> (usize, usize);
+    fn rope_table(&self, cfg: &RopeCfg, max_pos: usize) -> Result<Self::Rope>;
+
+    // --- small ops ----------------------------------------------------------------------
+    fn rms_norm(&self, x: &Self::Buf<f32>, w: &Self::Buf<f32>, shape: RowsShape, eps: f32, out: &mut Self::Buf<f32>) -> Result<()>;
+    /// `residual += x; out = rms_norm(residual)`.
+    fn add_rms_norm(
+        &self,
+        x: &Self::Buf<f32>,
+        residual: &mut Self::Buf<f32>,
+        w: &Self::Buf<f32>,
+        shape: RowsShape,
+        eps: f32,
+        out: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+    fn silu_mul(&self, gate: &Self::Buf<f32>, up: &Self::Buf<f32>, shape: RowsShape, out: &mut Self::Buf<f32>) -> Result<()>;
+    fn softmax(&self, x: &Self::Buf<f32>, shape: RowsShape, out: &mut Self::Buf<f32>) -> Result<()>;
+    fn embedding(&self, table: &Self::Buf<half::bf16>, shape: EmbedShape, ids: &Self::Buf<u32>, out: &mut Self::Buf<f32>) -> Result<()>;
+    fn apply_rope(&self, x: &mut Self::Buf<f32>, layout: RopeLayout, positions: &Self::Buf<u32>, table: &Self::Rope) -> Result<()>;
+    fn act_quant(
+        &self,
+        x: &Self::Buf<f32>,
+        shape: ActQuantShape,
+        fmt: ScaleFmt,
+        q: &mut Self::Buf<u8>,
+        scales: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+
+    // --- GEMM ---------------------------------------------------------------------------
+    fn gemm(&self, a: &Self::Buf<f32>, w: &Self::Weight, shape: GemmShape, path: GemmPath, out: &mut Self::Buf<f32>) -> Result<()>;
+    /// Expert `e` multiplies rows `offsets[e]..offsets[e+1]` of `a`.
+    fn grouped_gemm_contiguous(
+        &self,
+        a: &Self::Buf<f32>,
+        offsets: &Self::Buf<u32>,
+        w: &[&Self::Weight],
+        path: GemmPath,
+        out: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+    /// `a` is `[E, capacity, K]`; expert `e` multiplies its first `counts[e]` rows.
+    fn grouped_gemm_masked(
+        &self,
+        a: &Self::Buf<f32>,
+        counts: &Self::Buf<u32>,
+        capacity: usize,
+        w: &[&Self::Weight],
+        path: GemmPath,
+        out: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+
+    // --- MoE routing and permutation ------------------------------------------------------
+    fn route(
+        &self,
+        cfg: &RouteCfg,
+        tokens: usize,
+        logits: &Self::Buf<f32>,
+        bias: Option<&Self::Buf<f32>>,
+        indices: &mut Self::Buf<u32>,
+        weights: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+    fn dispatch_plan(&self, shape: PlanShape, topk_ids: &Self::Buf<u32>) -> Result<Self::Plan>;
+    /// Per-expert row offsets of a plan (`n_experts + 1` entries), as grouped GEMM takes them.
+    fn plan_offsets(&self, plan: &Self::Plan) -> Result<Self::Buf<u32>>;
+    fn permute(&self, plan: &Self::Plan, hidden: usize, x: &Self::Buf<f32>, out: &mut Self::Buf<f32>) -> Result<()>;
+    /// `out[t] = Σ_j weights[t, j] · y[slot(t, j)]`.
+    fn unpermute(
+        &self,
+        plan: &Self::Plan,
+        hidden: usize,
+        y: &Self::Buf<f32>,
+        weights: &Self::Buf<f32>,
+        out: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+}
+
+/// The CPU backend: host vectors and the fast, multi-threaded kernels of this crate.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cpu;
+
+impl Backend for Cpu {
+    type Buf<T: Elem> = Vec<T>;
+    type Weight = Fp8Weight;
+    type Rope = RopeTable;
+    type Plan = DispatchPlan;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+    fn zeros<T: Elem>(&self, len: usize) -> Result<Vec<T>> {
+        Ok(vec![T::default(); len])
+    }
+    fn upload<T: Elem>(&self, host: &[T]) -> Result<Vec<T>> {
+        Ok(host.to_vec())
+    }
+    fn download<T: Elem>(&self, buf: &Vec<T>) -> Result<Vec<T>> {
+        Ok(buf.clone())
+    }
+    fn len<T: Elem>(&self, buf: &Vec<T>) -> usize {
+        buf.len()
+    }
+    fn upload_weight(&self, w: Fp8WeightRef<'_>) -> Result<Fp8Weight> {
+        Fp8Weight::new(w.rows(), w.cols(), w.data().to_vec(), w.scale_inv().to_vec())
+    }
+    fn weight_shape(&self, w: &Fp8Weight) -> (usize, usize) {
+        (w.rows(), w.cols())
+    }
+    fn rope_table(&self, cfg: &RopeCfg, max_pos: usize) -> Result<RopeTable> {
+        RopeTable::new(cfg, max_pos)
+    }
+
+    fn rms_norm(&self, x: &Vec<f32>, w: &Vec<f32>, shape: RowsShape, eps: f32, out: &mut Vec<f32>) -> Result<()> {
+        norm::rms_norm(x, w, shape, eps, out)
+    }
+    fn add_rms_norm(
+        &self,
+        x: &Vec<f32>,
+        residual: &mut Vec<f32>,
+        w: &Vec<f32>,
+        shape: RowsShape,
+        eps: f32,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        norm::add_rms_norm(x, residual, w, shape, eps, out)
+    }
+    fn silu_mul(&self, gate: &Vec<f32>, up: &Vec<f32>, shape: RowsShape, out: &mut Vec<f32>) -> Result<()> {
+        act::silu_mul(gate, up, shape, out)
+    }
+    fn softmax(&self, x: &Vec<f32>, shape: RowsShape, out: &mut Vec<f32>) -> Result<()> {
+        act::softmax(x, shape, out)
+    }
+    fn embedding(&self, table: &Vec<half::bf16>, shape: EmbedShape, ids: &Vec<u32>, out: &mut Vec<f32>) -> Result<()> {
+        embed::embedding(table, shape, ids, out)
+    }
+    fn apply_rope(&self, x: &mut Vec<f32>, layout: RopeLayout, positions: &Vec<u32>, table: &RopeTable) -> Result<()> {
+        rope::apply_rope(x, layout, positions, table)
+    }
+    fn act_quant(&self, x: &Vec<f32>, shape: ActQuantShape, fmt: ScaleFmt, q: &mut Vec<u8>, scales: &mut Vec<f32>) -> Result<()> {
+        fp8::act_quant(x, shape, fmt, q, scales)
+    }
+
+    fn gemm(&self, a: &Vec<f32>, w: &Fp8Weight, shape: GemmShape, path: GemmPath, out: &mut Vec<f32>) -> Result<()> {
+        gemm::gemm(a, w.view(), shape, path, out)
+    }
+    fn grouped_gemm_contiguous(
+        &self,
+        a: &Vec<f32>,
+        offsets: &Vec<u32>,
+        w: &[&Fp8Weight],
+        path: GemmPath,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let views: Vec<Fp8WeightRef<'_>> = w.iter().map(|w| w.view()).collect();
+        gemm::grouped_contiguous(a, offsets, &views, path, out)
+    }
+    fn grouped_gemm_masked(
+        &self,
+        a: &Vec<f32>,
+        counts: &Vec<u32>,
+        capacity: usize,
+        w: &[&Fp8Weight],
+        path: GemmPath,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let views: Vec<Fp8WeightRef<'_>> = w.iter().map(|w| w.view()).collect();
+        gemm::grouped_masked(a, counts, capacity, &views, path, out)
+    }
+
+    fn route(
+        &self,
+        cfg: &RouteCfg,
+        tokens: usize,
+        logits: &Vec<f32>,
+        bias: Option<&Vec<f32>>,
+        indices: &mut Vec<u32>,
+        weights: &mut Vec<f32>,
+    ) -> Result<()> {
+        gating::route(cfg, tokens, logits, bias.map(|b| b.as_slice()), indices, weights)
+    }
+    fn dispatch_plan(&self, shape: PlanShape, topk_ids: &Vec<u32>) -> Result<DispatchPlan> {
+        DispatchPlan::build(shape, topk_ids)
+    }
+    fn plan_offsets(&self, plan: &DispatchPlan) -> Result<Vec<u32>> {
+        Ok(plan.offsets().to_vec())
+    }
+    fn permute(&self, plan: &DispatchPlan, hidden: usize, x: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
+        permute::permute(plan, hidden, x, out)
+    }
+    fn unpermute(&self, plan: &DispatchPlan, hidden: usize, y: &Vec<f32>, weights: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
+        permute::unpermute(plan, hidden, y, weights, out)
+    }
+}
