@@ -13,5 +13,12 @@ cargo clippy --workspace --all-targets --profile test-opt -- -D warnings
 echo "== tests (optimised profile, so property tests stay fast on 2 cores)"
 cargo nextest run --workspace --cargo-profile test-opt --no-fail-fast
 
+echo "== kernel tests again on the narrower code paths (AVX2 only, then portable)"
+# The fast kernels dispatch at run time to AVX-512, AVX2 or portable code; DSV3_ISA caps the
+# level so that every path is tested on this one machine.
+for isa in avx2 baseline; do
+  DSV3_ISA=$isa cargo nextest run -p dsv3-kernels --cargo-profile test-opt --no-fail-fast
+done
+
 echo "== benchmarks compile"
 cargo bench --workspace --no-run

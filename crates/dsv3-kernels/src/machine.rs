@@ -15,7 +15,8 @@ pub struct Limits {
     pub read_bytes_per_s: f64,
     /// Best copy bandwidth over all threads, counting bytes read plus bytes written, bytes/s.
     pub copy_bytes_per_s: f64,
-    /// Best f32 FMA throughput over all threads at the ISA level of the fast kernels, FLOP/s
+    /// Best f32 FMA throughput over all threads at the widest ISA level the fast kernels use
+    /// (see [`crate::cpu::isa_level`]), FLOP/s
     /// (one FMA = 2 FLOP).
     pub fma_flops_per_s: f64,
     pub threads: usize,
@@ -104,9 +105,12 @@ pub fn measure_fma_peak() -> f64 {
 /// returns the FLOP count.
 fn fma_loop(seed: f32, iters: usize) -> usize {
     #[cfg(target_arch = "x86_64")]
-    if crate::cpu::isa_level() == crate::cpu::IsaLevel::Avx2Fma {
+    match crate::cpu::isa_level() {
+        // SAFETY: the CPU was checked at run time to have avx512f.
+        crate::cpu::IsaLevel::Avx512 => return unsafe { fma_loop_avx512(seed, iters) },
         // SAFETY: the CPU was checked at run time to have avx2 and fma.
-        return unsafe { fma_loop_avx2(seed, iters) };
+        crate::cpu::IsaLevel::Avx2Fma => return unsafe { fma_loop_avx2(seed, iters) },
+        crate::cpu::IsaLevel::Baseline => {}
     }
     let mut acc = [seed; 8];
     for _ in 0..iters {
@@ -133,4 +137,21 @@ fn fma_loop_avx2(seed: f32, iters: usize) -> usize {
     }
     black_box(acc);
     iters * CHAINS * 8 * 2
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn fma_loop_avx512(seed: f32, iters: usize) -> usize {
+    use std::arch::x86_64::*;
+    const CHAINS: usize = 12;
+    let mut acc = [_mm512_set1_ps(seed); CHAINS];
+    let a = _mm512_set1_ps(black_box(0.999_999));
+    let b = _mm512_set1_ps(black_box(1e-7));
+    for _ in 0..iters {
+        for c in acc.iter_mut() {
+            *c = _mm512_fmadd_ps(*c, a, b);
+        }
+    }
+    black_box(acc);
+    iters * CHAINS * 16 * 2
 }
