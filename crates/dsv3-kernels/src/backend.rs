@@ -6,6 +6,7 @@
 //! travel in the same small `Copy` structs the kernels validate. Activations are f32 on the
 //! CPU backend.
 
+use crate::dense::{self, Bf16Weight, Bf16WeightRef};
 use crate::embed::EmbedShape;
 use crate::error::Result;
 use crate::fp8::{ActQuantShape, Fp8Weight, Fp8WeightRef, ScaleFmt};
@@ -32,6 +33,8 @@ pub trait Backend: Send + Sync + Debug {
     type Buf<T: Elem>: Send + Sync + Debug;
     /// A block-scaled FP8 weight resident on the backend.
     type Weight: Send + Sync + Debug;
+    /// A bf16 weight resident on the backend (router, lm_head, eh_proj).
+    type DenseWeight: Send + Sync + Debug;
     /// A RoPE cos/sin table resident on the backend.
     type Rope: Send + Sync + Debug;
     /// A dispatch plan (per-expert counts, offsets and slot maps) for one batch.
@@ -48,9 +51,12 @@ pub trait Backend: Send + Sync + Debug {
     fn upload_weight(&self, w: Fp8WeightRef<'_>) -> Result<Self::Weight>;
     /// `(rows, cols)` of a weight.
     fn weight_shape(&self, w: &Self::Weight) -> (usize, usize);
+    fn upload_dense_weight(&self, w: Bf16WeightRef<'_>) -> Result<Self::DenseWeight>;
     fn rope_table(&self, cfg: &RopeCfg, max_pos: usize) -> Result<Self::Rope>;
 
     // --- small ops ----------------------------------------------------------------------
+    /// `acc += x`, element-wise (residual and shared-expert sums).
+    fn add_assign(&self, acc: &mut Self::Buf<f32>, x: &Self::Buf<f32>) -> Result<()>;
     fn rms_norm(&self, x: &Self::Buf<f32>, w: &Self::Buf<f32>, shape: RowsShape, eps: f32, out: &mut Self::Buf<f32>) -> Result<()>;
     /// `residual += x; out = rms_norm(residual)`.
     fn add_rms_norm(
@@ -77,6 +83,8 @@ pub trait Backend: Send + Sync + Debug {
 
     // --- GEMM ---------------------------------------------------------------------------
     fn gemm(&self, a: &Self::Buf<f32>, w: &Self::Weight, shape: GemmShape, path: GemmPath, out: &mut Self::Buf<f32>) -> Result<()>;
+    /// `out = a · wᵀ` against a bf16 weight, accumulated in f32 (the router runs here in f32).
+    fn gemm_dense(&self, a: &Self::Buf<f32>, w: &Self::DenseWeight, shape: GemmShape, out: &mut Self::Buf<f32>) -> Result<()>;
     /// Expert `e` multiplies rows `offsets[e]..offsets[e+1]` of `a`.
     fn grouped_gemm_contiguous(
         &self,
@@ -129,6 +137,7 @@ pub struct Cpu;
 impl Backend for Cpu {
     type Buf<T: Elem> = Vec<T>;
     type Weight = Fp8Weight;
+    type DenseWeight = Bf16Weight;
     type Rope = RopeTable;
     type Plan = DispatchPlan;
 
@@ -153,10 +162,18 @@ impl Backend for Cpu {
     fn weight_shape(&self, w: &Fp8Weight) -> (usize, usize) {
         (w.rows(), w.cols())
     }
+    fn upload_dense_weight(&self, w: Bf16WeightRef<'_>) -> Result<Bf16Weight> {
+        Bf16Weight::new(w.rows(), w.cols(), w.data().to_vec())
+    }
     fn rope_table(&self, cfg: &RopeCfg, max_pos: usize) -> Result<RopeTable> {
         RopeTable::new(cfg, max_pos)
     }
 
+    fn add_assign(&self, acc: &mut Vec<f32>, x: &Vec<f32>) -> Result<()> {
+        crate::error::check_len("add_assign", "x", x.len(), acc.len())?;
+        acc.iter_mut().zip(x).for_each(|(a, b)| *a += b);
+        Ok(())
+    }
     fn rms_norm(&self, x: &Vec<f32>, w: &Vec<f32>, shape: RowsShape, eps: f32, out: &mut Vec<f32>) -> Result<()> {
         norm::rms_norm(x, w, shape, eps, out)
     }
@@ -189,6 +206,9 @@ impl Backend for Cpu {
 
     fn gemm(&self, a: &Vec<f32>, w: &Fp8Weight, shape: GemmShape, path: GemmPath, out: &mut Vec<f32>) -> Result<()> {
         gemm::gemm(a, w.view(), shape, path, out)
+    }
+    fn gemm_dense(&self, a: &Vec<f32>, w: &Bf16Weight, shape: GemmShape, out: &mut Vec<f32>) -> Result<()> {
+        dense::gemm_bf16(a, w.view(), shape, out)
     }
     fn grouped_gemm_contiguous(
         &self,

@@ -1,0 +1,157 @@
+//! GEMM against a high-precision (bf16) weight: `out[M, N] = a[M, K] · W[N, K]ᵀ`.
+//!
+//! The tensors DeepSeek-V3 keeps in BF16 are multiplied here: the MoE router
+//! (`mlp.gate.weight`, run in f32 as the design requires: bf16 → f32 is exact), `lm_head`,
+//! the MTP `eh_proj` and `shared_head.head`. The weight stays bf16 in memory (half the bytes of
+//! f32: decode is memory-bound) and is widened exactly in registers; accumulation is f32.
+
+use crate::cpu::dispatch;
+use crate::error::{Result, check_len, checked_mul, shape_err};
+use crate::gemm::GemmShape;
+use half::bf16;
+use rayon::prelude::*;
+
+/// A borrowed, validated bf16 weight `[rows, cols]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Bf16WeightRef<'a> {
+    rows: usize,
+    cols: usize,
+    data: &'a [bf16],
+}
+
+impl<'a> Bf16WeightRef<'a> {
+    pub fn new(rows: usize, cols: usize, data: &'a [bf16]) -> Result<Self> {
+        const OP: &str = "Bf16Weight";
+        if rows == 0 || cols == 0 {
+            return Err(shape_err(OP, format!("empty weight [{rows}, {cols}]")));
+        }
+        check_len(OP, "data", data.len(), checked_mul(OP, "data", rows, cols)?)?;
+        Ok(Bf16WeightRef { rows, cols, data })
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    pub fn data(&self) -> &'a [bf16] {
+        self.data
+    }
+}
+
+/// An owned bf16 weight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bf16Weight {
+    rows: usize,
+    cols: usize,
+    data: Vec<bf16>,
+}
+
+impl Bf16Weight {
+    pub fn new(rows: usize, cols: usize, data: Vec<bf16>) -> Result<Self> {
+        Bf16WeightRef::new(rows, cols, &data)?;
+        Ok(Bf16Weight { rows, cols, data })
+    }
+    /// Rounds an f32 matrix to bf16 (round to nearest even).
+    pub fn from_f32(rows: usize, cols: usize, w: &[f32]) -> Result<Self> {
+        Bf16Weight::new(rows, cols, w.iter().map(|&v| bf16::from_f32(v)).collect())
+    }
+    pub fn view(&self) -> Bf16WeightRef<'_> {
+        Bf16WeightRef { rows: self.rows, cols: self.cols, data: &self.data }
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+fn validate(op: &'static str, a: usize, w: &Bf16WeightRef<'_>, s: GemmShape, out: usize) -> Result<()> {
+    if w.rows != s.n || w.cols != s.k {
+        return Err(shape_err(op, format!("weight is [{}, {}], shape wants [n={}, k={}]", w.rows, w.cols, s.n, s.k)));
+    }
+    check_len(op, "a", a, checked_mul(op, "a", s.m, s.k)?)?;
+    check_len(op, "out", out, checked_mul(op, "out", s.m, s.n)?)
+}
+
+/// Plain-loop reference.
+pub mod reference {
+    use super::*;
+
+    pub fn gemm_bf16(a: &[f32], w: Bf16WeightRef<'_>, s: GemmShape, out: &mut [f32]) -> Result<()> {
+        validate("gemm_bf16 (reference)", a.len(), &w, s, out.len())?;
+        for m in 0..s.m {
+            for n in 0..s.n {
+                let mut acc = 0f32;
+                for k in 0..s.k {
+                    acc += a[m * s.k + k] * w.data[n * s.k + k].to_f32();
+                }
+                out[m * s.n + n] = acc;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Weight rows per task: long runs so each thread streams contiguous memory.
+const ROWS_PER_TASK: usize = 64;
+
+/// Fast bf16 GEMM: weight rows in parallel chunks; each weight row is read once per group of
+/// 4 activation rows and widened in registers.
+pub fn gemm_bf16(a: &[f32], w: Bf16WeightRef<'_>, s: GemmShape, out: &mut [f32]) -> Result<()> {
+    validate("gemm_bf16", a.len(), &w, s, out.len())?;
+    if s.m == 0 {
+        return Ok(());
+    }
+    // Work on out^T chunks ([n rows of the weight] x m) so each task owns a contiguous slice,
+    // then transpose (cheap next to reading the weight).
+    let mut out_t = vec![0f32; s.n * s.m];
+    out_t.par_chunks_mut(ROWS_PER_TASK * s.m).enumerate().for_each(|(c, chunk)| {
+        let n0 = c * ROWS_PER_TASK;
+        for (i, o) in chunk.chunks_exact_mut(s.m).enumerate() {
+            let wrow = &w.data[(n0 + i) * s.k..(n0 + i + 1) * s.k];
+            let mut m = 0;
+            while m < s.m {
+                let mr = (s.m - m).min(4);
+                let dots = row_dots(a, s.k, m, mr, wrow);
+                o[m..m + mr].copy_from_slice(&dots[..mr]);
+                m += mr;
+            }
+        }
+    });
+    for m in 0..s.m {
+        for n in 0..s.n {
+            out[m * s.n + n] = out_t[n * s.m + m];
+        }
+    }
+    Ok(())
+}
+
+dispatch! {
+    /// Dot products of activation rows `m..m+mr` (mr <= 4) with one bf16 weight row.
+    fn row_dots(a: &[f32], k: usize, m: usize, mr: usize, wrow: &[bf16]) -> [f32; 4] = row_dots_body;
+}
+
+#[inline(always)]
+fn row_dots_body(a: &[f32], k: usize, m: usize, mr: usize, wrow: &[bf16]) -> [f32; 4] {
+    const L: usize = 16;
+    let mut out = [0f32; 4];
+    for r in 0..mr {
+        let arow = &a[(m + r) * k..(m + r + 1) * k];
+        let mut acc = [0f32; L];
+        let mut wc = wrow.chunks_exact(L);
+        let mut ac = arow.chunks_exact(L);
+        for (w, x) in (&mut wc).zip(&mut ac) {
+            for l in 0..L {
+                acc[l] += x[l] * f32::from_bits((w[l].to_bits() as u32) << 16);
+            }
+        }
+        let mut s: f32 = wc.remainder().iter().zip(ac.remainder()).map(|(w, x)| x * w.to_f32()).sum();
+        for v in acc {
+            s += v;
+        }
+        out[r] = s;
+    }
+    out
+}

@@ -1,0 +1,65 @@
+//! bf16 GEMM (router, lm_head, eh_proj) against its reference.
+
+mod common;
+
+use common::*;
+use dsv3_kernels::KernelError;
+use dsv3_kernels::dense::{self, Bf16Weight};
+use dsv3_kernels::gemm::GemmShape;
+use proptest::prelude::*;
+
+fn data(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn fast_matches_reference(m in small_dim(), n in small_dim(), k in small_dim(), seed in any::<u64>()) {
+        let w = Bf16Weight::from_f32(n, k, &data(seed, n * k)).unwrap();
+        let a = data(seed ^ 0xABCD, m * k);
+        let s = GemmShape { m, n, k };
+        let (mut fast, mut slow) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+        dense::gemm_bf16(&a, w.view(), s, &mut fast).unwrap();
+        dense::reference::gemm_bf16(&a, w.view(), s, &mut slow).unwrap();
+        let scale = slow.iter().fold(1e-30f32, |x, v| x.max(v.abs()));
+        prop_assert!(max_abs_diff(&fast, &slow) <= 1e-5 * scale);
+    }
+
+    #[test]
+    fn small_integers_are_exact(m in 1usize..9, n in small_dim(), k in small_dim(), seed in any::<u64>()) {
+        let w = Bf16Weight::from_f32(n, k, &data(seed, n * k).iter().map(|v| (v * 4.0).round()).collect::<Vec<_>>()).unwrap();
+        let a: Vec<f32> = data(seed ^ 1, m * k).iter().map(|v| (v * 4.0).round()).collect();
+        let s = GemmShape { m, n, k };
+        let (mut fast, mut slow) = (vec![0f32; m * n], vec![0f32; m * n]);
+        dense::gemm_bf16(&a, w.view(), s, &mut fast).unwrap();
+        dense::reference::gemm_bf16(&a, w.view(), s, &mut slow).unwrap();
+        prop_assert_eq!(fast, slow);
+    }
+}
+
+#[test]
+fn router_shape_and_errors() {
+    // The V3 router: 256 experts x 7168.
+    let w = Bf16Weight::from_f32(256, 7168, &data(3, 256 * 7168)).unwrap();
+    let a = data(4, 2 * 7168);
+    let (mut fast, mut slow) = (vec![0f32; 512], vec![0f32; 512]);
+    dense::gemm_bf16(&a, w.view(), GemmShape { m: 2, n: 256, k: 7168 }, &mut fast).unwrap();
+    dense::reference::gemm_bf16(&a, w.view(), GemmShape { m: 2, n: 256, k: 7168 }, &mut slow).unwrap();
+    let scale = slow.iter().fold(0f32, |x, v| x.max(v.abs()));
+    assert!(max_abs_diff(&fast, &slow) <= 2e-5 * scale, "{} vs {scale}", max_abs_diff(&fast, &slow));
+    let r = dense::gemm_bf16(&a, w.view(), GemmShape { m: 2, n: 255, k: 7168 }, &mut fast);
+    assert!(matches!(r, Err(KernelError::Shape { .. })), "{r:?}");
+    let r = dense::gemm_bf16(&a[1..], w.view(), GemmShape { m: 2, n: 256, k: 7168 }, &mut fast);
+    assert!(matches!(r, Err(KernelError::Length { what: "a", .. })), "{r:?}");
+    assert!(Bf16Weight::new(2, 2, vec![half::bf16::ZERO; 3]).is_err());
+}
