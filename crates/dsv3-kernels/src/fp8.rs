@@ -21,6 +21,8 @@ pub const E4M3_MAX: f32 = 448.0;
 pub const BLOCK: usize = 128;
 /// Lower clamp of a tile's amax, so an all-zero tile gets a finite, non-zero scale.
 pub const AMAX_FLOOR: f32 = 1e-4;
+/// Inputs up to this many elements are quantised on the calling thread.
+const PAR_MIN_ELEMS: usize = 64 * 1024;
 
 /// Decodes one E4M3 byte exactly, following the definition of the format (§4.1).
 pub const fn decode_e4m3(b: u8) -> f32 {
@@ -77,27 +79,24 @@ pub fn decode_fast(b: u8) -> f32 {
 }
 
 /// Encodes an f32 to E4M3: round to nearest even, saturating at ±448, NaN to NaN.
-/// Branch-light and exact; the fast quantiser uses it directly.
+/// Branch-free integer arithmetic and selects, so that a loop over it vectorises; exact.
 #[inline(always)]
 pub fn encode_e4m3(x: f32) -> u8 {
     let bits = x.to_bits();
-    let sign = ((bits >> 24) & 0x80) as u8;
-    let a = f32::from_bits(bits & 0x7FFF_FFFF);
-    if a.is_nan() {
-        return sign | 0x7F;
+    let sign = (bits >> 24) & 0x80;
+    let b = bits & 0x7FFF_FFFF; // |x|
+    // Below 2^-6 (subnormal codes and zero): multiples of 2^-9. Adding 2^23 rounds |x|·512
+    // (< 8, exact) to an integer, ties to even, and leaves it in the low mantissa bits.
+    // A result of 8 is 2^-6, which is exactly code 0x08.
+    let sub = (f32::from_bits(b) * 512.0 + 8_388_608.0).to_bits().wrapping_sub(0x4B00_0000);
+    // Otherwise round the 23-bit mantissa to 3 bits, ties to even; a carry bumps the exponent.
+    let norm = (b.wrapping_add(0x7FFFF + ((b >> 20) & 1)) >> 20).wrapping_sub(120 << 3);
+    let mut code = if b < 0x3C80_0000 { sub } else { norm };
+    code = code.min(0x7E); // saturate (also ±inf)
+    if b > 0x7F80_0000 {
+        code = 0x7F; // NaN
     }
-    let code = if a < 1.0 / 64.0 {
-        // Subnormal range (and zero): multiples of 2^-9; `round_ties_even` is the RNE step.
-        // A result of 8 is 2^-6, which is exactly code 0x08.
-        (a * 512.0).round_ties_even() as u32
-    } else {
-        // Round the 23-bit mantissa to 3 bits, ties to even, letting a carry bump the exponent.
-        let b = a.to_bits();
-        let rounded = b + 0x7FFFF + ((b >> 20) & 1);
-        let c = (rounded >> 20).saturating_sub(120 << 3);
-        c.min(0x7E)
-    };
-    sign | code.min(0x7E) as u8
+    (sign | code) as u8
 }
 
 /// How activation tile scales are represented.
@@ -335,14 +334,18 @@ pub mod reference {
 pub fn act_quant(x: &[f32], shape: ActQuantShape, fmt: ScaleFmt, q: &mut [u8], scales: &mut [f32]) -> Result<()> {
     const OP: &str = "act_quant";
     shape.validate(OP, x.len(), q.len(), scales.len())?;
-    let bad = x
-        .par_chunks(BLOCK * 32)
-        .zip(q.par_chunks_mut(BLOCK * 32))
-        .zip(scales.par_chunks_mut(32))
-        .enumerate()
-        .map(|(i, ((x, q), s))| quant_tiles(x, fmt, q, s).map(|t| i * 32 + t))
-        .find_first(|r| r.is_some())
-        .flatten();
+    // Below a few hundred KiB, waking the thread pool costs more than the work.
+    let bad = if x.len() <= PAR_MIN_ELEMS {
+        quant_tiles(x, fmt, q, scales)
+    } else {
+        x.par_chunks(BLOCK * 32)
+            .zip(q.par_chunks_mut(BLOCK * 32))
+            .zip(scales.par_chunks_mut(32))
+            .enumerate()
+            .map(|(i, ((x, q), s))| quant_tiles(x, fmt, q, s).map(|t| i * 32 + t))
+            .find_first(|r| r.is_some())
+            .flatten()
+    };
     match bad {
         Some(t) => Err(non_finite_err(OP, shape, t)),
         None => Ok(()),

@@ -241,8 +241,7 @@ pub fn gemm_fp8_quantized(a_q: &[u8], a_s: &[f32], w: Fp8WeightRef<'_>, s: GemmS
     const OP: &str = "gemm_fp8_quantized";
     s.validate(OP, GemmPath::Fp8, a_q.len(), &w, out.len())?;
     check_len(OP, "a_s", a_s.len(), s.m * (s.k / BLOCK))?;
-    let mut x = vec![0f32; a_q.len()];
-    x.par_chunks_mut(1 << 14).zip(a_q.par_chunks(1 << 14)).for_each(|(x, q)| x.iter_mut().zip(q).for_each(|(o, &b)| *o = decode_fast(b)));
+    let x = decode_codes(a_q);
     let job = Job { a: ASide { x: &x, scales: Some(a_s) }, w, out_row: 0, m: s.m };
     run_jobs(&[job], s.n, s.k, out);
     Ok(())
@@ -329,9 +328,22 @@ fn prepare_a(op: &'static str, a: &[f32], m: usize, k: usize, path: GemmPath) ->
         KernelError::Invalid { detail, .. } => invalid(op, "a", detail),
         other => other,
     })?;
-    let mut x = vec![0f32; a.len()];
-    x.par_chunks_mut(1 << 14).zip(q.par_chunks(1 << 14)).for_each(|(x, q)| x.iter_mut().zip(q).for_each(|(o, &b)| *o = decode_fast(b)));
+    let x = decode_codes(&q);
     Ok(Prepared { x, scales, fp8: true })
+}
+
+/// FP8 codes to f32 values (unscaled); in parallel only when large enough to pay for waking
+/// the thread pool.
+fn decode_codes(q: &[u8]) -> Vec<f32> {
+    const CHUNK: usize = 1 << 16;
+    let mut x = vec![0f32; q.len()];
+    let body = |(x, q): (&mut [f32], &[u8])| x.iter_mut().zip(q).for_each(|(o, &b)| *o = decode_fast(b));
+    if q.len() <= CHUNK {
+        body((&mut x, q));
+    } else {
+        x.par_chunks_mut(CHUNK).zip(q.par_chunks(CHUNK)).for_each(body);
+    }
+    x
 }
 
 /// Splits every job into (row chunk, column chunk) tiles, runs them in parallel, and writes
