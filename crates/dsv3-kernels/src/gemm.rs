@@ -386,9 +386,13 @@ fn core_tile(job: &Job<'_>, k: usize, m0: usize, m1: usize, n0: usize, n1: usize
     #[cfg(target_arch = "x86_64")]
     {
         let level = isa_level();
-        if level == IsaLevel::Avx512 && k.is_multiple_of(BLOCK) && m1 - m0 <= 4 {
-            // SAFETY: the CPU was checked at run time to have avx512f and avx512bw (and f16c).
-            return unsafe { avx512::matvec(job, k, m0, m1, n0, n1, tile) };
+        if level == IsaLevel::Avx512 {
+            // SAFETY (both): the CPU was checked at run time to have avx512f, avx512bw, avx2,
+            // fma and f16c.
+            if k.is_multiple_of(BLOCK) && m1 - m0 <= 4 {
+                return unsafe { avx512::matvec(job, k, m0, m1, n0, n1, tile) };
+            }
+            return unsafe { avx512::tile(job, k, m0, m1, n0, n1, tile) };
         }
         if level >= IsaLevel::Avx2Fma {
             // SAFETY: `avx2::core_tile` needs avx2 + fma + f16c, which the CPU was checked to have.
@@ -689,7 +693,7 @@ mod avx2 {
 /// conversions. Same per-128 promotion as the AVX2 kernels.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{BLOCK, Job};
+    use super::{BLOCK, Job, blocks, decode_fast};
     use std::arch::x86_64::*;
 
     /// Bytes ahead of the current weight block that the matrix-vector path prefetches.
@@ -767,5 +771,128 @@ mod avx512 {
                 tile[r * nw + (n - n0)] = _mm512_reduce_add_ps(total[r]);
             }
         }
+    }
+
+    /// The tile path at 16 lanes (more than 4 activation rows, or a ragged K): the task's
+    /// weight rows are decoded over all of K once (units of 2^-8), then 4 activation rows x 3
+    /// weight rows are register-blocked, with the per-128 promotion into vector totals.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    pub(super) fn tile(job: &Job<'_>, k: usize, m0: usize, m1: usize, n0: usize, n1: usize, tile: &mut [f32]) {
+        let nw = n1 - n0;
+        let rows = m1 - m0;
+        let kb_n = blocks(k);
+        let mut wt = vec![0f32; nw * k];
+        for (n, dst) in (n0..n1).zip(wt.chunks_exact_mut(k)) {
+            let src = &job.w.data()[n * k..(n + 1) * k];
+            let mut codes = src.chunks_exact(32);
+            for (c, d) in (&mut codes).zip(dst.chunks_exact_mut(32)) {
+                let c: &[u8; 32] = match c.try_into() {
+                    Ok(c) => c,
+                    Err(_) => unreachable!("chunks_exact(32)"),
+                };
+                let (lo, hi) = decode32_div256(c);
+                store16(d, 0, lo);
+                store16(d, 16, hi);
+            }
+            let done = k - codes.remainder().len();
+            for (d, &b) in dst[done..].iter_mut().zip(codes.remainder()) {
+                *d = decode_fast(b) * (1.0 / 256.0);
+            }
+        }
+        let a = &job.a.x[m0 * k..m1 * k];
+        let a_scales = job.a.scales.map(|s| &s[m0 * kb_n..m1 * kb_n]);
+        let w_scales = job.w.scale_inv();
+        let mut i = 0;
+        while i < rows {
+            let mr = (rows - i).min(4);
+            let mut n = 0;
+            while n < nw {
+                // Fewer than 3 weight rows left: the last one stands in; its sums are unused.
+                let nr = (nw - n).min(3);
+                let w: [&[f32]; 3] = std::array::from_fn(|c| {
+                    let c = n + c.min(nr - 1);
+                    &wt[c * k..(c + 1) * k]
+                });
+                let ws: [&[f32]; 3] = std::array::from_fn(|c| &w_scales[((n0 + n + c.min(nr - 1)) / BLOCK) * kb_n..][..kb_n]);
+                let sc = |r: usize| a_scales.map(|s| &s[(i + r) * kb_n..(i + r + 1) * kb_n]);
+                let a_i = &a[i * k..];
+                let out: [[f32; 3]; 4] = match mr {
+                    4 => micro::<4>(a_i, k, w, ws, [sc(0), sc(1), sc(2), sc(3)]),
+                    3 => pad(micro::<3>(a_i, k, w, ws, [sc(0), sc(1), sc(2)])),
+                    2 => pad(micro::<2>(a_i, k, w, ws, [sc(0), sc(1)])),
+                    _ => pad(micro::<1>(a_i, k, w, ws, [sc(0)])),
+                };
+                for r in 0..mr {
+                    for c in 0..nr {
+                        tile[(i + r) * nw + n + c] = out[r][c];
+                    }
+                }
+                n += nr;
+            }
+            i += mr;
+        }
+    }
+
+    /// `MR` activation rows (row r at `a[r * k..]`) against three decoded weight rows over all
+    /// of K; see `avx2::micro` for the promotion scheme.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    fn micro<const MR: usize>(a: &[f32], k: usize, w: [&[f32]; 3], ws: [&[f32]; 3], a_s: [Option<&[f32]>; MR]) -> [[f32; 3]; MR] {
+        let mut tot = [[_mm512_setzero_ps(); 3]; MR];
+        let mut tail = [[0f32; 3]; MR];
+        for kb in 0..blocks(k) {
+            let (k0, k1) = (kb * BLOCK, ((kb + 1) * BLOCK).min(k));
+            let vend = k0 + (k1 - k0) / 16 * 16;
+            let mut acc = [[_mm512_setzero_ps(); 3]; MR];
+            let mut j = k0;
+            while j < vend {
+                let x = [load16(w[0], j), load16(w[1], j), load16(w[2], j)];
+                for r in 0..MR {
+                    let v = load16(a, r * k + j);
+                    for c in 0..3 {
+                        acc[r][c] = _mm512_fmadd_ps(v, x[c], acc[r][c]);
+                    }
+                }
+                j += 16;
+            }
+            for r in 0..MR {
+                let s_a = match a_s[r] {
+                    Some(s) => s[kb],
+                    None => 1.0,
+                };
+                for c in 0..3 {
+                    let s = s_a * ws[c][kb] * 256.0;
+                    tot[r][c] = _mm512_fmadd_ps(acc[r][c], _mm512_set1_ps(s), tot[r][c]);
+                    if vend < k1 {
+                        let t: f32 = (vend..k1).map(|j| a[r * k + j] * w[c][j]).sum();
+                        tail[r][c] += t * s;
+                    }
+                }
+            }
+        }
+        let mut out = [[0f32; 3]; MR];
+        for r in 0..MR {
+            for c in 0..3 {
+                out[r][c] = _mm512_reduce_add_ps(tot[r][c]) + tail[r][c];
+            }
+        }
+        out
+    }
+
+    /// Widens a micro-kernel result to 4 rows (the extra rows are never read).
+    fn pad<const MR: usize>(v: [[f32; 3]; MR]) -> [[f32; 3]; 4] {
+        let mut out = [[0f32; 3]; 4];
+        out[..MR].copy_from_slice(&v);
+        out
+    }
+
+    /// Stores 16 f32 into `x[i..i + 16]`.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    fn store16(x: &mut [f32], i: usize, v: __m512) {
+        let c: &mut [f32; 16] = match (&mut x[i..i + 16]).try_into() {
+            Ok(c) => c,
+            Err(_) => unreachable!("a slice of length 16"),
+        };
+        // SAFETY: `c` is an exclusive reference to 16 f32; storeu has no alignment requirement.
+        unsafe { _mm512_storeu_ps(c.as_mut_ptr(), v) }
     }
 }
