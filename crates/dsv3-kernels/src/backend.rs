@@ -6,6 +6,7 @@
 //! travel in the same small `Copy` structs the kernels validate. Activations are f32 on the
 //! CPU backend.
 
+use crate::attention::{self, CacheWriteShape, DecodeParams, GatherShape, MlaDims, PrefillInputs, PrefillParams};
 use crate::dense::{self, Bf16Weight, Bf16WeightRef};
 use crate::embed::EmbedShape;
 use crate::error::Result;
@@ -126,6 +127,64 @@ pub trait Backend: Send + Sync + Debug {
         hidden: usize,
         y: &Self::Buf<f32>,
         weights: &Self::Buf<f32>,
+        out: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+
+    // --- MLA attention (see `attention` for the cache layout and the exact contracts) -------
+    /// Normalises the latent of each `kv` row with `norm_w` and writes `[c_kv | k_pe]` to the
+    /// layer's page pool at `slots[t]`.
+    fn mla_cache_write(
+        &self,
+        kv: &Self::Buf<f32>,
+        norm_w: &Self::Buf<f32>,
+        eps: f32,
+        slots: &Self::Buf<u32>,
+        shape: CacheWriteShape,
+        pool: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+    /// Copies sequences' cached rows into contiguous `c_kv [keys, kv_lora]` and `k_pe [keys, rope]`.
+    fn mla_cache_gather(
+        &self,
+        pool: &Self::Buf<f32>,
+        block_table: &Self::Buf<u32>,
+        seq_lens: &Self::Buf<u32>,
+        shape: GatherShape,
+        c_kv: &mut Self::Buf<f32>,
+        k_pe: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+    /// `out[t,h] = [W_UK[h]ᵀ q_nope[t,h] | q_pe[t,h]]` (`w_uk` is `[H·nope, kv_lora]`).
+    fn mla_absorb_q(
+        &self,
+        q: &Self::Buf<f32>,
+        w_uk: &Self::DenseWeight,
+        dims: MlaDims,
+        rows: usize,
+        out: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+    /// `out[t, h·v..] = W_UV[h] o_lat[t,h]` (`w_uv` is `[H·v, kv_lora]`).
+    fn mla_expand_v(
+        &self,
+        o_lat: &Self::Buf<f32>,
+        w_uv: &Self::DenseWeight,
+        dims: MlaDims,
+        rows: usize,
+        out: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+    /// FlashMLA-style decode over the paged latent cache: `q [B, H, width]` → `out [B, H, kv_lora]`.
+    fn mla_decode(
+        &self,
+        q: &Self::Buf<f32>,
+        pool: &Self::Buf<f32>,
+        block_table: &Self::Buf<u32>,
+        kv_lens: &Self::Buf<u32>,
+        params: &DecodeParams,
+        out: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+    /// The expanded causal attention of a batch of sequences (absolute positions).
+    fn mla_prefill(
+        &self,
+        inputs: PrefillInputs<'_, Self::Buf<f32>, Self::Buf<u32>>,
+        params: &PrefillParams,
         out: &mut Self::Buf<f32>,
     ) -> Result<()>;
 }
@@ -256,5 +315,50 @@ impl Backend for Cpu {
     }
     fn unpermute(&self, plan: &DispatchPlan, hidden: usize, y: &Vec<f32>, weights: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
         permute::unpermute(plan, hidden, y, weights, out)
+    }
+
+    fn mla_cache_write(
+        &self,
+        kv: &Vec<f32>,
+        norm_w: &Vec<f32>,
+        eps: f32,
+        slots: &Vec<u32>,
+        shape: CacheWriteShape,
+        pool: &mut Vec<f32>,
+    ) -> Result<()> {
+        attention::cache_write(kv, norm_w, eps, slots, shape, pool)
+    }
+    fn mla_cache_gather(
+        &self,
+        pool: &Vec<f32>,
+        block_table: &Vec<u32>,
+        seq_lens: &Vec<u32>,
+        shape: GatherShape,
+        c_kv: &mut Vec<f32>,
+        k_pe: &mut Vec<f32>,
+    ) -> Result<()> {
+        attention::gather(pool, block_table, seq_lens, shape, c_kv, k_pe)
+    }
+    fn mla_absorb_q(&self, q: &Vec<f32>, w_uk: &Bf16Weight, dims: MlaDims, rows: usize, out: &mut Vec<f32>) -> Result<()> {
+        attention::absorb_q(q, w_uk.view(), dims, rows, out)
+    }
+    fn mla_expand_v(&self, o_lat: &Vec<f32>, w_uv: &Bf16Weight, dims: MlaDims, rows: usize, out: &mut Vec<f32>) -> Result<()> {
+        attention::expand_v(o_lat, w_uv.view(), dims, rows, out)
+    }
+    fn mla_decode(
+        &self,
+        q: &Vec<f32>,
+        pool: &Vec<f32>,
+        block_table: &Vec<u32>,
+        kv_lens: &Vec<u32>,
+        params: &DecodeParams,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        attention::decode(q, pool, block_table, kv_lens, params, out)
+    }
+    fn mla_prefill(&self, x: PrefillInputs<'_, Vec<f32>, Vec<u32>>, params: &PrefillParams, out: &mut Vec<f32>) -> Result<()> {
+        let x: PrefillInputs<'_, [f32], [u32]> =
+            PrefillInputs { q: x.q, k_nope: x.k_nope, k_pe: x.k_pe, v: x.v, q_pos: x.q_pos, cu_q: x.cu_q, cu_k: x.cu_k };
+        attention::prefill(x, params, out)
     }
 }

@@ -25,6 +25,10 @@ pub enum KernelError {
     /// The CUDA backend was asked for on a build or machine that cannot provide it.
     #[error("CUDA is unavailable: {0}")]
     CudaUnavailable(String),
+
+    /// A CUDA driver call failed on a machine that has a GPU (launch, copy, allocation).
+    #[error("CUDA error: {0}")]
+    Cuda(String),
 }
 
 pub type Result<T, E = KernelError> = std::result::Result<T, E>;

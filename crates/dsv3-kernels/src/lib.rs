@@ -33,9 +33,11 @@ pub mod embed;
 pub mod norm;
 pub mod rope;
 
+pub mod attention;
 pub mod backend;
 
 pub mod a2a;
+pub mod cuda;
 pub mod gating;
 pub mod permute;
 

@@ -1,0 +1,69 @@
+//! The device layer of a build without the `cuda` feature: the same crate-private interface
+//! as `driver.rs`, but no value of [`Device`] can exist, so `Device::new` is the only entry
+//! point that runs and it returns [`KernelError::CudaUnavailable`].
+
+use crate::error::{KernelError, Result};
+use std::convert::Infallible;
+
+/// Never constructed.
+#[derive(Debug)]
+pub(crate) struct Device(Infallible);
+
+/// Never constructed.
+#[derive(Debug)]
+pub(crate) struct Buf(Infallible);
+
+/// Stands in for cudarc's access record.
+pub(crate) type Access<'a> = std::marker::PhantomData<&'a ()>;
+
+/// Stands in for the generated kernel enum.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NoKernel;
+
+impl Device {
+    pub(crate) fn new(_ordinal: usize) -> Result<Device> {
+        Err(KernelError::CudaUnavailable("dsv3-kernels was built without the `cuda` feature".into()))
+    }
+    pub(crate) fn name(&self) -> String {
+        match self.0 {}
+    }
+    pub(crate) fn zeros(&self, _bytes: usize) -> Result<Buf> {
+        match self.0 {}
+    }
+    pub(crate) fn upload(&self, _host: &[u8]) -> Result<Buf> {
+        match self.0 {}
+    }
+    pub(crate) fn download(&self, _b: &Buf, _range: std::ops::Range<usize>) -> Result<Vec<u8>> {
+        match self.0 {}
+    }
+    pub(crate) fn synchronize(&self) -> Result<()> {
+        match self.0 {}
+    }
+    pub(crate) fn addr<'a>(&'a self, _b: &'a Buf) -> (u64, Access<'a>) {
+        match self.0 {}
+    }
+    pub(crate) fn addr_mut<'a>(&'a self, _b: &'a mut Buf) -> (u64, Access<'a>) {
+        match self.0 {}
+    }
+    pub(crate) fn status(&self) -> Result<Status<'_>> {
+        match self.0 {}
+    }
+    /// # Safety
+    /// As the real one's; never callable.
+    pub(crate) unsafe fn launch<P>(&self, _k: NoKernel, _grid: (u32, u32), _block: u32, _p: &P) -> Result<()> {
+        match self.0 {}
+    }
+}
+
+/// Never constructed.
+pub(crate) struct Status<'a> {
+    never: Infallible,
+    pub(crate) addr: u64,
+    _dev: &'a Device,
+}
+
+impl Status<'_> {
+    pub(crate) fn read(self) -> Result<Option<u32>> {
+        match self.never {}
+    }
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Prepares the GPU check (design.md, "The GPU machine"): builds the `cuda`-feature test
+# binaries of dsv3-kernels here, strips them and gathers them with run.sh and ptxas' kernel
+# report into gpu-check/ (git-ignored, a few MB). Copy that folder to the GPU machine (no Rust,
+# no network, CUDA 13 driver) and run `gpu-check/run.sh` there; it writes its report to $OUT.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+scripts/install-cuda-toolchain.sh > /dev/null
+DEST=gpu-check
+rm -rf "$DEST"
+mkdir -p "$DEST/bin"
+
+# Every test executable of the crate built with the feature; keep the GPU ones (cuda_*).
+cargo test --no-run --features cuda --profile test-opt -p dsv3-kernels --message-format=json \
+  | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        print(m["target"]["name"], m["executable"])
+' | while read -r name exe; do
+  case "$name" in
+    cuda_*) cp "$exe" "$DEST/bin/$name" && strip "$DEST/bin/$name" ;;
+  esac
+done
+
+report=$(ls -t target/test-opt/build/dsv3-kernels-*/out/kernel-report.txt | head -1)
+cp "$report" "$DEST/kernel-report.txt"
+cp scripts/gpu-check/run.sh "$DEST/run.sh"
+chmod +x "$DEST/run.sh"
+ls "$DEST/bin"
+du -sh "$DEST"
