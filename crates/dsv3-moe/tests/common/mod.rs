@@ -1,0 +1,163 @@
+//! Shared pieces of the MoE tests: small configs of the three routing families, inputs on a
+//! grid that makes the router exact, and the token-by-token reference built only from the
+//! `reference` functions of dsv3-kernels.
+#![allow(dead_code)]
+
+use dsv3_kernels::dense::{self, Bf16Weight};
+use dsv3_kernels::gating::{self, RouteCfg, RouteMethod};
+use dsv3_kernels::gemm::{GemmPath, GemmShape, reference as gemm_ref};
+use dsv3_kernels::norm::RowsShape;
+use dsv3_kernels::{act, fp8::Fp8Weight};
+use dsv3_moe::{GroupedLayout, MlpWeights, MoeConfig, MoeWeights};
+use half::bf16;
+
+/// xorshift64 for test data.
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    pub fn new(seed: u64) -> XorShift {
+        XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// Uniform integer in `-m..=m`.
+    pub fn int(&mut self, m: i32) -> i32 {
+        (self.next_u64() % (2 * m as u64 + 1)) as i32 - m
+    }
+    /// Uniform in [-1, 1).
+    pub fn f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+}
+
+/// Routing families at test size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// V3 `noaux_tc`: sigmoid + bias, groups (n_group of `E/8` experts each... see `route`).
+    V3,
+    /// V2-Lite: softmax greedy, no bias, no renormalisation.
+    V2Lite,
+    /// Moonlight: noaux_tc with a single group.
+    Moonlight,
+}
+
+/// A small MoE config of `family` with `n_experts` experts (16..=64, a multiple of 8).
+pub fn small_cfg(family: Family, hidden: usize, inter: usize, n_experts: usize, n_shared: usize, path: GemmPath) -> MoeConfig {
+    let route = match family {
+        Family::V3 => RouteCfg { n_experts, top_k: 8, n_group: 8, topk_group: 4, ..RouteCfg::deepseek_v3() },
+        Family::V2Lite => RouteCfg { n_experts, top_k: 6, ..RouteCfg::deepseek_v2_lite() },
+        Family::Moonlight => RouteCfg { n_experts, top_k: 6, ..RouteCfg::moonlight() },
+    };
+    MoeConfig {
+        hidden,
+        moe_intermediate: inter,
+        n_routed_experts: n_experts,
+        n_shared_experts: n_shared,
+        route,
+        gemm_path: path,
+        layout: GroupedLayout::Contiguous,
+    }
+}
+
+/// Activations on the grid `i / 64`, `|i| <= 127` (|x| < 2).
+pub fn grid_x(rng: &mut XorShift, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.int(127) as f32 / 64.0).collect()
+}
+
+/// A router weight on the grid `i / 1024`, `|i| <= 255` (exact in bf16, |w| < 1/4). With
+/// `grid_x` inputs every product is a multiple of 2^-16 below 1/2 in magnitude, so for
+/// hidden <= 512 every partial sum of a logit is exact in f32: the fast and the reference
+/// router GEMMs give identical logits whatever their summation order, and the routing
+/// compared in the tests cannot flip on a near-tie.
+pub fn grid_router(rng: &mut XorShift, n: usize, hidden: usize) -> Bf16Weight {
+    assert!(hidden <= 512, "the exactness argument needs hidden <= 512");
+    Bf16Weight::new(n, hidden, (0..n * hidden).map(|_| bf16::from_f32(rng.int(255) as f32 / 1024.0)).collect()).unwrap()
+}
+
+/// Random weights with a grid router (see [`grid_router`]).
+pub fn test_weights(cfg: &MoeConfig, seed: u64) -> MoeWeights {
+    let w = MoeWeights::random(cfg, seed).unwrap();
+    let mut rng = XorShift::new(seed ^ 0xabc);
+    w.with_router(cfg, grid_router(&mut rng, cfg.n_routed_experts, cfg.hidden)).unwrap()
+}
+
+/// One token through one SwiGLU MLP with the reference GEMM and reference silu_mul.
+pub fn ref_mlp_token(w: &MlpWeights, x: &[f32], path: GemmPath) -> Vec<f32> {
+    let (inter, hidden) = (w.gate().rows(), w.gate().cols());
+    let gemm = |a: &[f32], w: &Fp8Weight, n: usize, k: usize| {
+        let mut o = vec![0f32; n];
+        gemm_ref::gemm(a, w.view(), GemmShape { m: 1, n, k }, path, &mut o).unwrap();
+        o
+    };
+    let g = gemm(x, w.gate(), inter, hidden);
+    let u = gemm(x, w.up(), inter, hidden);
+    let mut h = vec![0f32; inter];
+    act::reference::silu_mul(&g, &u, RowsShape { rows: 1, cols: inter }, &mut h).unwrap();
+    gemm(&h, w.down(), hidden, inter)
+}
+
+/// The dense MLP, token by token.
+pub fn ref_mlp(w: &MlpWeights, x: &[f32], path: GemmPath) -> Vec<f32> {
+    let hidden = w.gate().cols();
+    x.chunks_exact(hidden).flat_map(|xt| ref_mlp_token(w, xt, path)).collect()
+}
+
+/// The reference MoE layer: router logits by the reference bf16 GEMM, reference routing,
+/// then per token `Σ_j w_j · expert_{id_j}(x)` (ascending j, from 0) `+ shared(x)`.
+/// Returns (y, ids, weights).
+pub fn ref_moe(cfg: &MoeConfig, w: &MoeWeights, x: &[f32], tokens: usize) -> (Vec<f32>, Vec<u32>, Vec<f32>) {
+    let (n, k, h) = (cfg.n_routed_experts, cfg.route.top_k, cfg.hidden);
+    let mut logits = vec![0f32; tokens * n];
+    dense::reference::gemm_bf16(x, w.router().view(), GemmShape { m: tokens, n, k: h }, &mut logits).unwrap();
+    let (mut ids, mut wts) = (vec![0u32; tokens * k], vec![0f32; tokens * k]);
+    let bias = if cfg.route.method == RouteMethod::NoauxTc { w.bias() } else { None };
+    gating::reference::route(&cfg.route, tokens, &logits, bias, &mut ids, &mut wts).unwrap();
+    let mut y = vec![0f32; tokens * h];
+    for t in 0..tokens {
+        let xt = &x[t * h..(t + 1) * h];
+        let yt = &mut y[t * h..(t + 1) * h];
+        for j in 0..k {
+            let e = ids[t * k + j] as usize;
+            let ye = ref_mlp_token(w.expert(e).unwrap(), xt, cfg.gemm_path);
+            for (o, v) in yt.iter_mut().zip(&ye) {
+                *o += wts[t * k + j] * v;
+            }
+        }
+        if let Some(s) = w.shared() {
+            for (o, v) in yt.iter_mut().zip(ref_mlp_token(s, xt, cfg.gemm_path)) {
+                *o += v;
+            }
+        }
+    }
+    (y, ids, wts)
+}
+
+/// Max |a - b|.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Max |v|.
+pub fn max_abs(a: &[f32]) -> f32 {
+    a.iter().fold(0.0, |m, v| m.max(v.abs()))
+}
+
+/// Per-expert counts computed directly from ids.
+pub fn count_ids(ids: &[u32], n_experts: usize) -> Vec<u64> {
+    let mut c = vec![0u64; n_experts];
+    for &e in ids {
+        c[e as usize] += 1;
+    }
+    c
+}
+
+/// `n` values uniform in [-1, 1).
+pub fn rand_x(seed: u64, n: usize) -> Vec<f32> {
+    let mut r = XorShift::new(seed);
+    (0..n).map(|_| r.f32()).collect()
+}
