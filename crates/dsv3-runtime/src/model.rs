@@ -1,0 +1,254 @@
+//! The whole model (model-spec §3.1), written once against the op-level `Backend` trait:
+//! embedding, the layer stack (dense MLP layers first, MoE after), final norm, `lm_head`.
+//!
+//! Every layer is `h ← h + MLA(RMSNorm_in(h))`, then `h ← h + FFN(RMSNorm_post(h))`; the
+//! residual add of the next norm is fused ([`Backend::add_rms_norm`]). Attention runs in the
+//! expanded form when a step appends several tokens to a sequence (prefill, chunked prefill)
+//! and in the weight-absorbed form on the paged latent cache when every sequence appends one
+//! token (batched decode).
+
+use crate::checkpoint::Checkpoint;
+use crate::config::{LayerKind, ModelConfig};
+use crate::error::{Result, RuntimeError};
+use dsv3_kernels::Backend;
+use dsv3_kernels::embed::EmbedShape;
+use dsv3_kernels::gemm::{GemmPath, GemmShape};
+use dsv3_kernels::norm::RowsShape;
+use dsv3_mla::{CacheConfig, HostQProj, MlaConfig, MlaContext, MlaHostWeights, MlaWeights, PagedLatentCache, SeqId};
+use dsv3_moe::{DenseMlp, DenseMlpConfig, GroupedLayout, MlpWeights, MoeConfig, MoeLayer, MoeWeights};
+use half::bf16;
+use std::sync::Arc;
+
+/// The MLP of one layer.
+#[derive(Debug)]
+enum Ffn<B: Backend> {
+    Dense(DenseMlp<B>),
+    Moe(Box<MoeLayer<B>>),
+}
+
+/// One decoder layer on a backend.
+#[derive(Debug)]
+struct Layer<B: Backend> {
+    input_norm: B::Buf<f32>,
+    attn: MlaWeights<B>,
+    post_norm: B::Buf<f32>,
+    ffn: Ffn<B>,
+}
+
+/// A loaded model on backend `B`.
+#[derive(Debug)]
+pub struct Model<B: Backend> {
+    cfg: ModelConfig,
+    mla: MlaConfig,
+    ctx: MlaContext<B>,
+    embed: B::Buf<bf16>,
+    layers: Vec<Layer<B>>,
+    norm: B::Buf<f32>,
+    lm_head: B::DenseWeight,
+    path: GemmPath,
+}
+
+/// The attention shape of a model config.
+pub fn mla_config(cfg: &ModelConfig) -> MlaConfig {
+    MlaConfig {
+        hidden: cfg.hidden_size,
+        n_heads: cfg.num_attention_heads,
+        q_lora_rank: cfg.q_lora_rank,
+        kv_lora_rank: cfg.kv_lora_rank,
+        qk_nope_head_dim: cfg.qk_nope_head_dim,
+        qk_rope_head_dim: cfg.qk_rope_head_dim,
+        v_head_dim: cfg.v_head_dim,
+        rope: cfg.rope_cfg(),
+        max_position: cfg.max_position_embeddings,
+        rms_eps: cfg.latent_norm_eps(),
+    }
+}
+
+/// The MoE shape of a model config.
+pub fn moe_config(cfg: &ModelConfig, path: GemmPath) -> MoeConfig {
+    MoeConfig {
+        hidden: cfg.hidden_size,
+        moe_intermediate: cfg.moe_intermediate_size,
+        n_routed_experts: cfg.n_routed_experts,
+        n_shared_experts: cfg.n_shared_experts,
+        route: cfg.route_cfg(),
+        gemm_path: path,
+        layout: GroupedLayout::Contiguous,
+    }
+}
+
+fn load_mlp(ck: &Checkpoint, prefix: &str, cfg: &DenseMlpConfig) -> Result<MlpWeights> {
+    let (h, i) = (cfg.hidden, cfg.intermediate);
+    let gate = ck.fp8_weight(&format!("{prefix}.gate_proj.weight"), i, h)?;
+    let up = ck.fp8_weight(&format!("{prefix}.up_proj.weight"), i, h)?;
+    let down = ck.fp8_weight(&format!("{prefix}.down_proj.weight"), h, i)?;
+    Ok(MlpWeights::new(cfg, prefix, gate, up, down)?)
+}
+
+fn load_attention(ck: &Checkpoint, p: &str, c: &MlaConfig) -> Result<MlaHostWeights> {
+    let q = match c.q_lora_rank {
+        Some(r) => HostQProj::Lora {
+            q_a_proj: ck.fp8_weight(&format!("{p}.q_a_proj.weight"), r, c.hidden)?,
+            q_a_layernorm: ck.norm_weight(&format!("{p}.q_a_layernorm.weight"), r)?,
+            q_b_proj: ck.fp8_weight(&format!("{p}.q_b_proj.weight"), c.q_dim(), r)?,
+        },
+        None => HostQProj::Direct { q_proj: ck.fp8_weight(&format!("{p}.q_proj.weight"), c.q_dim(), c.hidden)? },
+    };
+    let kv_b_rows = c.n_heads * (c.qk_nope_head_dim + c.v_head_dim);
+    Ok(MlaHostWeights {
+        q,
+        kv_a_proj_with_mqa: ck.fp8_weight(&format!("{p}.kv_a_proj_with_mqa.weight"), c.kv_lora_rank + c.qk_rope_head_dim, c.hidden)?,
+        kv_a_layernorm: ck.norm_weight(&format!("{p}.kv_a_layernorm.weight"), c.kv_lora_rank)?,
+        kv_b_proj: ck.fp8_weight(&format!("{p}.kv_b_proj.weight"), kv_b_rows, c.kv_lora_rank)?,
+        o_proj: ck.fp8_weight(&format!("{p}.o_proj.weight"), c.hidden, c.o_dim())?,
+    })
+}
+
+impl<B: Backend> Model<B> {
+    /// Loads the main model (layers `0..num_hidden_layers`; the MTP layer is not read) from a
+    /// checkpoint whose tensors were validated against `cfg`.
+    pub fn load(b: &B, ck: &Checkpoint, cfg: &ModelConfig, path: GemmPath) -> Result<Model<B>> {
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let mla = mla_config(cfg);
+        let ctx = MlaContext::new(b, mla, path)?;
+        let embed_w = ck.bf16_weight("model.embed_tokens.weight", v, h)?;
+        let embed = b.upload(embed_w.view().data())?;
+        drop(embed_w);
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let attn = MlaWeights::new(b, &mla, &load_attention(ck, &format!("{p}.self_attn"), &mla)?)?;
+            let ffn = match cfg.layer_kind(l) {
+                LayerKind::Dense => {
+                    let dc = DenseMlpConfig { hidden: h, intermediate: cfg.intermediate_size, gemm_path: path };
+                    Ffn::Dense(DenseMlp::new(b, dc, &load_mlp(ck, &format!("{p}.mlp"), &dc)?)?)
+                }
+                LayerKind::Moe => {
+                    Ffn::Moe(Box::new(MoeLayer::new(b, moe_config(cfg, path), &load_moe(ck, &format!("{p}.mlp"), cfg, path)?)?))
+                }
+            };
+            layers.push(Layer {
+                input_norm: b.upload(&ck.norm_weight(&format!("{p}.input_layernorm.weight"), h)?)?,
+                attn,
+                post_norm: b.upload(&ck.norm_weight(&format!("{p}.post_attention_layernorm.weight"), h)?)?,
+                ffn,
+            });
+        }
+        let norm = b.upload(&ck.norm_weight("model.norm.weight", h)?)?;
+        let lm_head = b.upload_dense_weight(ck.bf16_weight("lm_head.weight", v, h)?.view())?;
+        ck.finish_progress();
+        Ok(Model { cfg: cfg.clone(), mla, ctx, embed, layers, norm, lm_head, path })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn gemm_path(&self) -> GemmPath {
+        self.path
+    }
+
+    /// A paged latent cache for this model with room for `tokens` tokens in all.
+    pub fn new_cache(&self, b: &B, tokens: usize) -> Result<PagedLatentCache<B>> {
+        let pages = tokens.div_ceil(dsv3_mla::PAGE_SIZE).max(1);
+        Ok(PagedLatentCache::new(b, CacheConfig::for_model(&self.mla, self.layers.len(), pages))?)
+    }
+
+    /// One forward step: appends `tokens` of each `(sequence, tokens)` to the cache and
+    /// returns the final-norm hidden states `[Σ tokens, hidden]` of every new position, in
+    /// batch order. Token ids are checked against the vocabulary before anything changes.
+    pub fn forward_hidden(&self, b: &B, cache: &mut PagedLatentCache<B>, batch: &[(SeqId, &[u32])]) -> Result<B::Buf<f32>> {
+        let h = self.cfg.hidden_size;
+        let ids: Vec<u32> = batch.iter().flat_map(|(_, t)| t.iter().copied()).collect();
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            return Err(RuntimeError::TokenId { id: bad as u64, vocab_size: self.cfg.vocab_size });
+        }
+        let t = ids.len();
+        let sizes: Vec<(SeqId, usize)> = batch.iter().map(|(s, toks)| (*s, toks.len())).collect();
+        let decode = batch.iter().all(|(_, toks)| toks.len() == 1);
+        let plan = cache.plan(b, &sizes)?;
+        let rows = RowsShape { rows: t, cols: h };
+        let mut x = b.zeros::<f32>(t * h)?;
+        b.embedding(&self.embed, EmbedShape { vocab: self.cfg.vocab_size, dim: h }, &b.upload(&ids)?, &mut x)?;
+        // `residual` holds h; `x` holds the output of the last sub-layer, still to be added.
+        let mut residual = b.zeros::<f32>(t * h)?;
+        let mut normed = b.zeros::<f32>(t * h)?;
+        let mut attn_out = b.zeros::<f32>(t * h)?;
+        let eps = self.cfg.norm_eps();
+        for (l, layer) in self.layers.iter().enumerate() {
+            b.add_rms_norm(&x, &mut residual, &layer.input_norm, rows, eps, &mut normed)?;
+            let mut lc = cache.layer(&plan, l)?;
+            if decode {
+                layer.attn.decode(b, &self.ctx, &mut lc, &normed, &mut attn_out)?;
+            } else {
+                layer.attn.prefill(b, &self.ctx, &mut lc, &normed, &mut attn_out)?;
+            }
+            b.add_rms_norm(&attn_out, &mut residual, &layer.post_norm, rows, eps, &mut normed)?;
+            x = match &layer.ffn {
+                Ffn::Dense(mlp) => mlp.forward(b, &normed, t)?,
+                Ffn::Moe(moe) => moe.forward(b, &normed, t)?.y,
+            };
+        }
+        b.add_rms_norm(&x, &mut residual, &self.norm, rows, eps, &mut normed)?;
+        Ok(normed)
+    }
+
+    /// `logits [rows, vocab] = hidden[rows] · lm_headᵀ` for the given rows of `hidden`.
+    pub fn logits(&self, b: &B, hidden: &B::Buf<f32>, rows: &[usize]) -> Result<Vec<f32>> {
+        let h = self.cfg.hidden_size;
+        let all = b.download(hidden)?;
+        let mut picked = Vec::with_capacity(rows.len() * h);
+        for &r in rows {
+            let row = all.get(r * h..(r + 1) * h).ok_or_else(|| RuntimeError::Request(format!("no hidden row {r}")))?;
+            picked.extend_from_slice(row);
+        }
+        let mut out = b.zeros::<f32>(rows.len() * self.cfg.vocab_size)?;
+        let shape = GemmShape { m: rows.len(), n: self.cfg.vocab_size, k: h };
+        b.gemm_dense(&b.upload(&picked)?, &self.lm_head, shape, &mut out)?;
+        Ok(b.download(&out)?)
+    }
+
+    /// Bytes of weights one decode step reads (every dense tensor, plus `top_k` of the routed
+    /// experts per MoE layer at one token): the numerator of decode GB/s.
+    pub fn decode_weight_bytes(&self) -> usize {
+        let c = &self.cfg;
+        let (h, i, m) = (c.hidden_size, c.intermediate_size, c.moe_intermediate_size);
+        let attn = {
+            let q = match c.q_lora_rank {
+                Some(r) => r * h + c.num_attention_heads * c.qk_head_dim() * r,
+                None => c.num_attention_heads * c.qk_head_dim() * h,
+            };
+            // kv_b as the two absorbed bf16 matrices.
+            q + (c.kv_lora_rank + c.qk_rope_head_dim) * h
+                + 2 * c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank
+                + h * c.num_attention_heads * c.v_head_dim
+        };
+        let mut bytes = 0;
+        for l in 0..c.num_hidden_layers {
+            bytes += attn;
+            bytes += match c.layer_kind(l) {
+                LayerKind::Dense => 3 * h * i,
+                LayerKind::Moe => 3 * h * m * (c.num_experts_per_tok + c.n_shared_experts) + 2 * h * c.n_routed_experts,
+            };
+        }
+        bytes + 2 * h * c.vocab_size
+    }
+}
+
+fn load_moe(ck: &Checkpoint, p: &str, cfg: &ModelConfig, path: GemmPath) -> Result<MoeWeights> {
+    let mc = moe_config(cfg, path);
+    let h = cfg.hidden_size;
+    let ec = DenseMlpConfig { hidden: h, intermediate: cfg.moe_intermediate_size, gemm_path: path };
+    let router = ck.bf16_weight(&format!("{p}.gate.weight"), cfg.n_routed_experts, h)?;
+    let bias =
+        if cfg.has_router_bias() { Some(ck.f32_vec(&format!("{p}.gate.e_score_correction_bias"), cfg.n_routed_experts)?) } else { None };
+    let experts =
+        (0..cfg.n_routed_experts).map(|e| load_mlp(ck, &format!("{p}.experts.{e}"), &ec).map(Arc::new)).collect::<Result<Vec<_>>>()?;
+    let shared = if cfg.n_shared_experts > 0 {
+        let sc = DenseMlpConfig { hidden: h, intermediate: cfg.shared_intermediate(), gemm_path: path };
+        Some(load_mlp(ck, &format!("{p}.shared_experts"), &sc)?)
+    } else {
+        None
+    };
+    Ok(MoeWeights::new(&mc, p, router, bias, 0, experts, shared)?)
+}
