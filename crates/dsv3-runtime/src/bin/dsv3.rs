@@ -335,7 +335,13 @@ fn cmd_init(a: InitArgs) -> Result<()> {
     let preset = Preset::from_name(&a.preset)?;
     let opts = InitOptions { seed: a.seed, tokenizer_dir: a.tokenizer.or_else(default_tokenizer_dir), ..Default::default() };
     let report = init_random_preset(preset, &a.out, &opts)?;
-    println!("wrote {} ({report:?})", a.out.display());
+    println!(
+        "wrote {}: {} tensors, {:.1} MB in {} file(s)",
+        a.out.display(),
+        report.tensors,
+        report.bytes as f64 / 1e6,
+        report.files.len()
+    );
     Ok(())
 }
 
