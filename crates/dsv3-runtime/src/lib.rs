@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod config;
 mod config_check;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod init_random;
 mod json;

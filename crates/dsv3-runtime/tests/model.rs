@@ -135,3 +135,26 @@ fn bad_requests_are_typed_errors() {
     let long: Vec<u32> = (0..100).collect();
     assert!(m.forward_hidden(&Cpu, &mut small, &[(s, &long[..])]).is_err());
 }
+
+#[test]
+fn eval_nll_does_not_depend_on_the_chunking_and_matches_the_logits() {
+    let tmp = random_model(Preset::Tiny);
+    let m = load(&tmp.path().join("m"), GemmPath::Reference);
+    let vocab = m.config().vocab_size;
+    let ids: Vec<u32> = (0..13).map(|i| (i * 53 + 1) as u32 % vocab as u32).collect();
+    let (a, n) = dsv3_runtime::eval::nll(&Cpu, &m, &ids, 1000, |_| {}).unwrap();
+    let (b, _) = dsv3_runtime::eval::nll(&Cpu, &m, &ids, 3, |_| {}).unwrap();
+    assert_eq!(n, 12);
+    assert!((a - b).abs() <= 1e-4 * a.abs(), "{a} vs {b}");
+    // Against log-softmax computed here from a full prefill.
+    let logits = logits_in_chunks(&m, &ids, &[ids.len()]);
+    let want: f64 = (0..12)
+        .map(|i| {
+            let row = &logits[i * vocab..(i + 1) * vocab];
+            let lse = row.iter().map(|&v| (v as f64).exp()).sum::<f64>().ln();
+            lse - row[ids[i + 1] as usize] as f64
+        })
+        .sum();
+    assert!((a - want).abs() <= 1e-4 * want.abs(), "{a} vs {want}");
+    assert!(dsv3_runtime::eval::nll(&Cpu, &m, &ids[..1], 4, |_| {}).is_err());
+}

@@ -33,6 +33,23 @@ enum Cmd {
     InitRandom(InitArgs),
     /// Prefill and decode tokens/s, and decode GB/s against the measured memory bandwidth.
     Bench(BenchArgs),
+    /// Perplexity and bits per byte of a text file (the metric DeepSeek reports on Pile-test).
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A UTF-8 text file.
+    #[arg(long)]
+    text: PathBuf,
+    /// Tokens per forward chunk (chunked prefill on one sequence).
+    #[arg(long, default_value_t = 256)]
+    chunk: usize,
+    /// Evaluate at most this many tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    max_tokens: usize,
 }
 
 /// Where the model comes from.
@@ -141,6 +158,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Logits(a) => cmd_logits(a),
         Cmd::InitRandom(a) => cmd_init(a),
         Cmd::Bench(a) => cmd_bench(a),
+        Cmd::Eval(a) => cmd_eval(a),
     }
 }
 
@@ -374,6 +392,37 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             "decode_ratio_to_read_bandwidth": gbs * 1e9 / limits.read_bytes_per_s,
             "gemm": format!("{:?}", l.model.gemm_path()).to_lowercase(),
             "wall_s": t.elapsed().as_secs_f64(),
+        })
+    );
+    Ok(())
+}
+
+fn cmd_eval(a: EvalArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.text).map_err(|e| RuntimeError::Io { path: a.text.clone(), op: "read the text", source: e })?;
+    let l = load(&a.model)?;
+    let tok = l.tokenizer.as_ref().ok_or_else(|| RuntimeError::Request("eval needs a tokenizer in the model directory".into()))?;
+    let mut ids = tok.encode(&text, true)?;
+    if a.max_tokens > 0 {
+        ids.truncate(a.max_tokens + 1);
+    }
+    let vocab = l.model.config().vocab_size;
+    let bar = indicatif::ProgressBar::new(ids.len() as u64 - 1);
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let t0 = Instant::now();
+    let (nll, count) = dsv3_runtime::eval::nll(&Cpu, &l.model, &ids, a.chunk, |n| bar.set_position(n as u64))?;
+    bar.finish_and_clear();
+    // Bytes of the text the evaluated tokens cover: all of it, or what the kept tokens decode to.
+    let bytes = if a.max_tokens == 0 { text.len() } else { tok.decode(&ids[1..], vocab)?.len() }.max(1);
+    println!(
+        "{}",
+        serde_json::json!({
+            "tokens": count,
+            "bytes": bytes,
+            "perplexity": (nll / count as f64).exp(),
+            "bits_per_byte": nll / std::f64::consts::LN_2 / bytes as f64,
+            "tokens_per_s": count as f64 / t0.elapsed().as_secs_f64(),
         })
     );
     Ok(())
