@@ -153,10 +153,12 @@ pub trait Backend: Send + Sync + Debug {
         k_pe: &mut Self::Buf<f32>,
     ) -> Result<()>;
     /// `out[t,h] = [W_UK[h]ᵀ q_nope[t,h] | q_pe[t,h]]` (`w_uk` is `[H·nope, kv_lora]`).
+    /// `w_uk` is one or more parts summed (`W_UK = Σ parts`, e.g. a bf16 hi/lo pair); `q_pe`
+    /// is copied once.
     fn mla_absorb_q(
         &self,
         q: &Self::Buf<f32>,
-        w_uk: &Self::DenseWeight,
+        w_uk: &[&Self::DenseWeight],
         dims: MlaDims,
         rows: usize,
         out: &mut Self::Buf<f32>,
@@ -339,8 +341,22 @@ impl Backend for Cpu {
     ) -> Result<()> {
         attention::gather(pool, block_table, seq_lens, shape, c_kv, k_pe)
     }
-    fn mla_absorb_q(&self, q: &Vec<f32>, w_uk: &Bf16Weight, dims: MlaDims, rows: usize, out: &mut Vec<f32>) -> Result<()> {
-        attention::absorb_q(q, w_uk.view(), dims, rows, out)
+    fn mla_absorb_q(&self, q: &Vec<f32>, w_uk: &[&Bf16Weight], dims: MlaDims, rows: usize, out: &mut Vec<f32>) -> Result<()> {
+        let (first, rest) = w_uk.split_first().ok_or_else(|| crate::error::shape_err("mla_absorb_q", "w_uk needs at least one part"))?;
+        attention::absorb_q(q, first.view(), dims, rows, out)?;
+        if rest.is_empty() {
+            return Ok(());
+        }
+        // Further parts add to the latent columns only (q_pe was copied by the first).
+        let (oh, l) = (dims.latent(), dims.kv_lora);
+        let mut part = vec![0f32; out.len()];
+        for w in rest {
+            attention::absorb_q(q, w.view(), dims, rows, &mut part)?;
+            for (o, p) in out.chunks_exact_mut(oh).zip(part.chunks_exact(oh)) {
+                o[..l].iter_mut().zip(&p[..l]).for_each(|(a, b)| *a += b);
+            }
+        }
+        Ok(())
     }
     fn mla_expand_v(&self, o_lat: &Vec<f32>, w_uv: &Bf16Weight, dims: MlaDims, rows: usize, out: &mut Vec<f32>) -> Result<()> {
         attention::expand_v(o_lat, w_uv.view(), dims, rows, out)

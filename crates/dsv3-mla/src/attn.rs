@@ -67,6 +67,21 @@ fn gemm<B: Backend>(b: &B, a: &B::Buf<f32>, w: &B::Weight, m: usize, path: GemmP
     Ok(out)
 }
 
+/// `op(hi) + op(lo)` for a weight held as a bf16 pair (see the weights module docs): two
+/// outputs of `len` values, summed.
+fn pair_product<B: Backend>(
+    b: &B,
+    len: usize,
+    pair: &[B::DenseWeight; 2],
+    op: impl Fn(&B::DenseWeight, &mut B::Buf<f32>) -> std::result::Result<(), dsv3_kernels::KernelError>,
+) -> Result<B::Buf<f32>> {
+    let (mut out, mut lo) = (b.zeros::<f32>(len)?, b.zeros::<f32>(len)?);
+    op(&pair[0], &mut out)?;
+    op(&pair[1], &mut lo)?;
+    b.add_assign(&mut out, &lo)?;
+    Ok(out)
+}
+
 impl<B: Backend> MlaWeights<B> {
     fn check_call(&self, b: &B, ctx: &MlaContext<B>, lc: &LayerCache<'_, B>, x: &B::Buf<f32>, out: &B::Buf<f32>) -> Result<usize> {
         if ctx.cfg != self.cfg {
@@ -128,10 +143,12 @@ impl<B: Backend> MlaWeights<B> {
         let (mut c_kv, mut k_pe) = (b.zeros::<f32>(s * c.kv_lora_rank)?, b.zeros::<f32>(s * c.qk_rope_head_dim)?);
         let gs = GatherShape { seqs: plan.entries().len(), max_blocks: plan.max_blocks(), keys: s, pool: lc.shape };
         b.mla_cache_gather(lc.pool, &plan.seq_table, &plan.seq_lens, gs, &mut c_kv, &mut k_pe)?;
-        let mut k_nope = b.zeros::<f32>(s * c.n_heads * c.qk_nope_head_dim)?;
-        b.gemm_dense(&c_kv, &self.w_uk, GemmShape { m: s, n: c.n_heads * c.qk_nope_head_dim, k: c.kv_lora_rank }, &mut k_nope)?;
-        let mut v = b.zeros::<f32>(s * c.o_dim())?;
-        b.gemm_dense(&c_kv, &self.w_uv, GemmShape { m: s, n: c.o_dim(), k: c.kv_lora_rank }, &mut v)?;
+        let k_nope = pair_product(b, s * c.n_heads * c.qk_nope_head_dim, &self.w_uk, |w, out| {
+            b.gemm_dense(&c_kv, w, GemmShape { m: s, n: c.n_heads * c.qk_nope_head_dim, k: c.kv_lora_rank }, out)
+        })?;
+        let v = pair_product(b, s * c.o_dim(), &self.w_uv, |w, out| {
+            b.gemm_dense(&c_kv, w, GemmShape { m: s, n: c.o_dim(), k: c.kv_lora_rank }, out)
+        })?;
         let inputs =
             PrefillInputs { q: &q, k_nope: &k_nope, k_pe: &k_pe, v: &v, q_pos: &plan.positions, cu_q: &plan.cu_q, cu_k: &plan.cu_k };
         let params = PrefillParams { dims: d, seqs: plan.entries().len(), tokens: t, keys: s, scale: ctx.scale };
@@ -153,13 +170,12 @@ impl<B: Backend> MlaWeights<B> {
         let q = self.project(b, ctx, lc, x, t)?;
         let plan = lc.plan;
         let mut q_abs = b.zeros::<f32>(t * c.n_heads * c.latent_dim())?;
-        b.mla_absorb_q(&q, &self.w_uk, d, t, &mut q_abs)?;
+        b.mla_absorb_q(&q, &[&self.w_uk[0], &self.w_uk[1]], d, t, &mut q_abs)?;
         let params = DecodeParams { batch: t, heads: c.n_heads, max_blocks: plan.max_blocks(), pool: lc.shape, scale: ctx.scale };
         let mut o_lat = b.zeros::<f32>(t * c.n_heads * c.kv_lora_rank)?;
         let (table, kv_lens) = plan.decode_rows(b)?;
         b.mla_decode(&q_abs, lc.pool, table, kv_lens, &params, &mut o_lat)?;
-        let mut attn = b.zeros::<f32>(t * c.o_dim())?;
-        b.mla_expand_v(&o_lat, &self.w_uv, d, t, &mut attn)?;
+        let attn = pair_product(b, t * c.o_dim(), &self.w_uv, |w, out| b.mla_expand_v(&o_lat, w, d, t, out))?;
         b.gemm(&attn, &self.o_proj, GemmShape { m: t, n: c.hidden, k: c.o_dim() }, ctx.path, out)?;
         Ok(())
     }

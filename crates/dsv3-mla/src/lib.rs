@@ -4,7 +4,7 @@
 //! * [`MlaConfig`]: the layer's dimensions, RoPE/YaRN and norm epsilon, validated.
 //! * [`MlaHostWeights`] / [`MlaWeights`]: one layer's tensors as the checkpoint stores them
 //!   (FP8 projections, f32 norms), and resident on a backend with `kv_b_proj` split once into
-//!   bf16 `W_UK` / `W_UV` for the absorbed form.
+//!   bf16 pairs (hi + lo, 16 significant bits) of `W_UK` / `W_UV` for the absorbed form.
 //! * [`PagedLatentCache`]: pages of 64 tokens × `[c_kv | k_pe]` (576 f32 for V3) per layer, a
 //!   block allocator with per-sequence block tables, truncation, and [`StepPlan`]s (the
 //!   cache module documents the byte layout).

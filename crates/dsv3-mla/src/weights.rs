@@ -3,12 +3,14 @@
 //!
 //! `kv_b_proj` (FP8, `[H·(nope + v), kv_lora]`, rows `h·(nope+v) + j` with `j < nope` the key
 //! half and the rest the value half, spec §2.3) is split once at load into the absorbed
-//! matrices `W_UK [H·nope, kv_lora]` and `W_UV [H·v, kv_lora]`: dequantised exactly
-//! (fp8 × scale_inv in f32) and rounded once to **bf16**, the backend's dense-weight form. bf16
-//! is what the official code uses for these two matrices (it dequantises `kv_b_proj` to bf16
-//! on every call), and it halves the bytes the decode step reads next to f32 (2 × 16 MiB per
-//! V3 layer instead of 2 × 32 MiB). Both forms of attention, expanded and absorbed, use these
-//! same bf16 matrices, so they compute the same function.
+//! matrices `W_UK [H·nope, kv_lora]` and `W_UV [H·v, kv_lora]`, dequantised exactly
+//! (fp8 × scale_inv in f32). The backend's dense-weight form is bf16, so each matrix is held
+//! as a **bf16 pair** `hi = bf16(w)`, `lo = bf16(w − hi)` and every product with it is
+//! `x·hi + x·lo`: 16 significant bits, within 2⁻¹⁷ of the exact dequantised weight, so the
+//! reference path really multiplies by the checkpoint's weights. (Rounding to a single bf16,
+//! as DeepSeek's own code does, moves V3-like logits by ~2e-3 × max|logit| against an f32
+//! reference; the pair costs 2 × 16 MiB more per V3 layer.) Both forms of attention, expanded
+//! and absorbed, use the same pairs, so they compute the same function.
 
 use crate::config::MlaConfig;
 use crate::error::{MlaError, Result};
@@ -121,18 +123,32 @@ impl MlaHostWeights {
     }
 
     /// `(W_UK [H·nope, kv_lora], W_UV [H·v, kv_lora])`: `kv_b_proj` dequantised and split per
-    /// head (module docs), rounded to bf16 — exactly the matrices the backend holds.
-    pub fn absorbed(&self, cfg: &MlaConfig) -> Result<(Vec<bf16>, Vec<bf16>)> {
+    /// head (module docs), as the f32 values `hi + lo` of the bf16 pairs the backend holds.
+    pub fn absorbed(&self, cfg: &MlaConfig) -> Result<(Vec<f32>, Vec<f32>)> {
+        let [uk_hi, uk_lo, uv_hi, uv_lo] = self.absorbed_pairs(cfg)?;
+        let sum = |hi: &[bf16], lo: &[bf16]| hi.iter().zip(lo).map(|(h, l)| h.to_f32() + l.to_f32()).collect();
+        Ok((sum(&uk_hi, &uk_lo), sum(&uv_hi, &uv_lo)))
+    }
+
+    /// `[W_UK hi, W_UK lo, W_UV hi, W_UV lo]`, the bf16 pairs of the module docs.
+    pub fn absorbed_pairs(&self, cfg: &MlaConfig) -> Result<[Vec<bf16>; 4]> {
         check_fp8("kv_b_proj", &self.kv_b_proj, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)?;
         let (n, v, l) = (cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
         let full = self.kv_b_proj.view().dequantize();
-        let mut w_uk = Vec::with_capacity(cfg.n_heads * n * l);
-        let mut w_uv = Vec::with_capacity(cfg.n_heads * v * l);
+        let mut out: [Vec<bf16>; 4] = Default::default();
+        let hi_lo = |x: f32| {
+            let hi = bf16::from_f32(x);
+            (hi, bf16::from_f32(x - hi.to_f32()))
+        };
         for head in full.chunks_exact((n + v) * l) {
-            w_uk.extend(head[..n * l].iter().map(|&x| bf16::from_f32(x)));
-            w_uv.extend(head[n * l..].iter().map(|&x| bf16::from_f32(x)));
+            for (j, &x) in head.iter().enumerate() {
+                let (hi, lo) = hi_lo(x);
+                let base = if j < n * l { 0 } else { 2 };
+                out[base].push(hi);
+                out[base + 1].push(lo);
+            }
         }
-        Ok((w_uk, w_uv))
+        Ok(out)
     }
 }
 
@@ -148,8 +164,10 @@ pub struct MlaWeights<B: Backend> {
     q: QProj<B>,
     pub(crate) kv_a: B::Weight,
     pub(crate) kv_norm: B::Buf<f32>,
-    pub(crate) w_uk: B::DenseWeight,
-    pub(crate) w_uv: B::DenseWeight,
+    /// `W_UK` as a bf16 pair `[hi, lo]` (module docs).
+    pub(crate) w_uk: [B::DenseWeight; 2],
+    /// `W_UV` as a bf16 pair `[hi, lo]`.
+    pub(crate) w_uv: [B::DenseWeight; 2],
     pub(crate) o_proj: B::Weight,
 }
 
@@ -167,7 +185,7 @@ pub(crate) enum QPath<'a, B: Backend> {
 
 impl<B: Backend> MlaWeights<B> {
     /// Validates `host` against `cfg` (errors name the tensor) and uploads it; `kv_b_proj` is
-    /// split into bf16 `W_UK` / `W_UV` (module docs).
+    /// split into the bf16 pairs of `W_UK` / `W_UV` (module docs).
     pub fn new(b: &B, cfg: &MlaConfig, host: &MlaHostWeights) -> Result<Self> {
         host.validate(cfg)?;
         let q = match &host.q {
@@ -176,15 +194,17 @@ impl<B: Backend> MlaWeights<B> {
             }
             HostQProj::Direct { q_proj } => QProj::Direct { q: b.upload_weight(q_proj.view())? },
         };
-        let (uk, uv) = host.absorbed(cfg)?;
+        let [uk_hi, uk_lo, uv_hi, uv_lo] = host.absorbed_pairs(cfg)?;
         let (h, l) = (cfg.n_heads, cfg.kv_lora_rank);
+        let dense = |rows: usize, w: &[bf16]| -> Result<B::DenseWeight> { Ok(b.upload_dense_weight(Bf16WeightRef::new(rows, l, w)?)?) };
+        let (uk_rows, uv_rows) = (h * cfg.qk_nope_head_dim, h * cfg.v_head_dim);
         Ok(MlaWeights {
             cfg: *cfg,
             q,
             kv_a: b.upload_weight(host.kv_a_proj_with_mqa.view())?,
             kv_norm: b.upload(&host.kv_a_layernorm)?,
-            w_uk: b.upload_dense_weight(Bf16WeightRef::new(h * cfg.qk_nope_head_dim, l, &uk)?)?,
-            w_uv: b.upload_dense_weight(Bf16WeightRef::new(h * cfg.v_head_dim, l, &uv)?)?,
+            w_uk: [dense(uk_rows, &uk_hi)?, dense(uk_rows, &uk_lo)?],
+            w_uv: [dense(uv_rows, &uv_hi)?, dense(uv_rows, &uv_lo)?],
             o_proj: b.upload_weight(host.o_proj.view())?,
         })
     }

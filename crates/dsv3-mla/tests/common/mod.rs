@@ -135,8 +135,8 @@ impl HostRef {
         HostRef {
             cfg: *cfg,
             host: host.clone(),
-            w_uk: uk.iter().map(|v| v.to_f64()).collect(),
-            w_uv: uv.iter().map(|v| v.to_f64()).collect(),
+            w_uk: uk.iter().map(|&v| v as f64).collect(),
+            w_uv: uv.iter().map(|&v| v as f64).collect(),
             inv_freq: rope::inv_freq(&cfg.rope).unwrap(),
             attn_factor: rope::attn_factor(cfg.rope.yarn.as_ref()),
             scale: rope::softmax_scale_f64(cfg.qk_head_dim(), cfg.rope.yarn.as_ref()).unwrap(),
