@@ -12,10 +12,12 @@
 //! decode form). The fp8 GEMM path (activations quantised per 1x128 tile too) is held to a
 //! calc_diff bound against HF.
 
+mod common;
+
+use common::{argmax_rows, calc_diff, load_model, logits_in_chunks, rel_max_diff};
 use dsv3_kernels::Cpu;
 use dsv3_kernels::gemm::GemmPath;
 use dsv3_runtime::model::Model;
-use dsv3_runtime::{Checkpoint, ModelConfig};
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> PathBuf {
@@ -23,11 +25,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn load(name: &str, path: GemmPath) -> Model<Cpu> {
-    let dir = fixture(name);
-    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
-    let ck = Checkpoint::open(&dir).unwrap();
-    ck.validate(&cfg).unwrap();
-    Model::load(&Cpu, &ck, &cfg, path).unwrap()
+    load_model(&fixture(name), path)
 }
 
 /// `(ids, logits [T * vocab])` as HF computed them.
@@ -45,40 +43,6 @@ fn expected(name: &str, vocab: usize) -> (Vec<u32>, Vec<f32>) {
     assert_eq!(l.shape(), &[ids.len(), vocab]);
     let logits = l.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     (ids, logits)
-}
-
-/// Logits of every position of `ids`, fed as the given chunks (one sequence).
-fn logits_in_chunks(m: &Model<Cpu>, ids: &[u32], chunks: &[usize]) -> Vec<f32> {
-    let mut cache = m.new_cache(&Cpu, ids.len()).unwrap();
-    let seq = cache.add_sequence();
-    let mut out = Vec::new();
-    let mut at = 0;
-    for &c in chunks {
-        let h = m.forward_hidden(&Cpu, &mut cache, &[(seq, &ids[at..at + c])]).unwrap();
-        out.extend(m.logits(&Cpu, &h, &(0..c).collect::<Vec<_>>()).unwrap());
-        at += c;
-    }
-    assert_eq!(at, ids.len());
-    out
-}
-
-fn rel_max_diff(a: &[f32], want: &[f32]) -> f32 {
-    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    a.iter().zip(want).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
-}
-
-fn argmax_rows(l: &[f32], vocab: usize) -> Vec<usize> {
-    l.chunks(vocab).map(|r| r.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0).collect()
-}
-
-fn calc_diff(a: &[f32], b: &[f32]) -> f64 {
-    let (mut xy, mut xx, mut yy) = (0f64, 0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        xy += x as f64 * y as f64;
-        xx += x as f64 * x as f64;
-        yy += y as f64 * y as f64;
-    }
-    1.0 - 2.0 * xy / (xx + yy)
 }
 
 fn reference_path_matches_hf(name: &str) {

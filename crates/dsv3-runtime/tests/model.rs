@@ -3,48 +3,24 @@
 //! reproducible, and bad requests are typed errors. (Agreement with HF transformers is the
 //! golden-fixture test's job.)
 
+mod common;
+
+use common::{argmax_rows, calc_diff, load_model, logits_in_chunks, rel_max_diff};
 use dsv3_kernels::Cpu;
 use dsv3_kernels::gemm::GemmPath;
 use dsv3_runtime::generate::{Request, SamplingParams, generate};
 use dsv3_runtime::model::Model;
-use dsv3_runtime::{Checkpoint, InitOptions, ModelConfig, Preset, RuntimeError, init_random_preset};
+use dsv3_runtime::{InitOptions, Preset, RuntimeError, init_random_preset};
 use std::path::Path;
 
 fn load(dir: &Path, path: GemmPath) -> Model<Cpu> {
-    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
-    let ck = Checkpoint::open(dir).unwrap();
-    ck.validate(&cfg).unwrap();
-    Model::load(&Cpu, &ck, &cfg, path).unwrap()
+    load_model(dir, path)
 }
 
 fn random_model(preset: Preset) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
     init_random_preset(preset, &tmp.path().join("m"), &InitOptions { seed: 7, ..Default::default() }).unwrap();
     tmp
-}
-
-/// Logits of every position of `ids`, fed as the given chunks (one sequence).
-fn logits_in_chunks(m: &Model<Cpu>, ids: &[u32], chunks: &[usize]) -> Vec<f32> {
-    let mut cache = m.new_cache(&Cpu, ids.len()).unwrap();
-    let seq = cache.add_sequence();
-    let mut out = Vec::new();
-    let mut at = 0;
-    for &c in chunks {
-        let h = m.forward_hidden(&Cpu, &mut cache, &[(seq, &ids[at..at + c])]).unwrap();
-        out.extend(m.logits(&Cpu, &h, &(0..c).collect::<Vec<_>>()).unwrap());
-        at += c;
-    }
-    assert_eq!(at, ids.len());
-    out
-}
-
-fn rel_max_diff(a: &[f32], b: &[f32]) -> f32 {
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
-}
-
-fn argmax_rows(l: &[f32], vocab: usize) -> Vec<usize> {
-    l.chunks(vocab).map(|r| r.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0).collect()
 }
 
 #[test]
@@ -74,13 +50,7 @@ fn fp8_path_tracks_the_reference_path() {
     let (r, f) = (load(&dir, GemmPath::Reference), load(&dir, GemmPath::Fp8));
     let ids: Vec<u32> = (0..9).map(|i| i * 101 + 3).collect();
     let (a, b) = (logits_in_chunks(&r, &ids, &[9]), logits_in_chunks(&f, &ids, &[9]));
-    let (mut xy, mut xx, mut yy) = (0f64, 0f64, 0f64);
-    for (&x, &y) in a.iter().zip(&b) {
-        xy += x as f64 * y as f64;
-        xx += x as f64 * x as f64;
-        yy += y as f64 * y as f64;
-    }
-    let calc_diff = 1.0 - 2.0 * xy / (xx + yy);
+    let calc_diff = calc_diff(&a, &b);
     // One fp8 GEMM on random data is at calc_diff ~6.5e-4 (E4M3 keeps 3 mantissa bits; see the
     // kernel tests, which hold each GEMM to < 1e-3). The tiny model chains ~7 GEMMs per layer
     // over 4 layers, and independent errors add: ~28 x 6.5e-4 = 0.018, measured 0.023.

@@ -68,3 +68,55 @@ pub fn copy_dir(src: &Path, parent: &Path, name: &str) -> PathBuf {
     }
     dst
 }
+
+// ----- the whole model -----
+
+use dsv3_kernels::Cpu;
+use dsv3_kernels::gemm::GemmPath;
+use dsv3_runtime::model::Model;
+use dsv3_runtime::{Checkpoint, ModelConfig};
+
+/// Loads the model directory `dir` (config + checkpoint, validated) on the CPU backend.
+pub fn load_model(dir: &Path, path: GemmPath) -> Model<Cpu> {
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let ck = Checkpoint::open(dir).unwrap();
+    ck.validate(&cfg).unwrap();
+    Model::load(&Cpu, &ck, &cfg, path).unwrap()
+}
+
+/// Logits of every position of `ids`, fed as the given chunks (one sequence).
+pub fn logits_in_chunks(m: &Model<Cpu>, ids: &[u32], chunks: &[usize]) -> Vec<f32> {
+    let mut cache = m.new_cache(&Cpu, ids.len()).unwrap();
+    let seq = cache.add_sequence();
+    let mut out = Vec::new();
+    let mut at = 0;
+    for &c in chunks {
+        let h = m.forward_hidden(&Cpu, &mut cache, &[(seq, &ids[at..at + c])]).unwrap();
+        out.extend(m.logits(&Cpu, &h, &(0..c).collect::<Vec<_>>()).unwrap());
+        at += c;
+    }
+    assert_eq!(at, ids.len());
+    out
+}
+
+/// max |a - want| / max |want|.
+pub fn rel_max_diff(a: &[f32], want: &[f32]) -> f32 {
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    a.iter().zip(want).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+/// The argmax of each `vocab`-wide row (lowest index on ties).
+pub fn argmax_rows(l: &[f32], vocab: usize) -> Vec<usize> {
+    l.chunks(vocab).map(|r| r.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0).collect()
+}
+
+/// DeepGEMM's calc_diff: 1 - 2<x,y>/(<x,x>+<y,y>), in f64.
+pub fn calc_diff(a: &[f32], b: &[f32]) -> f64 {
+    let (mut xy, mut xx, mut yy) = (0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        xy += x as f64 * y as f64;
+        xx += x as f64 * x as f64;
+        yy += y as f64 * y as f64;
+    }
+    1.0 - 2.0 * xy / (xx + yy)
+}
