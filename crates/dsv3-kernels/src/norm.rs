@@ -59,6 +59,32 @@ fn check_eps(op: &'static str, eps: f32) -> Result<()> {
     if eps.is_finite() && eps >= 0.0 { Ok(()) } else { Err(invalid(op, "eps", format!("must be finite and >= 0, got {eps}"))) }
 }
 
+/// The checks of [`rms_norm`] (every implementation, CPU and GPU, runs the same ones): the
+/// lengths of `x`, `w`, `out` and `eps`; returns `rows * cols`.
+pub(crate) fn check_rms_norm(op: &'static str, shape: RowsShape, x: usize, w: usize, out: usize, eps: f32) -> Result<usize> {
+    let n = shape.len(op)?;
+    check_len(op, "x", x, n)?;
+    check_len(op, "w", w, shape.cols)?;
+    check_len(op, "out", out, n)?;
+    check_eps(op, eps)?;
+    Ok(n)
+}
+
+/// The checks of [`add_rms_norm`]: those of [`rms_norm`] plus the residual's length.
+pub(crate) fn check_add_rms_norm(
+    op: &'static str,
+    shape: RowsShape,
+    x: usize,
+    residual: usize,
+    w: usize,
+    out: usize,
+    eps: f32,
+) -> Result<usize> {
+    let n = check_rms_norm(op, shape, x, w, out, eps)?;
+    check_len(op, "residual", residual, n)?;
+    Ok(n)
+}
+
 /// `1 / sqrt(sum / n + eps)` in f32: the one place both versions form the scale.
 #[inline(always)]
 fn inv_rms(sum_sq: f32, n: usize, eps: f32) -> f32 {
@@ -126,12 +152,7 @@ dispatch!(fn add_rms_row(x: &[f32], res: &mut [f32], w: &[f32], eps: f32, out: &
 ///
 /// Errors: `cols == 0`, any length mismatch, or `eps` not finite and ≥ 0.
 pub fn rms_norm(x: &[f32], w: &[f32], shape: RowsShape, eps: f32, out: &mut [f32]) -> Result<()> {
-    const OP: &str = "rms_norm";
-    let n = shape.len(OP)?;
-    check_len(OP, "x", x.len(), n)?;
-    check_len(OP, "w", w.len(), shape.cols)?;
-    check_len(OP, "out", out.len(), n)?;
-    check_eps(OP, eps)?;
+    check_rms_norm("rms_norm", shape, x.len(), w.len(), out.len(), eps)?;
     let c = shape.cols;
     if shape.parallel() {
         out.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(o, xr)| rms_row(xr, w, eps, o));
@@ -147,13 +168,7 @@ pub fn rms_norm(x: &[f32], w: &[f32], shape: RowsShape, eps: f32, out: &mut [f32
 ///
 /// Errors: as [`rms_norm`]; nothing is written when one is returned.
 pub fn add_rms_norm(x: &[f32], residual: &mut [f32], w: &[f32], shape: RowsShape, eps: f32, out: &mut [f32]) -> Result<()> {
-    const OP: &str = "add_rms_norm";
-    let n = shape.len(OP)?;
-    check_len(OP, "x", x.len(), n)?;
-    check_len(OP, "residual", residual.len(), n)?;
-    check_len(OP, "w", w.len(), shape.cols)?;
-    check_len(OP, "out", out.len(), n)?;
-    check_eps(OP, eps)?;
+    check_add_rms_norm("add_rms_norm", shape, x.len(), residual.len(), w.len(), out.len(), eps)?;
     let c = shape.cols;
     if shape.parallel() {
         out.par_chunks_mut(c).zip(residual.par_chunks_mut(c)).zip(x.par_chunks(c)).for_each(|((o, r), xr)| add_rms_row(xr, r, w, eps, o));
@@ -168,17 +183,12 @@ pub fn add_rms_norm(x: &[f32], residual: &mut [f32], w: &[f32], shape: RowsShape
 /// The sum of squares is accumulated in f64 (exact for any realistic row) and rounded to f32
 /// once; the mean, `+ eps`, the square root and the reciprocal are then f32, as the spec asks.
 pub mod reference {
-    use super::{RowsShape, check_eps};
-    use crate::error::{Result, check_len};
+    use super::{RowsShape, check_add_rms_norm, check_rms_norm};
+    use crate::error::Result;
 
     /// Reference of [`super::rms_norm`]; same contract.
     pub fn rms_norm(x: &[f32], w: &[f32], shape: RowsShape, eps: f32, out: &mut [f32]) -> Result<()> {
-        const OP: &str = "reference::rms_norm";
-        let n = shape.len(OP)?;
-        check_len(OP, "x", x.len(), n)?;
-        check_len(OP, "w", w.len(), shape.cols)?;
-        check_len(OP, "out", out.len(), n)?;
-        check_eps(OP, eps)?;
+        check_rms_norm("reference::rms_norm", shape, x.len(), w.len(), out.len(), eps)?;
         for r in 0..shape.rows {
             let row = &x[r * shape.cols..(r + 1) * shape.cols];
             let mut sum = 0f64;
@@ -196,13 +206,7 @@ pub mod reference {
 
     /// Reference of [`super::add_rms_norm`]; same contract.
     pub fn add_rms_norm(x: &[f32], residual: &mut [f32], w: &[f32], shape: RowsShape, eps: f32, out: &mut [f32]) -> Result<()> {
-        const OP: &str = "reference::add_rms_norm";
-        let n = shape.len(OP)?;
-        check_len(OP, "x", x.len(), n)?;
-        check_len(OP, "residual", residual.len(), n)?;
-        check_len(OP, "w", w.len(), shape.cols)?;
-        check_len(OP, "out", out.len(), n)?;
-        check_eps(OP, eps)?;
+        let n = check_add_rms_norm("reference::add_rms_norm", shape, x.len(), residual.len(), w.len(), out.len(), eps)?;
         for i in 0..n {
             residual[i] += x[i];
         }

@@ -127,11 +127,7 @@ impl CudaDevice {
     /// same checks and errors).
     pub fn rms_norm(&self, x: &DeviceBuf<f32>, w: &DeviceBuf<f32>, shape: RowsShape, eps: f32, out: &mut DeviceBuf<f32>) -> Result<()> {
         const OP: &str = "rms_norm";
-        let n = shape.len(OP)?;
-        check_len(OP, "x", x.len(), n)?;
-        check_len(OP, "w", w.len(), shape.cols)?;
-        check_len(OP, "out", out.len(), n)?;
-        check_eps(OP, eps)?;
+        crate::norm::check_rms_norm(OP, shape, x.len(), w.len(), out.len(), eps)?;
         let (rows, cols) = (u32_of(OP, "rows", shape.rows)?, u32_of(OP, "cols", shape.cols)?);
         if rows == 0 {
             return Ok(());
@@ -157,12 +153,7 @@ impl CudaDevice {
         out: &mut DeviceBuf<f32>,
     ) -> Result<()> {
         const OP: &str = "add_rms_norm";
-        let n = shape.len(OP)?;
-        check_len(OP, "x", x.len(), n)?;
-        check_len(OP, "residual", residual.len(), n)?;
-        check_len(OP, "w", w.len(), shape.cols)?;
-        check_len(OP, "out", out.len(), n)?;
-        check_eps(OP, eps)?;
+        crate::norm::check_add_rms_norm(OP, shape, x.len(), residual.len(), w.len(), out.len(), eps)?;
         let (rows, cols) = (u32_of(OP, "rows", shape.rows)?, u32_of(OP, "cols", shape.cols)?);
         if rows == 0 {
             return Ok(());
@@ -461,11 +452,6 @@ impl CudaDevice {
         // and aligned (rows start at multiples of k bytes).
         unsafe { self.imp.launch(kernel!(GemmFp8Simt), (n.div_ceil(64), m.div_ceil(64)), 256, &p) }
     }
-}
-
-/// `eps` finite and >= 0, with the CPU's error.
-fn check_eps(op: &'static str, eps: f32) -> Result<()> {
-    if eps.is_finite() && eps >= 0.0 { Ok(()) } else { Err(invalid(op, "eps", format!("must be finite and >= 0, got {eps}"))) }
 }
 
 fn check_hidden(hidden: usize) -> Result<()> {
