@@ -10,25 +10,14 @@
 use dsv3_kernels::Cpu;
 use dsv3_kernels::gemm::{GemmPath, GemmShape, reference as gemm_ref};
 use dsv3_kernels::norm::{RowsShape, reference as norm_ref};
-use dsv3_kernels::rope::{self, RopeCfg, RopeLayout, Yarn};
+use dsv3_kernels::rope::{self, RopeCfg, RopeLayout};
 use dsv3_mla::*;
 
 pub const B: Cpu = Cpu;
 
 /// The YaRN parameters of V3 (factor 40, L₀ 4096, β 32/1, mscale 1/1) at any rope width.
 pub fn yarn_rope(rope_dim: usize) -> RopeCfg {
-    RopeCfg {
-        rope_head_dim: rope_dim,
-        theta: 10000.0,
-        yarn: Some(Yarn {
-            factor: 40.0,
-            original_max_position_embeddings: 4096,
-            beta_fast: 32.0,
-            beta_slow: 1.0,
-            mscale: 1.0,
-            mscale_all_dim: 1.0,
-        }),
-    }
+    RopeCfg { rope_head_dim: rope_dim, ..RopeCfg::DEEPSEEK_V3 }
 }
 
 /// A small config: hidden 256, 4 heads, nope 32, v 32.
