@@ -5,12 +5,15 @@
 //! Tolerances (relative to max |y| of the reference):
 //! * reference GEMM path: 1e-5. Both sides dequantise the same FP8 weights exactly and sum
 //!   in f32, in different orders (blocked vs. plain loops); observed about 1e-6.
-//! * fp8 GEMM path: calc_diff (DeepGEMM's 1 - 2<x,y>/(|x|²+|y|²)) <= 1e-6 and 2e-2 per
+//! * fp8 GEMM path: calc_diff (DeepGEMM's 1 - 2<x,y>/(|x|²+|y|²)) <= 1e-4 and 5e-2 per
 //!   element. The expert's intermediate activation is re-quantised to E4M3 before the down
 //!   GEMM; a last-bit difference in it (fast vs. reference silu and gate/up sums) can move a
-//!   value that sits on a rounding boundary by one E4M3 step (1/8 to 1/16 of it), and with
-//!   it one token's output row by up to about 1% of max |y|. Observed: 1e-5 max, calc_diff
-//!   1e-11; a wrong expert, weight or combine gives calc_diff > 1e-2.
+//!   value that sits on a rounding boundary by one E4M3 step (up to 1/14 of its block's
+//!   amax), and with it one token's output row. Measured over 1,500 random cases: typical
+//!   calc_diff 1e-11; 3 cases above 1e-6 (worst 4.7e-6, max err 3.4e-3); the worst seen in CI
+//!   was calc_diff 1.7e-5 with max err 1.6e-2 (two flips in one row of a 12-token batch).
+//!   A wrong expert, weight or scale moves whole rows by > 1e-1 of max |y|; the structure
+//!   itself is held to 1e-5 by the reference path.
 //!
 //! The router cannot flip on near-ties: inputs and router weights are on a grid that makes
 //! every logit exact in f32 (see `common::grid_router`).
@@ -42,7 +45,7 @@ fn assert_close(got: &[f32], want: &[f32], path: GemmPath, what: &str) {
         GemmPath::Reference => assert!(err <= 1e-5, "{what}: max err {err:e} of max |y|"),
         GemmPath::Fp8 => {
             let d = calc_diff(got, want);
-            assert!(err <= 2e-2 && d <= 1e-6, "{what}: max err {err:e} of max |y|, calc_diff {d:e}");
+            assert!(err <= 5e-2 && d <= 1e-4, "{what}: max err {err:e} of max |y|, calc_diff {d:e}");
         }
     }
 }
