@@ -18,6 +18,7 @@ pub mod generate;
 pub mod init_random;
 mod json;
 pub mod model;
+pub mod mtp;
 pub mod plan;
 pub mod presets;
 pub mod tensor_file;

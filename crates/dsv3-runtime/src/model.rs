@@ -14,7 +14,7 @@ use dsv3_kernels::Backend;
 use dsv3_kernels::embed::EmbedShape;
 use dsv3_kernels::gemm::{GemmPath, GemmShape};
 use dsv3_kernels::norm::RowsShape;
-use dsv3_mla::{CacheConfig, HostQProj, MlaConfig, MlaContext, MlaHostWeights, MlaWeights, PagedLatentCache, SeqId};
+use dsv3_mla::{CacheConfig, HostQProj, MlaConfig, MlaContext, MlaHostWeights, MlaWeights, PagedLatentCache, SeqId, StepPlan};
 use dsv3_moe::{DenseMlp, DenseMlpConfig, GroupedLayout, MlpWeights, MoeConfig, MoeLayer, MoeWeights};
 use half::bf16;
 use std::sync::Arc;
@@ -28,11 +28,24 @@ enum Ffn<B: Backend> {
 
 /// One decoder layer on a backend.
 #[derive(Debug)]
-struct Layer<B: Backend> {
+pub(crate) struct Layer<B: Backend> {
     input_norm: B::Buf<f32>,
     attn: MlaWeights<B>,
     post_norm: B::Buf<f32>,
     ffn: Ffn<B>,
+}
+
+/// Which form of attention a forward step uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttnForm {
+    /// Absorbed when every sequence appends one token (decode), expanded otherwise (prefill).
+    #[default]
+    Auto,
+    /// The weight-absorbed form on the paged cache for any number of new tokens. Each row is
+    /// then computed exactly as a one-token decode step computes it (the kernels are
+    /// row-independent), which speculative verification relies on: accepting a draft gives
+    /// the bits plain decoding gives.
+    Absorbed,
 }
 
 /// A loaded model on backend `B`.
@@ -41,11 +54,71 @@ pub struct Model<B: Backend> {
     cfg: ModelConfig,
     mla: MlaConfig,
     ctx: MlaContext<B>,
-    embed: B::Buf<bf16>,
+    embed: Arc<B::Buf<bf16>>,
     layers: Vec<Layer<B>>,
     norm: B::Buf<f32>,
-    lm_head: B::DenseWeight,
+    lm_head: Arc<B::DenseWeight>,
     path: GemmPath,
+}
+
+impl<B: Backend> Layer<B> {
+    /// Decoder block `l` (a main layer or an MTP module's block) from `model.layers.{l}`.
+    pub(crate) fn load(b: &B, ck: &Checkpoint, cfg: &ModelConfig, mla: &MlaConfig, l: usize, path: GemmPath) -> Result<Layer<B>> {
+        let h = cfg.hidden_size;
+        let p = format!("model.layers.{l}");
+        let attn = MlaWeights::new(b, mla, &load_attention(ck, &format!("{p}.self_attn"), mla)?)?;
+        let ffn = match cfg.layer_kind(l) {
+            LayerKind::Dense => {
+                let dc = DenseMlpConfig { hidden: h, intermediate: cfg.intermediate_size, gemm_path: path };
+                Ffn::Dense(DenseMlp::new(b, dc, &load_mlp(ck, &format!("{p}.mlp"), &dc)?)?)
+            }
+            LayerKind::Moe => Ffn::Moe(Box::new(MoeLayer::new(b, moe_config(cfg, path), &load_moe(ck, &format!("{p}.mlp"), cfg, path)?)?)),
+        };
+        Ok(Layer {
+            input_norm: b.upload(&ck.norm_weight(&format!("{p}.input_layernorm.weight"), h)?)?,
+            attn,
+            post_norm: b.upload(&ck.norm_weight(&format!("{p}.post_attention_layernorm.weight"), h)?)?,
+            ffn,
+        })
+    }
+}
+
+/// Runs `x [T, hidden]` (the stack's input, not yet normalised) through `layers`, whose caches
+/// are layers `0..` of `cache` under `plan`, and returns `final_norm(h)` of the last hidden
+/// state. The residual add of each next norm is fused ([`Backend::add_rms_norm`]).
+pub(crate) struct Stack<'a, B: Backend> {
+    pub ctx: &'a MlaContext<B>,
+    pub layers: &'a [Layer<B>],
+    pub final_norm: &'a B::Buf<f32>,
+    pub hidden: usize,
+    pub eps: f32,
+}
+
+impl<B: Backend> Stack<'_, B> {
+    pub fn run(&self, b: &B, cache: &mut PagedLatentCache<B>, plan: &StepPlan<B>, mut x: B::Buf<f32>, absorbed: bool) -> Result<B::Buf<f32>> {
+        let t = plan.tokens();
+        let rows = RowsShape { rows: t, cols: self.hidden };
+        // `residual` holds h; `x` holds the output of the last sub-layer, still to be added.
+        let mut residual = b.zeros::<f32>(t * self.hidden)?;
+        let mut normed = b.zeros::<f32>(t * self.hidden)?;
+        let mut attn_out = b.zeros::<f32>(t * self.hidden)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            b.add_rms_norm(&x, &mut residual, &layer.input_norm, rows, self.eps, &mut normed)?;
+            let mut lc = cache.layer(plan, l)?;
+            if absorbed {
+                layer.attn.decode(b, self.ctx, &mut lc, &normed, &mut attn_out)?;
+            } else {
+                layer.attn.prefill(b, self.ctx, &mut lc, &normed, &mut attn_out)?;
+            }
+            b.add_rms_norm(&attn_out, &mut residual, &layer.post_norm, rows, self.eps, &mut normed)?;
+            x = match &layer.ffn {
+                Ffn::Dense(mlp) => mlp.forward(b, &normed, t)?,
+                Ffn::Moe(moe) => moe.forward(b, &normed, t)?.y,
+            };
+        }
+        b.add_rms_norm(&x, &mut residual, self.final_norm, rows, self.eps, &mut normed)?;
+        Ok(normed)
+    }
 }
 
 /// The attention shape of a model config.
@@ -112,30 +185,11 @@ impl<B: Backend> Model<B> {
         let mla = mla_config(cfg);
         let ctx = MlaContext::new(b, mla, path)?;
         let embed_w = ck.bf16_weight("model.embed_tokens.weight", v, h)?;
-        let embed = b.upload(embed_w.view().data())?;
+        let embed = Arc::new(b.upload(embed_w.view().data())?);
         drop(embed_w);
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for l in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{l}");
-            let attn = MlaWeights::new(b, &mla, &load_attention(ck, &format!("{p}.self_attn"), &mla)?)?;
-            let ffn = match cfg.layer_kind(l) {
-                LayerKind::Dense => {
-                    let dc = DenseMlpConfig { hidden: h, intermediate: cfg.intermediate_size, gemm_path: path };
-                    Ffn::Dense(DenseMlp::new(b, dc, &load_mlp(ck, &format!("{p}.mlp"), &dc)?)?)
-                }
-                LayerKind::Moe => {
-                    Ffn::Moe(Box::new(MoeLayer::new(b, moe_config(cfg, path), &load_moe(ck, &format!("{p}.mlp"), cfg, path)?)?))
-                }
-            };
-            layers.push(Layer {
-                input_norm: b.upload(&ck.norm_weight(&format!("{p}.input_layernorm.weight"), h)?)?,
-                attn,
-                post_norm: b.upload(&ck.norm_weight(&format!("{p}.post_attention_layernorm.weight"), h)?)?,
-                ffn,
-            });
-        }
+        let layers = (0..cfg.num_hidden_layers).map(|l| Layer::load(b, ck, cfg, &mla, l, path)).collect::<Result<Vec<_>>>()?;
         let norm = b.upload(&ck.norm_weight("model.norm.weight", h)?)?;
-        let lm_head = b.upload_dense_weight(ck.bf16_weight("lm_head.weight", v, h)?.view())?;
+        let lm_head = Arc::new(b.upload_dense_weight(ck.bf16_weight("lm_head.weight", v, h)?.view())?);
         ck.finish_progress();
         Ok(Model { cfg: cfg.clone(), mla, ctx, embed, layers, norm, lm_head, path })
     }
@@ -158,54 +212,56 @@ impl<B: Backend> Model<B> {
     /// returns the final-norm hidden states `[Σ tokens, hidden]` of every new position, in
     /// batch order. Token ids are checked against the vocabulary before anything changes.
     pub fn forward_hidden(&self, b: &B, cache: &mut PagedLatentCache<B>, batch: &[(SeqId, &[u32])]) -> Result<B::Buf<f32>> {
-        let h = self.cfg.hidden_size;
+        self.forward_hidden_with(b, cache, batch, AttnForm::Auto)
+    }
+
+    /// [`Model::forward_hidden`] with the attention form chosen by the caller.
+    pub fn forward_hidden_with(
+        &self,
+        b: &B,
+        cache: &mut PagedLatentCache<B>,
+        batch: &[(SeqId, &[u32])],
+        form: AttnForm,
+    ) -> Result<B::Buf<f32>> {
         let ids: Vec<u32> = batch.iter().flat_map(|(_, t)| t.iter().copied()).collect();
+        let sizes: Vec<(SeqId, usize)> = batch.iter().map(|(s, toks)| (*s, toks.len())).collect();
+        let x = self.embed(b, &ids)?;
+        let plan = cache.plan(b, &sizes)?;
+        let absorbed = form == AttnForm::Absorbed || batch.iter().all(|(_, toks)| toks.len() == 1);
+        self.stack().run(b, cache, &plan, x, absorbed)
+    }
+
+    /// Embedding rows of `ids` (checked against the vocabulary).
+    pub(crate) fn embed(&self, b: &B, ids: &[u32]) -> Result<B::Buf<f32>> {
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
             return Err(RuntimeError::TokenId { id: bad as u64, vocab_size: self.cfg.vocab_size });
         }
-        let t = ids.len();
-        let sizes: Vec<(SeqId, usize)> = batch.iter().map(|(s, toks)| (*s, toks.len())).collect();
-        let decode = batch.iter().all(|(_, toks)| toks.len() == 1);
-        let plan = cache.plan(b, &sizes)?;
-        let rows = RowsShape { rows: t, cols: h };
-        let mut x = b.zeros::<f32>(t * h)?;
-        b.embedding(&self.embed, EmbedShape { vocab: self.cfg.vocab_size, dim: h }, &b.upload(&ids)?, &mut x)?;
-        // `residual` holds h; `x` holds the output of the last sub-layer, still to be added.
-        let mut residual = b.zeros::<f32>(t * h)?;
-        let mut normed = b.zeros::<f32>(t * h)?;
-        let mut attn_out = b.zeros::<f32>(t * h)?;
-        let eps = self.cfg.norm_eps();
-        for (l, layer) in self.layers.iter().enumerate() {
-            b.add_rms_norm(&x, &mut residual, &layer.input_norm, rows, eps, &mut normed)?;
-            let mut lc = cache.layer(&plan, l)?;
-            if decode {
-                layer.attn.decode(b, &self.ctx, &mut lc, &normed, &mut attn_out)?;
-            } else {
-                layer.attn.prefill(b, &self.ctx, &mut lc, &normed, &mut attn_out)?;
-            }
-            b.add_rms_norm(&attn_out, &mut residual, &layer.post_norm, rows, eps, &mut normed)?;
-            x = match &layer.ffn {
-                Ffn::Dense(mlp) => mlp.forward(b, &normed, t)?,
-                Ffn::Moe(moe) => moe.forward(b, &normed, t)?.y,
-            };
-        }
-        b.add_rms_norm(&x, &mut residual, &self.norm, rows, eps, &mut normed)?;
-        Ok(normed)
+        let h = self.cfg.hidden_size;
+        let mut x = b.zeros::<f32>(ids.len() * h)?;
+        b.embedding(&self.embed, EmbedShape { vocab: self.cfg.vocab_size, dim: h }, &b.upload(ids)?, &mut x)?;
+        Ok(x)
+    }
+
+    fn stack(&self) -> Stack<'_, B> {
+        Stack { ctx: &self.ctx, layers: &self.layers, final_norm: &self.norm, hidden: self.cfg.hidden_size, eps: self.cfg.norm_eps() }
     }
 
     /// `logits [rows, vocab] = hidden[rows] · lm_headᵀ` for the given rows of `hidden`.
     pub fn logits(&self, b: &B, hidden: &B::Buf<f32>, rows: &[usize]) -> Result<Vec<f32>> {
-        let h = self.cfg.hidden_size;
-        let all = b.download(hidden)?;
-        let mut picked = Vec::with_capacity(rows.len() * h);
-        for &r in rows {
-            let row = all.get(r * h..(r + 1) * h).ok_or_else(|| RuntimeError::Request(format!("no hidden row {r}")))?;
-            picked.extend_from_slice(row);
-        }
-        let mut out = b.zeros::<f32>(rows.len() * self.cfg.vocab_size)?;
-        let shape = GemmShape { m: rows.len(), n: self.cfg.vocab_size, k: h };
-        b.gemm_dense(&b.upload(&picked)?, &self.lm_head, shape, &mut out)?;
-        Ok(b.download(&out)?)
+        head_logits(b, &self.lm_head, hidden, self.cfg.hidden_size, self.cfg.vocab_size, rows)
+    }
+
+    pub fn mla_config(&self) -> &MlaConfig {
+        &self.mla
+    }
+    pub(crate) fn mla_context(&self) -> &MlaContext<B> {
+        &self.ctx
+    }
+    pub(crate) fn embed_table(&self) -> Arc<B::Buf<bf16>> {
+        self.embed.clone()
+    }
+    pub(crate) fn lm_head(&self) -> Arc<B::DenseWeight> {
+        self.lm_head.clone()
     }
 
     /// Bytes of weights one decode step reads (every dense tensor, plus `top_k` of the routed
@@ -233,6 +289,32 @@ impl<B: Backend> Model<B> {
         }
         bytes + 2 * h * c.vocab_size
     }
+}
+
+/// Rows `rows` of a `[_, width]` buffer, as a new buffer.
+pub fn select_rows<B: Backend>(b: &B, x: &B::Buf<f32>, width: usize, rows: &[usize]) -> Result<B::Buf<f32>> {
+    let all = b.download(x)?;
+    let mut picked = Vec::with_capacity(rows.len() * width);
+    for &r in rows {
+        let row = all.get(r * width..(r + 1) * width).ok_or_else(|| RuntimeError::Request(format!("no hidden row {r}")))?;
+        picked.extend_from_slice(row);
+    }
+    Ok(b.upload(&picked)?)
+}
+
+/// `logits [rows, vocab] = hidden[rows] · headᵀ`.
+pub(crate) fn head_logits<B: Backend>(
+    b: &B,
+    head: &B::DenseWeight,
+    hidden: &B::Buf<f32>,
+    width: usize,
+    vocab: usize,
+    rows: &[usize],
+) -> Result<Vec<f32>> {
+    let picked = select_rows(b, hidden, width, rows)?;
+    let mut out = b.zeros::<f32>(rows.len() * vocab)?;
+    b.gemm_dense(&picked, head, GemmShape { m: rows.len(), n: vocab, k: width }, &mut out)?;
+    Ok(b.download(&out)?)
 }
 
 fn load_moe(ck: &Checkpoint, p: &str, cfg: &ModelConfig, path: GemmPath) -> Result<MoeWeights> {

@@ -144,6 +144,18 @@ impl TensorFile {
     }
 }
 
+impl TensorFile {
+    /// Reads `out.len()` bytes of tensor `name` starting `at` bytes into its data.
+    pub fn read_range(&self, name: &str, at: usize, out: &mut [u8]) -> Result<()> {
+        let info = self.tensors.get(name).ok_or_else(|| tensor_err(&self.path, name, "not in this file"))?;
+        if at.checked_add(out.len()).is_none_or(|end| end > info.len) {
+            return Err(tensor_err(&self.path, name, format!("range {at}+{} is outside its {} bytes", out.len(), info.len)));
+        }
+        read_at(&self.file, &self.seek_lock, info.offset + at as u64, out)
+            .map_err(|e| tensor_err(&self.path, name, format!("reading {} bytes at {at} failed: {e}", out.len())))
+    }
+}
+
 /// Positioned read: on unix, concurrent readers of one file do not serialise.
 #[cfg(unix)]
 fn read_at(file: &File, _lock: &Mutex<()>, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
