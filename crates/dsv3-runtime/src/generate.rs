@@ -8,8 +8,10 @@
 //! tokenizer's size: the padding rows of the embedding) are never sampled.
 
 use crate::error::{Result, RuntimeError};
-use crate::model::Model;
+use crate::model::{AttnForm, Model, select_rows};
+use crate::mtp::Mtp;
 use dsv3_kernels::Backend;
+use dsv3_mla::{PagedLatentCache, SeqId};
 use std::time::{Duration, Instant};
 
 /// How the next token is chosen.
@@ -63,20 +65,21 @@ impl Sampler {
         (z >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    /// Picks a token from `logits[..allowed]`.
-    pub fn sample(&mut self, logits: &[f32], allowed: usize) -> Result<u32> {
+    /// The distribution a token is drawn from: `logits[..allowed]` after temperature, top-k
+    /// and top-p (module docs). Temperature 0 gives all mass to the argmax.
+    pub fn dist(&self, logits: &[f32], allowed: usize) -> Result<Dist> {
         let n = allowed.min(logits.len());
         let logits = &logits[..n];
         if let Some(i) = logits.iter().position(|v| v.is_nan()) {
             return Err(RuntimeError::Request(format!("the model produced a NaN logit (token {i})")));
         }
-        let argmax =
-            || logits.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0;
         if n == 0 {
             return Err(RuntimeError::Request("no token can be sampled (empty vocabulary)".into()));
         }
         if self.params.temperature == 0.0 {
-            return Ok(argmax() as u32);
+            let argmax =
+                logits.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0;
+            return Ok(Dist(vec![(argmax as u32, 1.0)]));
         }
         let t = self.params.temperature;
         let mut cand: Vec<(usize, f32)> = logits.iter().map(|&v| v / t).enumerate().collect();
@@ -95,20 +98,78 @@ impl Sampler {
                 acc += p;
                 acc >= self.params.top_p as f64
             });
-            let keep = keep.map_or(probs.len(), |i| i + 1);
-            probs.truncate(keep);
+            probs.truncate(keep.map_or(probs.len(), |i| i + 1));
             let total: f64 = probs.iter().sum();
             probs.iter_mut().for_each(|p| *p /= total);
         }
+        Ok(Dist(cand.iter().zip(probs).map(|(&(id, _), p)| (id as u32, p)).collect()))
+    }
+
+    /// Draws from `d` (one uniform when sampling; none when greedy).
+    pub fn draw(&mut self, d: &Dist) -> u32 {
+        if self.params.temperature == 0.0 {
+            return d.0[0].0;
+        }
         let mut u = self.uniform();
-        for (i, p) in probs.iter().enumerate() {
-            if u < *p {
-                return Ok(cand[i].0 as u32);
+        for &(id, p) in &d.0 {
+            if u < p {
+                return id;
             }
             u -= p;
         }
-        Ok(cand[probs.len() - 1].0 as u32)
+        d.0[d.0.len() - 1].0
     }
+
+    /// Picks a token from `logits[..allowed]`.
+    pub fn sample(&mut self, logits: &[f32], allowed: usize) -> Result<u32> {
+        let d = self.dist(logits, allowed)?;
+        Ok(self.draw(&d))
+    }
+
+    /// Speculative sampling (Leviathan et al. 2023, Chen et al. 2023): `draft` was drawn from
+    /// `q`, the target distribution is `p`. Accepts with probability `min(1, p(d) / q(d))`;
+    /// otherwise returns a replacement drawn from `max(0, p - q)` renormalised. The token that
+    /// results (draft or replacement) is distributed exactly as `p`. Greedy (temperature 0):
+    /// accepted iff the draft is the argmax of `p`, else the argmax replaces it.
+    pub fn verify(&mut self, p: &Dist, q: &Dist, draft: u32) -> Verdict {
+        if self.params.temperature == 0.0 {
+            return if p.0[0].0 == draft { Verdict::Accepted } else { Verdict::Rejected(p.0[0].0) };
+        }
+        let (pd, qd) = (p.prob(draft), q.prob(draft));
+        if qd > 0.0 && self.uniform() < pd / qd {
+            return Verdict::Accepted;
+        }
+        let residual: Vec<(u32, f64)> = p.0.iter().map(|&(id, pi)| (id, (pi - q.prob(id)).max(0.0))).filter(|x| x.1 > 0.0).collect();
+        let total: f64 = residual.iter().map(|x| x.1).sum();
+        if total <= 0.0 {
+            // p == q up to rounding: the rejection had probability ~0; draw from p.
+            return Verdict::Rejected(self.draw(p));
+        }
+        let r = Dist(residual.into_iter().map(|(id, x)| (id, x / total)).collect());
+        Verdict::Rejected(self.draw(&r))
+    }
+}
+
+/// A token distribution: `(id, probability)`, most likely first, probabilities summing to 1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dist(Vec<(u32, f64)>);
+
+impl Dist {
+    /// The probability of `id` (0 when outside the support).
+    pub fn prob(&self, id: u32) -> f64 {
+        self.0.iter().find(|x| x.0 == id).map_or(0.0, |x| x.1)
+    }
+    pub fn support(&self) -> &[(u32, f64)] {
+        &self.0
+    }
+}
+
+/// The outcome of [`Sampler::verify`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Accepted,
+    /// Rejected, with the token that replaces the draft.
+    Rejected(u32),
 }
 
 /// What one generation produced, with its timings.
@@ -121,6 +182,38 @@ pub struct Generation {
     pub decode_time: Duration,
     /// Whether generation ended at an EOS token.
     pub stopped_at_eos: bool,
+    /// Draft statistics when generated with MTP speculative decoding.
+    pub mtp: Option<MtpStats>,
+}
+
+/// How many MTP drafts were verified and accepted, per draft position (one position: one
+/// draft token per step).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MtpStats {
+    /// `(drafted, accepted)` for draft position 1, 2, ...
+    pub per_position: Vec<(u64, u64)>,
+    /// Forward steps of the main model after the prefill.
+    pub main_steps: u64,
+}
+
+impl MtpStats {
+    pub fn drafted(&self) -> u64 {
+        self.per_position.iter().map(|p| p.0).sum()
+    }
+    pub fn accepted(&self) -> u64 {
+        self.per_position.iter().map(|p| p.1).sum()
+    }
+    /// Accepted / drafted (0 when nothing was drafted).
+    pub fn acceptance(&self) -> f64 {
+        ratio(self.accepted(), self.drafted())
+    }
+    pub fn acceptance_per_position(&self) -> Vec<f64> {
+        self.per_position.iter().map(|&(d, a)| ratio(a, d)).collect()
+    }
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 { 0.0 } else { a as f64 / b as f64 }
 }
 
 impl Generation {
@@ -145,40 +238,123 @@ pub struct Request<'a> {
     pub allowed: usize,
 }
 
-/// Generates up to `req.max_tokens` after `req.prompt`; `on_token` sees each id as it is
-/// chosen.
-pub fn generate<B: Backend>(b: &B, model: &Model<B>, req: &Request<'_>, mut on_token: impl FnMut(u32) -> Result<()>) -> Result<Generation> {
-    let Request { prompt, max_tokens, sampling: params, eos, allowed } = *req;
-    if prompt.is_empty() {
+/// Collects the generated ids and decides when to stop.
+struct Emitter<'r, F> {
+    out: Generation,
+    req: &'r Request<'r>,
+    on_token: F,
+}
+
+impl<F: FnMut(u32) -> Result<()>> Emitter<'_, F> {
+    /// Emits `id`; returns whether generation is over (EOS or the token budget).
+    fn emit(&mut self, id: u32) -> Result<bool> {
+        self.out.ids.push(id);
+        (self.on_token)(id)?;
+        if self.req.eos.contains(&id) {
+            self.out.stopped_at_eos = true;
+            return Ok(true);
+        }
+        Ok(self.out.ids.len() >= self.req.max_tokens)
+    }
+}
+
+/// Checks the request and creates the main cache and sequence.
+fn start<B: Backend>(b: &B, model: &Model<B>, req: &Request<'_>) -> Result<(Sampler, PagedLatentCache<B>, SeqId)> {
+    if req.prompt.is_empty() {
         return Err(RuntimeError::Request("the prompt is empty".into()));
     }
-    let mut sampler = Sampler::new(params)?;
-    let mut cache = model.new_cache(b, prompt.len() + max_tokens + 1)?;
+    let sampler = Sampler::new(req.sampling)?;
+    // Room for the prompt, every generated token and one draft in flight.
+    let mut cache = model.new_cache(b, req.prompt.len() + req.max_tokens + 2)?;
     let seq = cache.add_sequence();
-    let mut out = Generation { prompt_tokens: prompt.len(), ..Default::default() };
-    if max_tokens == 0 {
-        return Ok(out);
+    Ok((sampler, cache, seq))
+}
+
+/// Generates up to `req.max_tokens` after `req.prompt`; `on_token` sees each id as it is
+/// chosen.
+pub fn generate<B: Backend>(b: &B, model: &Model<B>, req: &Request<'_>, on_token: impl FnMut(u32) -> Result<()>) -> Result<Generation> {
+    let (mut sampler, mut cache, seq) = start(b, model, req)?;
+    let mut em = Emitter { out: Generation { prompt_tokens: req.prompt.len(), ..Default::default() }, req, on_token };
+    if req.max_tokens == 0 {
+        return Ok(em.out);
     }
-    let start = Instant::now();
-    let hidden = model.forward_hidden(b, &mut cache, &[(seq, prompt)])?;
-    let logits = model.logits(b, &hidden, &[prompt.len() - 1])?;
-    let mut next = sampler.sample(&logits, allowed)?;
-    out.prefill_time = start.elapsed();
-    let start = Instant::now();
-    loop {
-        out.ids.push(next);
-        on_token(next)?;
-        if eos.contains(&next) {
-            out.stopped_at_eos = true;
-            break;
-        }
-        if out.ids.len() >= max_tokens {
-            break;
-        }
+    let t0 = Instant::now();
+    let hidden = model.forward_hidden(b, &mut cache, &[(seq, req.prompt)])?;
+    let mut next = sampler.sample(&model.logits(b, &hidden, &[req.prompt.len() - 1])?, req.allowed)?;
+    em.out.prefill_time = t0.elapsed();
+    let t0 = Instant::now();
+    while !em.emit(next)? {
         let hidden = model.forward_hidden(b, &mut cache, &[(seq, &[next][..])])?;
-        let logits = model.logits(b, &hidden, &[0])?;
-        next = sampler.sample(&logits, allowed)?;
+        next = sampler.sample(&model.logits(b, &hidden, &[0])?, req.allowed)?;
     }
-    out.decode_time = start.elapsed();
-    Ok(out)
+    em.out.decode_time = t0.elapsed();
+    Ok(em.out)
+}
+
+/// [`generate`] with MTP speculative decoding (model-spec §3.10): each step the MTP module
+/// drafts the token after next from the main model's last hidden state, and the main model
+/// runs `[next, draft]` in one absorbed step. The draft is accepted by [`Sampler::verify`];
+/// if it is rejected, the main cache drops the draft's position (the MTP cache only ever
+/// sees accepted tokens). Greedy output is identical, token for token, to [`generate`]
+/// (the two-token step is bit-identical to two one-token steps); sampled output has the
+/// same distribution.
+pub fn generate_mtp<B: Backend>(
+    b: &B,
+    model: &Model<B>,
+    mtp: &Mtp<B>,
+    req: &Request<'_>,
+    on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<Generation> {
+    let (mut sampler, mut cache, seq) = start(b, model, req)?;
+    let stats = MtpStats { per_position: vec![(0, 0)], main_steps: 0 };
+    let mut em = Emitter { out: Generation { prompt_tokens: req.prompt.len(), mtp: Some(stats), ..Default::default() }, req, on_token };
+    if req.max_tokens == 0 {
+        return Ok(em.out);
+    }
+    let (n, h, vocab) = (req.prompt.len(), model.config().hidden_size, model.config().vocab_size);
+    let mut mcache = mtp.new_cache(b, model, n + req.max_tokens + 2)?;
+    let mseq = mcache.add_sequence();
+    let t0 = Instant::now();
+    let hidden = model.forward_hidden(b, &mut cache, &[(seq, req.prompt)])?;
+    let mut next = sampler.sample(&model.logits(b, &hidden, &[n - 1])?, req.allowed)?;
+    // The MTP module sees every prompt position i with the token after it.
+    let shifted: Vec<u32> = req.prompt[1..].iter().copied().chain([next]).collect();
+    let states = mtp.forward(b, model, &mut mcache, mseq, &hidden, &shifted)?;
+    let mut q = sampler.dist(&mtp.logits(b, &states, &[n - 1])?, req.allowed)?;
+    let mut draft = sampler.draw(&q);
+    em.out.prefill_time = t0.elapsed();
+    let t0 = Instant::now();
+    while !em.emit(next)? {
+        let hidden = model.forward_hidden_with(b, &mut cache, &[(seq, &[next, draft][..])], AttnForm::Absorbed)?;
+        let logits = model.logits(b, &hidden, &[0, 1])?;
+        let p = sampler.dist(&logits[..vocab], req.allowed)?;
+        let verdict = sampler.verify(&p, &q, draft);
+        if let Some(s) = em.out.mtp.as_mut() {
+            s.main_steps += 1;
+            s.per_position[0].0 += 1;
+            s.per_position[0].1 += u64::from(verdict == Verdict::Accepted);
+        }
+        let states = match verdict {
+            Verdict::Accepted => {
+                if em.emit(draft)? {
+                    break;
+                }
+                let bonus = sampler.sample(&logits[vocab..], req.allowed)?;
+                let states = mtp.forward(b, model, &mut mcache, mseq, &hidden, &[draft, bonus])?;
+                next = bonus;
+                (states, 1)
+            }
+            Verdict::Rejected(token) => {
+                let len = cache.seq_len(seq)?;
+                cache.truncate(seq, len - 1)?;
+                let states = mtp.forward(b, model, &mut mcache, mseq, &select_rows(b, &hidden, h, &[0])?, &[token])?;
+                next = token;
+                (states, 0)
+            }
+        };
+        q = sampler.dist(&mtp.logits(b, &states.0, &[states.1])?, req.allowed)?;
+        draft = sampler.draw(&q);
+    }
+    em.out.decode_time = t0.elapsed();
+    Ok(em.out)
 }

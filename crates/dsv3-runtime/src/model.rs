@@ -95,7 +95,14 @@ pub(crate) struct Stack<'a, B: Backend> {
 }
 
 impl<B: Backend> Stack<'_, B> {
-    pub fn run(&self, b: &B, cache: &mut PagedLatentCache<B>, plan: &StepPlan<B>, mut x: B::Buf<f32>, absorbed: bool) -> Result<B::Buf<f32>> {
+    pub fn run(
+        &self,
+        b: &B,
+        cache: &mut PagedLatentCache<B>,
+        plan: &StepPlan<B>,
+        mut x: B::Buf<f32>,
+        absorbed: bool,
+    ) -> Result<B::Buf<f32>> {
         let t = plan.tokens();
         let rows = RowsShape { rows: t, cols: self.hidden };
         // `residual` holds h; `x` holds the output of the last sub-layer, still to be added.

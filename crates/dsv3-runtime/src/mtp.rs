@@ -76,13 +76,10 @@ impl<B: Backend> Mtp<B> {
         let name = |s: &str| format!("model.layers.{l}.{s}");
         let embed_name = name("embed_tokens.weight");
         let embed_shared = ck.same_data("model.embed_tokens.weight", &embed_name)?;
-        let embed = if embed_shared {
-            main.embed_table()
-        } else {
-            Arc::new(b.upload(ck.bf16_weight(&embed_name, v, h)?.view().data())?)
-        };
+        let embed = if embed_shared { main.embed_table() } else { Arc::new(b.upload(ck.bf16_weight(&embed_name, v, h)?.view().data())?) };
         let eh = ck.bf16_weight(&name("eh_proj.weight"), h, 2 * h)?;
-        let (eh_embed, eh_hidden) = (b.upload_dense_weight(columns(&eh, 0..h)?.view())?, b.upload_dense_weight(columns(&eh, h..2 * h)?.view())?);
+        let (eh_embed, eh_hidden) =
+            (b.upload_dense_weight(columns(&eh, 0..h)?.view())?, b.upload_dense_weight(columns(&eh, h..2 * h)?.view())?);
         drop(eh);
         let head_name = name("shared_head.head.weight");
         let head_shared = ck.same_data("lm_head.weight", &head_name)?;

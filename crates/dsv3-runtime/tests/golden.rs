@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::{argmax_rows, calc_diff, load_model, logits_in_chunks, rel_max_diff};
+use common::{argmax_rows, calc_diff, load_model, load_model_mtp, logits_in_chunks, rel_max_diff};
 use dsv3_kernels::Cpu;
 use dsv3_kernels::gemm::GemmPath;
 use dsv3_runtime::model::Model;
@@ -30,6 +30,11 @@ fn load(name: &str, path: GemmPath) -> Model<Cpu> {
 
 /// `(ids, logits [T * vocab])` as HF computed them.
 fn expected(name: &str, vocab: usize) -> (Vec<u32>, Vec<f32>) {
+    expected_tensor(name, "logits", vocab, 0)
+}
+
+/// `(ids, tensor [T - short, vocab])` from the expected file.
+fn expected_tensor(name: &str, tensor: &str, vocab: usize, short: usize) -> (Vec<u32>, Vec<f32>) {
     let bytes = std::fs::read(fixture(name).join("expected_logits.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let ids_t = st.tensor("ids").unwrap();
@@ -38,9 +43,9 @@ fn expected(name: &str, vocab: usize) -> (Vec<u32>, Vec<f32>) {
         safetensors::Dtype::I32 => ids_t.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as u32).collect(),
         d => panic!("ids: unexpected dtype {d:?}"),
     };
-    let l = st.tensor("logits").unwrap();
+    let l = st.tensor(tensor).unwrap();
     assert_eq!(l.dtype(), safetensors::Dtype::F32);
-    assert_eq!(l.shape(), &[ids.len(), vocab]);
+    assert_eq!(l.shape(), &[ids.len() - short, vocab]);
     let logits = l.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     (ids, logits)
 }
@@ -109,4 +114,44 @@ fn v3_tiny_fp8_path_tracks_hf() {
 #[test]
 fn v2lite_tiny_fp8_path_tracks_hf() {
     fp8_path_tracks_hf("hf-v2lite-tiny", 7.8e-3, 1.0, 7.8e-3);
+}
+
+/// The MTP module (model-spec §3.10) against the fixture generator's own implementation of
+/// it (HF has no MTP; the generator runs HF's decoder layer as the block): logits for positions
+/// 0..T-2, each fed the next prompt token. Reference path: 1e-3 x max |logit| with the same
+/// argmax, as the main model. fp8 path: calc_diff < 0.15, the main model's V3 bound (the MTP
+/// input is the fp8 main model's hidden state, so its errors come along).
+#[test]
+fn v3_tiny_mtp_logits_match_the_reference() {
+    use dsv3_kernels::Backend;
+    let name = "hf-v3-tiny";
+    for path in [GemmPath::Reference, GemmPath::Fp8] {
+        let (m, mtp) = load_model_mtp(&fixture(name), path);
+        assert_eq!(mtp.shares_main_tensors(), (true, false), "embed_tokens is a copy of the main one, shared_head.head is not");
+        let vocab = m.config().vocab_size;
+        let (ids, want) = expected_tensor(name, "mtp_logits", vocab, 1);
+        let n = ids.len() - 1;
+        let mut cache = m.new_cache(&Cpu, ids.len()).unwrap();
+        let seq = cache.add_sequence();
+        let hidden = m.forward_hidden(&Cpu, &mut cache, &[(seq, &ids[..])]).unwrap();
+        let rows = dsv3_runtime::model::select_rows(&Cpu, &hidden, m.config().hidden_size, &(0..n).collect::<Vec<_>>()).unwrap();
+        let mut mc = mtp.new_cache(&Cpu, &m, n).unwrap();
+        let ms = mc.add_sequence();
+        let states = mtp.forward(&Cpu, &m, &mut mc, ms, &rows, &ids[1..]).unwrap();
+        let got = mtp.logits(&Cpu, &states, &(0..n).collect::<Vec<_>>()).unwrap();
+        assert_eq!(Cpu.len(&states), n * m.config().hidden_size);
+        match path {
+            GemmPath::Reference => {
+                let d = rel_max_diff(&got, &want);
+                eprintln!("{name} MTP reference: max |diff| / max |logit| = {d:.3e}");
+                assert!(d <= 1e-3, "MTP logits: max |diff| / max |logit| = {d}");
+                assert_eq!(argmax_rows(&got, vocab), argmax_rows(&want, vocab), "MTP argmax per position");
+            }
+            GemmPath::Fp8 => {
+                let cd = calc_diff(&got, &want);
+                eprintln!("{name} MTP fp8: calc_diff = {cd:.3e}");
+                assert!(cd < 0.15, "MTP fp8 calc_diff {cd}");
+            }
+        }
+    }
 }

@@ -4,8 +4,9 @@ use clap::{Args, Parser, Subcommand};
 use dsv3_kernels::Cpu;
 use dsv3_kernels::gemm::GemmPath;
 use dsv3_runtime::chat::ChatMessage;
-use dsv3_runtime::generate::{Generation, Request, SamplingParams, generate};
-use dsv3_runtime::model::Model;
+use dsv3_runtime::generate::{Generation, Request, SamplingParams, generate, generate_mtp};
+use dsv3_runtime::model::{AttnForm, Model};
+use dsv3_runtime::mtp::Mtp;
 use dsv3_runtime::tensor_file::{Dtype, TensorSpec, write_file};
 use dsv3_runtime::{Checkpoint, InitOptions, ModelConfig, Preset, Progress, Result, RuntimeError, Tokenizer, init_random_preset};
 use std::collections::BTreeMap;
@@ -91,6 +92,10 @@ struct GenerateArgs {
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
+    /// Speculative decoding with the model's MTP module: one draft token per step, verified
+    /// by the main model (greedy output is unchanged; sampled output keeps its distribution).
+    #[arg(long)]
+    mtp: bool,
 }
 
 #[derive(Args)]
@@ -172,6 +177,8 @@ fn default_tokenizer_dir() -> Option<PathBuf> {
 /// holding a random preset (removed on drop).
 struct Loaded {
     model: Model<Cpu>,
+    /// The MTP module, when asked for.
+    mtp: Option<Mtp<Cpu>>,
     tokenizer: Option<Tokenizer>,
     _tmp: Option<TempDir>,
 }
@@ -183,7 +190,17 @@ impl Drop for TempDir {
     }
 }
 
-fn load(a: &ModelArgs) -> Result<Loaded> {
+/// Whether [`load`] also loads the MTP module.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WithMtp {
+    No,
+    /// Load it; error if the model has none.
+    Required,
+    /// Load it if the model has one.
+    IfPresent,
+}
+
+fn load(a: &ModelArgs, with_mtp: WithMtp) -> Result<Loaded> {
     let (dir, tmp) = match (&a.model, &a.preset) {
         (Some(d), _) => (d.clone(), None),
         (None, Some(p)) => {
@@ -199,8 +216,13 @@ fn load(a: &ModelArgs) -> Result<Loaded> {
     let ck = Checkpoint::open_with(&dir, Progress::Auto)?;
     ck.validate(&cfg)?;
     let model = Model::load(&Cpu, &ck, &cfg, a.gemm)?;
+    let mtp = match with_mtp {
+        WithMtp::Required => Some(Mtp::load(&Cpu, &ck, &cfg, &model)?),
+        WithMtp::IfPresent if cfg.num_nextn_predict_layers > 0 => Some(Mtp::load(&Cpu, &ck, &cfg, &model)?),
+        _ => None,
+    };
     let tokenizer = Tokenizer::from_dir(&dir)?.map(|t| t.with_model_config(&cfg));
-    Ok(Loaded { model, tokenizer, _tmp: tmp })
+    Ok(Loaded { model, mtp, tokenizer, _tmp: tmp })
 }
 
 fn eos_ids(l: &Loaded) -> Vec<u32> {
@@ -217,7 +239,7 @@ fn allowed(l: &Loaded) -> usize {
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    let l = load(&a.model)?;
+    let l = load(&a.model, if a.mtp { WithMtp::Required } else { WithMtp::No })?;
     let prompt = match (&a.prompt, &a.prompt_ids) {
         (Some(text), _) => {
             let tok = l
@@ -235,7 +257,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let stdout = std::io::stdout();
     let eos = eos_ids(&l);
     let req = Request { prompt: &prompt, max_tokens: a.max_tokens, sampling: params, eos: &eos, allowed: allowed(&l) };
-    let g = generate(&Cpu, &l.model, &req, |id| {
+    let on_token = |id| {
         if let Some(s) = stream.as_mut() {
             let piece = s.push(id)?;
             text.push_str(&piece);
@@ -244,7 +266,11 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             let _ = out.flush();
         }
         Ok(())
-    })?;
+    };
+    let g = match &l.mtp {
+        Some(mtp) => generate_mtp(&Cpu, &l.model, mtp, &req, on_token)?,
+        None => generate(&Cpu, &l.model, &req, on_token)?,
+    };
     if let Some(s) = stream.as_mut() {
         let rest = s.finish()?;
         text.push_str(&rest);
@@ -269,11 +295,23 @@ fn summary_json(g: &Generation, text: Option<&str>) -> serde_json::Value {
     if let (Some(t), Some(obj)) = (text, v.as_object_mut()) {
         obj.insert("text".into(), t.into());
     }
+    if let (Some(s), Some(obj)) = (&g.mtp, v.as_object_mut()) {
+        obj.insert(
+            "mtp_acceptance".into(),
+            serde_json::json!({
+                "overall": s.acceptance(),
+                "per_position": s.acceptance_per_position(),
+                "drafted": s.drafted(),
+                "accepted": s.accepted(),
+                "main_steps": s.main_steps,
+            }),
+        );
+    }
     v
 }
 
 fn cmd_chat(a: ChatArgs) -> Result<()> {
-    let l = load(&a.model)?;
+    let l = load(&a.model, WithMtp::No)?;
     let tok = l.tokenizer.as_ref().ok_or_else(|| RuntimeError::Request("chat needs a tokenizer in the model directory".into()))?;
     let mut messages: Vec<ChatMessage> = Vec::new();
     let stdin = std::io::stdin();
@@ -316,7 +354,7 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
     if a.out.exists() {
         return Err(RuntimeError::Output { path: a.out.clone(), detail: "already exists; logits are only written to a new file".into() });
     }
-    let l = load(&a.model)?;
+    let l = load(&a.model, WithMtp::No)?;
     if a.ids.is_empty() {
         return Err(RuntimeError::Request("--ids is empty".into()));
     }
@@ -364,7 +402,7 @@ fn cmd_init(a: InitArgs) -> Result<()> {
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {
-    let l = load(&a.model)?;
+    let l = load(&a.model, WithMtp::IfPresent)?;
     let cfg = l.model.config();
     eprintln!("measuring this machine's memory bandwidth ...");
     let limits = dsv3_kernels::machine::Limits::measure();
@@ -380,26 +418,77 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     let bytes = l.model.decode_weight_bytes() as f64;
     let decode = g.decode_tokens_per_s();
     let gbs = bytes * decode / 1e9;
-    println!(
-        "{}",
-        serde_json::json!({
-            "prompt_tokens": g.prompt_tokens,
-            "prefill_tokens_per_s": g.prefill_tokens_per_s(),
-            "decode_tokens": g.ids.len().saturating_sub(1),
-            "decode_tokens_per_s": decode,
-            "decode_weight_bytes_per_token": bytes,
-            "decode_gb_per_s": gbs,
-            "decode_ratio_to_read_bandwidth": gbs * 1e9 / limits.read_bytes_per_s,
-            "gemm": format!("{:?}", l.model.gemm_path()).to_lowercase(),
-            "wall_s": t.elapsed().as_secs_f64(),
-        })
-    );
+    let mut report = serde_json::json!({
+        "prompt_tokens": g.prompt_tokens,
+        "prefill_tokens_per_s": g.prefill_tokens_per_s(),
+        "decode_tokens": g.ids.len().saturating_sub(1),
+        "decode_tokens_per_s": decode,
+        "decode_weight_bytes_per_token": bytes,
+        "decode_gb_per_s": gbs,
+        "decode_ratio_to_read_bandwidth": gbs * 1e9 / limits.read_bytes_per_s,
+        "gemm": format!("{:?}", l.model.gemm_path()).to_lowercase(),
+    });
+    let (one, two) = step_times(&l.model, &prompt, a.decode_tokens.clamp(3, 9))?;
+    if let Some(obj) = report.as_object_mut() {
+        obj.insert(
+            "verify_step".into(),
+            serde_json::json!({
+                "one_token_step_s": one,
+                "two_token_step_s": two,
+                "cost_ratio": two / one,
+                "mtp_speedup_bound_at_85pct_acceptance": 1.85 / (two / one),
+                "note": "a speculative step verifies [next, draft] in one absorbed two-token step; with acceptance a it yields 1 + a tokens for cost_ratio one-token steps (plus the MTP block, about 1/num_hidden_layers of a step for V3)",
+            }),
+        );
+    }
+    if let (Some(mtp), Some(obj)) = (&l.mtp, report.as_object_mut()) {
+        let s = generate_mtp(&Cpu, &l.model, mtp, &req, |_| Ok(()))?;
+        let stats = s.mtp.clone().unwrap_or_default();
+        obj.insert(
+            "mtp".into(),
+            serde_json::json!({
+                "decode_tokens_per_s": s.decode_tokens_per_s(),
+                "speedup": s.decode_tokens_per_s() / decode,
+                "acceptance": stats.acceptance(),
+                "same_tokens_as_without": s.ids == g.ids,
+                "note": "random weights: the MTP module was not trained to agree with the main model, so acceptance (and speedup) are far below a real checkpoint's",
+            }),
+        );
+    }
+    if let Some(obj) = report.as_object_mut() {
+        obj.insert("wall_s".into(), t.elapsed().as_secs_f64().into());
+    }
+    println!("{report}");
     Ok(())
+}
+
+/// Median seconds of a one-token and of a two-token absorbed decode step after `prompt`, each
+/// rolled back after timing so every sample runs at the same position.
+fn step_times(m: &Model<Cpu>, prompt: &[u32], samples: usize) -> Result<(f64, f64)> {
+    let mut cache = m.new_cache(&Cpu, prompt.len() + 4)?;
+    let seq = cache.add_sequence();
+    m.forward_hidden(&Cpu, &mut cache, &[(seq, prompt)])?;
+    let n = prompt.len();
+    let (mut one, mut two) = (Vec::new(), Vec::new());
+    for i in 0..samples {
+        let a = (i * 131 + 17) as u32 % m.config().vocab_size as u32;
+        for (times, toks) in [(&mut one, &[a][..]), (&mut two, &[a, a ^ 1][..])] {
+            let t = Instant::now();
+            m.forward_hidden_with(&Cpu, &mut cache, &[(seq, toks)], AttnForm::Absorbed)?;
+            times.push(t.elapsed().as_secs_f64());
+            cache.truncate(seq, n)?;
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok((median(&mut one), median(&mut two)))
 }
 
 fn cmd_eval(a: EvalArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.text).map_err(|e| RuntimeError::Io { path: a.text.clone(), op: "read the text", source: e })?;
-    let l = load(&a.model)?;
+    let l = load(&a.model, WithMtp::No)?;
     let tok = l.tokenizer.as_ref().ok_or_else(|| RuntimeError::Request("eval needs a tokenizer in the model directory".into()))?;
     let mut ids = tok.encode(&text, true)?;
     if a.max_tokens > 0 {

@@ -84,6 +84,16 @@ pub fn load_model(dir: &Path, path: GemmPath) -> Model<Cpu> {
     Model::load(&Cpu, &ck, &cfg, path).unwrap()
 }
 
+/// Loads `dir` with its MTP module.
+pub fn load_model_mtp(dir: &Path, path: GemmPath) -> (Model<Cpu>, dsv3_runtime::mtp::Mtp<Cpu>) {
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let ck = Checkpoint::open(dir).unwrap();
+    ck.validate(&cfg).unwrap();
+    let m = Model::load(&Cpu, &ck, &cfg, path).unwrap();
+    let mtp = dsv3_runtime::mtp::Mtp::load(&Cpu, &ck, &cfg, &m).unwrap();
+    (m, mtp)
+}
+
 /// Logits of every position of `ids`, fed as the given chunks (one sequence).
 pub fn logits_in_chunks(m: &Model<Cpu>, ids: &[u32], chunks: &[usize]) -> Vec<f32> {
     let mut cache = m.new_cache(&Cpu, ids.len()).unwrap();
