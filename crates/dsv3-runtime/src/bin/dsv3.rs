@@ -108,6 +108,9 @@ struct ChatArgs {
     temperature: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Speculative decoding with the model's MTP module (as `generate --mtp`).
+    #[arg(long)]
+    mtp: bool,
 }
 
 #[derive(Args)]
@@ -311,7 +314,7 @@ fn summary_json(g: &Generation, text: Option<&str>) -> serde_json::Value {
 }
 
 fn cmd_chat(a: ChatArgs) -> Result<()> {
-    let l = load(&a.model, WithMtp::No)?;
+    let l = load(&a.model, if a.mtp { WithMtp::Required } else { WithMtp::No })?;
     let tok = l.tokenizer.as_ref().ok_or_else(|| RuntimeError::Request("chat needs a tokenizer in the model directory".into()))?;
     let mut messages: Vec<ChatMessage> = Vec::new();
     let stdin = std::io::stdin();
@@ -334,7 +337,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         let mut reply = String::new();
         let eos = eos_ids(&l);
         let req = Request { prompt: &prompt, max_tokens: a.max_tokens, sampling: params, eos: &eos, allowed: allowed(&l) };
-        generate(&Cpu, &l.model, &req, |id| {
+        let on_token = |id| {
             if !eos.contains(&id) {
                 let piece = stream.push(id)?;
                 print!("{piece}");
@@ -342,7 +345,11 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
                 reply.push_str(&piece);
             }
             Ok(())
-        })?;
+        };
+        match &l.mtp {
+            Some(mtp) => generate_mtp(&Cpu, &l.model, mtp, &req, on_token)?,
+            None => generate(&Cpu, &l.model, &req, on_token)?,
+        };
         reply.push_str(&stream.finish()?);
         println!();
         messages.push(ChatMessage { role: "assistant".into(), content: reply });
