@@ -5,11 +5,7 @@
 # With --preset, the random preset is written to a temporary directory first.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-VENV=.venv-fixtures
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
-fi
-"$VENV/bin/pip" install --quiet -r scripts/fixtures/requirements.txt
+PY=$(scripts/fixtures/venv.sh)
 cargo build --quiet --release -p dsv3-runtime --bin dsv3
 if [ "${1:-}" = "--preset" ]; then
   tmp=$(mktemp -d)
@@ -21,4 +17,4 @@ else
   dir=$1
   shift
 fi
-"$VENV/bin/python" scripts/bench-hf/compare.py "$dir" ./target/release/dsv3 "$@"
+"$PY" scripts/bench-hf/compare.py "$dir" ./target/release/dsv3 "$@"
