@@ -5,6 +5,7 @@
 //! | `tiny` | V3 layout in miniature: FP8, q LoRA, sigmoid/noaux_tc with 4 groups, YaRN, 1 MTP layer; every Linear input a multiple of 128 so the fp8 GEMM path runs; partial 128-blocks in q_b, kv_a and kv_b | 10 MB, 501 tensors (vocab 1024) |
 //! | `tiny-v2lite` | V2-Lite layout: BF16, no q LoRA, softmax greedy, no bias, not renormalised, YaRN mscale 0.707, no MTP | 13 MB, 190 tensors |
 //! | `tiny-moonlight` | Moonlight layout: BF16, no q LoRA, sigmoid + bias with one group, plain RoPE θ = 50000, eps 1e-5, no MTP | 13 MB, 193 tensors |
+//! | `small` | the design's CPU decode anchor: a V3-architecture model of ~0.67B parameters (hidden 1024, 6 layers: 1 dense + 5 MoE of 64 experts of width 384 in 8 groups keeping 4, top-8, 1 shared; 16 heads, q LoRA 384, kv LoRA 256, vocab 129280), FP8; no MTP | 0.86 GB, 2143 tensors; embed + lm_head are 0.53 GB of it |
 //! | `bench` | true V3 widths (hidden 7168, 128 heads, q LoRA 1536, kv LoRA 512, dense 18432, experts 2048, vocab 129280) with 4 layers (1 dense + 3 MoE), 16 experts in 4 groups keeping 3, top-8, 1 shared; no MTP | 7.1 GB in 2 shards, 377 tensors; embed + lm_head alone are 3.7 GB. Written in ~42 s on 2 cores (disk-bound at ~200 MB/s) |
 
 use crate::config::{ModelConfig, ModelType, QuantConfig, ScoringFunc, TopkMethod};
@@ -18,17 +19,19 @@ pub enum Preset {
     Tiny,
     TinyV2Lite,
     TinyMoonlight,
+    Small,
     Bench,
 }
 
 impl Preset {
-    pub const ALL: [Preset; 4] = [Preset::Tiny, Preset::TinyV2Lite, Preset::TinyMoonlight, Preset::Bench];
+    pub const ALL: [Preset; 5] = [Preset::Tiny, Preset::TinyV2Lite, Preset::TinyMoonlight, Preset::Small, Preset::Bench];
 
     pub fn name(self) -> &'static str {
         match self {
             Preset::Tiny => "tiny",
             Preset::TinyV2Lite => "tiny-v2lite",
             Preset::TinyMoonlight => "tiny-moonlight",
+            Preset::Small => "small",
             Preset::Bench => "bench",
         }
     }
@@ -48,7 +51,7 @@ impl Preset {
     /// Whether a tokenizer given at init sets the vocabulary (tiny presets) or must fit the
     /// preset's real one (bench).
     pub fn vocab_from_tokenizer(self) -> bool {
-        self != Preset::Bench
+        !matches!(self, Preset::Small | Preset::Bench)
     }
 
     /// The config (vocab 1024 for the tiny presets; a tokenizer may replace it).
@@ -123,6 +126,27 @@ impl Preset {
                 rope_scaling: None,
                 num_nextn_predict_layers: 0,
                 quantization: None,
+                ..tiny
+            },
+            Preset::Small => ModelConfig {
+                vocab_size: 129_280,
+                hidden_size: 1024,
+                intermediate_size: 2816,
+                moe_intermediate_size: 384,
+                num_hidden_layers: 6,
+                first_k_dense_replace: 1,
+                num_attention_heads: 16,
+                q_lora_rank: Some(384),
+                kv_lora_rank: 256,
+                qk_nope_head_dim: 64,
+                qk_rope_head_dim: 32,
+                v_head_dim: 64,
+                n_routed_experts: 64,
+                n_shared_experts: 1,
+                num_experts_per_tok: 8,
+                n_group: 8,
+                topk_group: 4,
+                num_nextn_predict_layers: 0,
                 ..tiny
             },
             Preset::Bench => ModelConfig {

@@ -59,7 +59,7 @@ struct ModelArgs {
     /// A model directory (config.json, *.safetensors, optionally tokenizer.json).
     #[arg(long, conflicts_with = "preset")]
     model: Option<PathBuf>,
-    /// A built-in random preset (tiny, tiny-v2lite, tiny-moonlight, bench), written to a
+    /// A built-in random preset (tiny, tiny-v2lite, tiny-moonlight, small, bench), written to a
     /// temporary directory first: no download needed.
     #[arg(long)]
     preset: Option<String>,
