@@ -49,10 +49,23 @@ pub trait Backend: Send + Sync + Debug {
     fn upload<T: Elem>(&self, host: &[T]) -> Result<Self::Buf<T>>;
     fn download<T: Elem>(&self, buf: &Self::Buf<T>) -> Result<Vec<T>>;
     fn len<T: Elem>(&self, buf: &Self::Buf<T>) -> usize;
+    /// Makes a weight resident. A host backend may share the storage of the view's
+    /// [`Fp8WeightRef::source`] instead of copying (the CPU backend does, so a weight read in
+    /// place from a memory-mapped checkpoint stays in the map).
     fn upload_weight(&self, w: Fp8WeightRef<'_>) -> Result<Self::Weight>;
+    /// Makes an owned weight (a `Vec`, or a range of a memory map) resident, consuming it.
+    /// The default uploads its view; the CPU backend keeps the weight itself, without a copy.
+    fn upload_weight_owned(&self, w: Fp8Weight) -> Result<Self::Weight> {
+        self.upload_weight(w.view())
+    }
     /// `(rows, cols)` of a weight.
     fn weight_shape(&self, w: &Self::Weight) -> (usize, usize);
+    /// As [`Backend::upload_weight`], for a bf16 weight.
     fn upload_dense_weight(&self, w: Bf16WeightRef<'_>) -> Result<Self::DenseWeight>;
+    /// As [`Backend::upload_weight_owned`], for a bf16 weight.
+    fn upload_dense_weight_owned(&self, w: Bf16Weight) -> Result<Self::DenseWeight> {
+        self.upload_dense_weight(w.view())
+    }
     fn rope_table(&self, cfg: &RopeCfg, max_pos: usize) -> Result<Self::Rope>;
 
     // --- small ops ----------------------------------------------------------------------
@@ -217,14 +230,28 @@ impl Backend for Cpu {
     fn len<T: Elem>(&self, buf: &Vec<T>) -> usize {
         buf.len()
     }
+    /// Host memory is this backend's memory: a view of an owned weight is cloned (which shares
+    /// a mapped weight's map and copies an owned one's `Vec`); a bare view is copied.
     fn upload_weight(&self, w: Fp8WeightRef<'_>) -> Result<Fp8Weight> {
-        Fp8Weight::new(w.rows(), w.cols(), w.data().to_vec(), w.scale_inv().to_vec())
+        match w.source() {
+            Some(src) => Ok(src.clone()),
+            None => Fp8Weight::new(w.rows(), w.cols(), w.data().to_vec(), w.scale_inv().to_vec()),
+        }
+    }
+    fn upload_weight_owned(&self, w: Fp8Weight) -> Result<Fp8Weight> {
+        Ok(w)
     }
     fn weight_shape(&self, w: &Fp8Weight) -> (usize, usize) {
         (w.rows(), w.cols())
     }
     fn upload_dense_weight(&self, w: Bf16WeightRef<'_>) -> Result<Bf16Weight> {
-        Bf16Weight::new(w.rows(), w.cols(), w.data().to_vec())
+        match w.source() {
+            Some(src) => Ok(src.clone()),
+            None => Bf16Weight::new(w.rows(), w.cols(), w.data().to_vec()),
+        }
+    }
+    fn upload_dense_weight_owned(&self, w: Bf16Weight) -> Result<Bf16Weight> {
+        Ok(w)
     }
     fn rope_table(&self, cfg: &RopeCfg, max_pos: usize) -> Result<RopeTable> {
         RopeTable::new(cfg, max_pos)

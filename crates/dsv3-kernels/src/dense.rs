@@ -8,6 +8,7 @@
 use crate::cpu::dispatch;
 use crate::error::{Result, check_len, checked_mul, shape_err};
 use crate::gemm::GemmShape;
+use crate::mmap::Storage;
 use half::bf16;
 use rayon::prelude::*;
 
@@ -17,6 +18,8 @@ pub struct Bf16WeightRef<'a> {
     rows: usize,
     cols: usize,
     data: &'a [bf16],
+    /// The owned weight this is the view of ([`Bf16Weight::view`]), if any.
+    source: Option<&'a Bf16Weight>,
 }
 
 impl<'a> Bf16WeightRef<'a> {
@@ -26,7 +29,12 @@ impl<'a> Bf16WeightRef<'a> {
             return Err(shape_err(OP, format!("empty weight [{rows}, {cols}]")));
         }
         check_len(OP, "data", data.len(), checked_mul(OP, "data", rows, cols)?)?;
-        Ok(Bf16WeightRef { rows, cols, data })
+        Ok(Bf16WeightRef { rows, cols, data, source: None })
+    }
+    /// The owned weight this view shows in full, when it was made by [`Bf16Weight::view`]
+    /// (see [`crate::fp8::Fp8WeightRef::source`]).
+    pub fn source(&self) -> Option<&'a Bf16Weight> {
+        self.source
     }
     pub fn rows(&self) -> usize {
         self.rows
@@ -39,16 +47,21 @@ impl<'a> Bf16WeightRef<'a> {
     }
 }
 
-/// An owned bf16 weight.
+/// An owned bf16 weight: its values are a [`Storage`], an owned `Vec` or a range of a
+/// memory-mapped checkpoint read in place (cloning a mapped weight shares the map).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Bf16Weight {
     rows: usize,
     cols: usize,
-    data: Vec<bf16>,
+    data: Storage<bf16>,
 }
 
 impl Bf16Weight {
     pub fn new(rows: usize, cols: usize, data: Vec<bf16>) -> Result<Self> {
+        Self::from_storage(rows, cols, Storage::from(data))
+    }
+    /// Checks the shape and takes ownership of values that may live in a map.
+    pub fn from_storage(rows: usize, cols: usize, data: Storage<bf16>) -> Result<Self> {
         Bf16WeightRef::new(rows, cols, &data)?;
         Ok(Bf16Weight { rows, cols, data })
     }
@@ -57,13 +70,21 @@ impl Bf16Weight {
         Bf16Weight::new(rows, cols, w.iter().map(|&v| bf16::from_f32(v)).collect())
     }
     pub fn view(&self) -> Bf16WeightRef<'_> {
-        Bf16WeightRef { rows: self.rows, cols: self.cols, data: &self.data }
+        Bf16WeightRef { rows: self.rows, cols: self.cols, data: &self.data, source: Some(self) }
     }
     pub fn rows(&self) -> usize {
         self.rows
     }
     pub fn cols(&self) -> usize {
         self.cols
+    }
+    /// The values: owned, or read in place from a map.
+    pub fn storage(&self) -> &Storage<bf16> {
+        &self.data
+    }
+    /// Whether the values are read in place from a memory map.
+    pub fn is_mapped(&self) -> bool {
+        self.data.is_mapped()
     }
 }
 

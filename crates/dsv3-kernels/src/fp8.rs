@@ -13,6 +13,7 @@
 
 use crate::cpu::dispatch;
 use crate::error::{Result, check_len, checked_mul, invalid, shape_err};
+use crate::mmap::Storage;
 use rayon::prelude::*;
 
 /// Largest finite E4M3 magnitude.
@@ -140,6 +141,8 @@ pub struct Fp8WeightRef<'a> {
     cols: usize,
     data: &'a [u8],
     scale_inv: &'a [f32],
+    /// The owned weight this is the view of ([`Fp8Weight::view`]), if any.
+    source: Option<&'a Fp8Weight>,
 }
 
 impl<'a> Fp8WeightRef<'a> {
@@ -160,7 +163,13 @@ impl<'a> Fp8WeightRef<'a> {
             let off = i * (1 << 16) + data[i * (1 << 16)..].iter().position(|&b| is_nan_code(b)).unwrap_or(0);
             return Err(invalid(OP, "data", format!("NaN code at [{}, {}]", off / cols, off % cols)));
         }
-        Ok(Fp8WeightRef { rows, cols, data, scale_inv })
+        Ok(Fp8WeightRef { rows, cols, data, scale_inv, source: None })
+    }
+    /// The owned weight this view shows in full, when it was made by [`Fp8Weight::view`]:
+    /// a backend that keeps weights in host memory can clone it instead of copying the
+    /// slices, which for a memory-mapped weight shares the map ([`crate::Cpu`] does).
+    pub fn source(&self) -> Option<&'a Fp8Weight> {
+        self.source
     }
     pub fn rows(&self) -> usize {
         self.rows
@@ -192,19 +201,29 @@ impl<'a> Fp8WeightRef<'a> {
     }
 }
 
-/// An owned block-scaled FP8 weight. Build it from codes + scales ([`Fp8Weight::new`]) or by
+/// An owned block-scaled FP8 weight. Build it from codes + scales ([`Fp8Weight::new`]), from
+/// codes read in place from a memory-mapped checkpoint ([`Fp8Weight::from_storage`]), or by
 /// quantising an f32 matrix ([`Fp8Weight::quantize`], for random models and tests).
+///
+/// The codes are a [`Storage`]: an owned `Vec` or a range of a map, so cloning a mapped
+/// weight shares the map; the scales (a few KiB) are always owned.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Fp8Weight {
     rows: usize,
     cols: usize,
-    data: Vec<u8>,
+    data: Storage<u8>,
     scale_inv: Vec<f32>,
 }
 
 impl Fp8Weight {
     /// Validates as [`Fp8WeightRef::new`] does and takes ownership.
     pub fn new(rows: usize, cols: usize, data: Vec<u8>, scale_inv: Vec<f32>) -> Result<Self> {
+        Self::from_storage(rows, cols, Storage::from(data), scale_inv)
+    }
+
+    /// Validates as [`Fp8WeightRef::new`] does (every code is read, so a mapped weight's pages
+    /// are faulted in here) and takes ownership of codes that may live in a map.
+    pub fn from_storage(rows: usize, cols: usize, data: Storage<u8>, scale_inv: Vec<f32>) -> Result<Self> {
         Fp8WeightRef::new(rows, cols, &data, &scale_inv)?;
         Ok(Fp8Weight { rows, cols, data, scale_inv })
     }
@@ -235,13 +254,21 @@ impl Fp8Weight {
 
     /// The borrowed view the kernels take.
     pub fn view(&self) -> Fp8WeightRef<'_> {
-        Fp8WeightRef { rows: self.rows, cols: self.cols, data: &self.data, scale_inv: &self.scale_inv }
+        Fp8WeightRef { rows: self.rows, cols: self.cols, data: &self.data, scale_inv: &self.scale_inv, source: Some(self) }
     }
     pub fn rows(&self) -> usize {
         self.rows
     }
     pub fn cols(&self) -> usize {
         self.cols
+    }
+    /// The codes: owned, or read in place from a map.
+    pub fn storage(&self) -> &Storage<u8> {
+        &self.data
+    }
+    /// Whether the codes are read in place from a memory map.
+    pub fn is_mapped(&self) -> bool {
+        self.data.is_mapped()
     }
 }
 

@@ -23,6 +23,7 @@
 pub mod cpu;
 pub mod error;
 pub mod machine;
+pub mod mmap;
 
 pub mod dense;
 pub mod fp8;
