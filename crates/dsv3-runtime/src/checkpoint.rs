@@ -4,9 +4,19 @@
 //! [`Checkpoint::open`] validates every shard header ([`crate::tensor_file`]), refuses shard
 //! names that escape the model directory (absolute paths, `..`, symlinks resolving outside),
 //! and checks that the index and the shards agree. The typed accessors read one tensor each,
-//! check its dtype and shape, and the values that must be sane (FP8 scales finite and > 0),
-//! with errors naming the file and the tensor. [`Checkpoint::validate`] (in [`crate::plan`])
-//! checks the whole name/shape set against a config.
+//! check its dtype and shape, and the values that must be sane (FP8 scales finite and > 0,
+//! no NaN code, BF16 matrices and norms finite), with errors naming the file and the tensor.
+//! [`Checkpoint::validate`] (in [`crate::plan`]) checks the whole name/shape set against a
+//! config.
+//!
+//! **Zero-copy**: every shard is memory-mapped, and the large tensors — FP8 codes
+//! ([`Checkpoint::fp8_weight`], [`Checkpoint::linear_weight`]) and BF16 matrices
+//! ([`Checkpoint::bf16_weight`]) — come back as weights whose data is their range of the map
+//! (see [`TensorFile::storage`] for when a copy is made instead: misaligned BF16, big-endian
+//! hosts). The CPU backend keeps such a weight as it is when it is uploaded, so the loaded model
+//! reads its weights straight from the file's page cache, and the map lives as long as any
+//! weight of it does (the `Checkpoint` itself may be dropped). Scales, norms and biases (a few
+//! KiB each) are copied.
 //!
 //! **Projection weights of BF16 checkpoints** (V2-Lite, Moonlight have no FP8): the model
 //! layers (`dsv3-mla`, `dsv3-moe`) take [`Fp8Weight`]s, so [`Checkpoint::fp8_weight`] accepts a
@@ -19,6 +29,7 @@ use crate::json::{Obj, read_json_file};
 use crate::tensor_file::{Dtype, TensorFile, TensorInfo};
 use dsv3_kernels::dense::Bf16Weight;
 use dsv3_kernels::fp8::{Fp8Weight, blocks};
+use dsv3_kernels::mmap::{LeElem, Storage};
 use half::bf16;
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
@@ -143,6 +154,13 @@ impl Checkpoint {
         Ok(v)
     }
 
+    /// Tensor `name` in place in its shard's map where possible (see [`TensorFile::storage`]).
+    fn storage<T: LeElem>(&self, name: &str) -> Result<Storage<T>> {
+        let data = self.files[self.where_[name]].storage::<T>(name)?;
+        self.bar.inc(std::mem::size_of_val(data.as_slice()) as u64);
+        Ok(data)
+    }
+
     /// BF16 values of `name` (checked shape), little-endian on any host.
     fn read_bf16(&self, name: &str, shape: &[usize]) -> Result<(&Path, Vec<bf16>)> {
         let (path, _) = self.check(name, &[Dtype::Bf16], shape)?;
@@ -179,7 +197,7 @@ impl Checkpoint {
         if dtype == Dtype::Bf16 {
             return Ok(LinearWeight::Bf16(self.bf16_weight(name, rows, cols)?));
         }
-        let bytes = self.read_typed::<u8>(name, self.info(name)?.1.len)?;
+        let bytes = self.storage::<u8>(name)?;
         let scale_name = format!("{name}_scale_inv");
         if !self.contains(&scale_name) {
             return Err(tensor_err(path, &scale_name, format!("missing: the F8_E4M3 weight `{name}` needs its F32 scale tensor")));
@@ -190,17 +208,18 @@ impl Checkpoint {
         if let Some(i) = scale.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
             return Err(tensor_err(spath, &scale_name, format!("block [{}, {}] is {}, expected finite and > 0", i / bc, i % bc, scale[i])));
         }
-        let w = Fp8Weight::new(rows, cols, bytes, scale).map_err(|e| tensor_err(path, name, e.to_string()))?;
+        let w = Fp8Weight::from_storage(rows, cols, bytes, scale).map_err(|e| tensor_err(path, name, e.to_string()))?;
         Ok(LinearWeight::Fp8(w))
     }
 
     /// A BF16 matrix `[rows, cols]` (embeddings, lm_head, router, eh_proj).
     pub fn bf16_weight(&self, name: &str, rows: usize, cols: usize) -> Result<Bf16Weight> {
-        let (path, data) = self.read_bf16(name, &[rows, cols])?;
+        let (path, _) = self.check(name, &[Dtype::Bf16], &[rows, cols])?;
+        let data = self.storage::<bf16>(name)?;
         if let Some(i) = first_non_finite_bf16(&data) {
             return Err(tensor_err(path, name, format!("non-finite value {} at [{}, {}]", data[i], i / cols, i % cols)));
         }
-        Bf16Weight::new(rows, cols, data).map_err(|e| tensor_err(path, name, e.to_string()))
+        Bf16Weight::from_storage(rows, cols, data).map_err(|e| tensor_err(path, name, e.to_string()))
     }
 
     /// An RMSNorm weight of `len` values, BF16 (V3) or F32 (V3.2), upcast to f32; finite.

@@ -12,11 +12,20 @@
 //! arithmetic); and, as the reference `safetensors` library requires, the tensors tile the data
 //! section exactly: no overlap, no gap, no trailing bytes.
 //!
-//! Reads go through [`TensorFile::read`], positioned reads with `std::fs` for now. **This is
-//! where memory mapping plugs in**: once `dsv3_kernels` exposes a safe `mmap` wrapper (this
-//! crate forbids `unsafe`), `read` can return a borrowed slice of the map instead of a copy.
+//! The file is memory-mapped read-only once its header is valid
+//! ([`dsv3_kernels::mmap::MappedFile`], the safe wrapper: this crate forbids `unsafe`).
+//! [`TensorFile::storage`] hands a tensor out **in place**, as a range of the map, when the
+//! host is little-endian and the data is aligned for its element type (always for FP8 bytes;
+//! BF16 needs an even offset), and as a converted copy otherwise. Before each tensor is handed
+//! out the file is checked to be as long as when it was mapped, so a file truncated since
+//! `open` is a typed error rather than a `SIGBUS`; the hazard that remains (a file truncated or
+//! rewritten by another process *while* its pages are in use) is the one every mmap loader
+//! has, documented on [`MappedFile`]. [`TensorFile::read`], [`TensorFile::read_into`] and
+//! [`TensorFile::read_range`] still copy with positioned reads, which leave the map (and this
+//! process's resident set) untouched: small tensors and whole-tensor comparisons use them.
 
-use crate::error::{Result, format_err, io_err, tensor_err};
+use crate::error::{Result, RuntimeError, format_err, io_err, tensor_err};
+use dsv3_kernels::mmap::{LeElem, MapError, MappedFile, Storage};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -24,7 +33,7 @@ use std::io::{Read, Write};
 #[cfg(not(unix))]
 use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Largest header accepted, as in the reference library (100 MB).
 pub const MAX_HEADER_BYTES: u64 = 100_000_000;
@@ -85,11 +94,12 @@ impl TensorInfo {
     }
 }
 
-/// An open safetensors file with a validated header.
+/// An open, memory-mapped safetensors file with a validated header.
 #[derive(Debug)]
 pub struct TensorFile {
     path: PathBuf,
-    file: File,
+    /// The file mapped read-only; also the handle positioned reads use.
+    map: Arc<MappedFile>,
     /// Serialises seek + read where positioned reads are not available.
     seek_lock: Mutex<()>,
     tensors: BTreeMap<String, TensorInfo>,
@@ -111,7 +121,11 @@ impl TensorFile {
         let mut header = vec![0u8; n as usize];
         file.read_exact(&mut header).map_err(io_err(path, "read header"))?;
         let (tensors, metadata) = parse_header(path, &header, file_len - 8 - n)?;
-        Ok(TensorFile { path: path.to_path_buf(), file, seek_lock: Mutex::new(()), tensors, metadata })
+        let map = MappedFile::from_file(path, file).map_err(map_err)?;
+        if map.len() as u64 != file_len {
+            return Err(format_err(path, format!("file changed size while being opened ({file_len} -> {} bytes)", map.len())));
+        }
+        Ok(TensorFile { path: path.to_path_buf(), map: Arc::new(map), seek_lock: Mutex::new(()), tensors, metadata })
     }
 
     pub fn path(&self) -> &Path {
@@ -124,7 +138,24 @@ impl TensorFile {
         &self.metadata
     }
 
-    /// The raw little-endian bytes of tensor `name`. The mmap plug point (module docs).
+    /// The map of the whole file.
+    pub fn map(&self) -> &Arc<MappedFile> {
+        &self.map
+    }
+
+    /// Tensor `name` as `T`s (its byte length must be a whole number of `T`; the caller checks
+    /// the dtype): in place in the map where the host and the alignment allow, else a copy
+    /// converted from little-endian (module docs). Asks the kernel to read the range ahead.
+    pub fn storage<T: LeElem>(&self, name: &str) -> Result<Storage<T>> {
+        let info = self.tensors.get(name).ok_or_else(|| tensor_err(&self.path, name, "not in this file"))?;
+        let start = usize::try_from(info.offset).map_err(|_| tensor_err(&self.path, name, "offset does not fit this host's usize"))?;
+        let in_file = |e: MapError| tensor_err(&self.path, name, map_detail(e));
+        self.map.check_len().map_err(in_file)?;
+        self.map.prefetch(start..start.saturating_add(info.len));
+        Storage::map_le(&self.map, start, info.len).map_err(in_file)
+    }
+
+    /// The raw little-endian bytes of tensor `name`, copied with a positioned read.
     pub fn read(&self, name: &str) -> Result<Vec<u8>> {
         let len = self.tensors.get(name).map_or(0, |i| i.len);
         let mut buf = vec![0u8; len];
@@ -139,7 +170,7 @@ impl TensorFile {
         if out.len() != info.len {
             return Err(tensor_err(&self.path, name, format!("read into {} bytes, tensor has {}", out.len(), info.len)));
         }
-        read_at(&self.file, &self.seek_lock, info.offset, out)
+        read_at(self.map.file(), &self.seek_lock, info.offset, out)
             .map_err(|e| tensor_err(&self.path, name, format!("reading {} bytes failed: {e}", info.len)))
     }
 }
@@ -151,7 +182,7 @@ impl TensorFile {
         if at.checked_add(out.len()).is_none_or(|end| end > info.len) {
             return Err(tensor_err(&self.path, name, format!("range {at}+{} is outside its {} bytes", out.len(), info.len)));
         }
-        read_at(&self.file, &self.seek_lock, info.offset + at as u64, out)
+        read_at(self.map.file(), &self.seek_lock, info.offset + at as u64, out)
             .map_err(|e| tensor_err(&self.path, name, format!("reading {} bytes at {at} failed: {e}", out.len())))
     }
 }
@@ -168,6 +199,28 @@ fn read_at(mut file: &File, lock: &Mutex<()>, offset: u64, out: &mut [u8]) -> st
     let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
     file.seek(SeekFrom::Start(offset))?;
     file.read_exact(out)
+}
+
+/// A map error as this crate's error (the I/O kind keeps its source).
+fn map_err(e: MapError) -> RuntimeError {
+    match e {
+        MapError::Io { path, op, source } => RuntimeError::Io { path, op, source },
+        other => {
+            let path = other.path().to_path_buf();
+            format_err(&path, map_detail(other))
+        }
+    }
+}
+
+/// The message of a map error without its path (the caller's error names the file).
+fn map_detail(e: MapError) -> String {
+    match e {
+        MapError::Io { op, source, .. } => format!("{op}: {source}"),
+        MapError::Shrunk { mapped, now, .. } => {
+            format!("the file is {now} bytes but was {mapped} bytes when opened (truncated while in use?)")
+        }
+        MapError::Range { detail, .. } => detail,
+    }
 }
 
 fn check_header_len(path: &Path, n: u64, file_len: u64) -> Result<()> {
