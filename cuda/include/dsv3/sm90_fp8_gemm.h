@@ -22,7 +22,6 @@ struct alignas(128) dsv3_sm90_fp8_gemm_params {
   const float* a_s;    // [a_rows, K/128]
   const float* b_s;    // [groups ceil(N/128), K/128]
   void* out;           // [a_rows, N], f32 or bf16 (out_bf16)
-  uint32_t* status;    // 1: the launch gave less dynamic shared memory than the kernel needs
   uint32_t a_rows;     // rows of A, a_s and out
   uint32_t groups;     // 1 ..= DSV3_SM90_MAX_GROUPS
   uint32_t masked;     // 0: contiguous, group g = rows rows[g] .. rows[g+1]; 1: masked, group g =
@@ -32,6 +31,15 @@ struct alignas(128) dsv3_sm90_fp8_gemm_params {
   uint32_t tiles;      // tile0[groups]
   uint32_t rows[DSV3_SM90_MAX_GROUPS + 1];   // contiguous: offsets; masked: counts (<= capacity)
   uint32_t tile0[DSV3_SM90_MAX_GROUPS + 1];  // first tile of each group (the host's prefix sum)
-  uint32_t pad[14];                          // to the struct's 128-byte alignment, explicitly
+  uint32_t pad[18];                          // to the struct's 128-byte alignment, explicitly
 };
 static_assert(sizeof(dsv3_sm90_fp8_gemm_params) == 2432, "mirror in sm90_gemm.rs");
+
+// gemm/sm90_fp8_gemm_cast.cu: out[i] = bf16(x[i]) (round to nearest even), for the bf16 output
+// of the fallback path (the simple kernel writes f32).
+struct dsv3_sm90_fp8_gemm_cast_bf16_params {
+  const float* x;
+  uint16_t* out;
+  uint64_t n;
+};
+static_assert(sizeof(dsv3_sm90_fp8_gemm_cast_bf16_params) == 24, "mirror in sm90_gemm.rs");

@@ -11,6 +11,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex, MutexGuard};
+mod sm90;
 
 fn drv(e: DriverError) -> KernelError {
     KernelError::Cuda(e.to_string())

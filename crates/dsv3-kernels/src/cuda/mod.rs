@@ -24,6 +24,7 @@ mod driver;
 mod kernels;
 mod ops;
 pub mod params;
+pub mod sm90_gemm;
 #[cfg(not(feature = "cuda"))]
 mod stub;
 
