@@ -6,26 +6,11 @@
 // scaling factor. Indices and weights are therefore bit-exact with the CPU.
 #include "dsv3/common.cuh"
 #include "dsv3/params.h"
+#include "dsv3/topk.cuh"
 
 namespace {
-constexpr int SLOTS = 8;  // n_experts <= 32 * SLOTS = 256
-constexpr float NEG_INF = -__builtin_huge_valf();
-
-// A candidate: larger value wins, then the lower index.
-struct Best {
-  float v;
-  uint32_t i;
-  float s;  // payload (the unbiased score)
-};
-__device__ __forceinline__ bool better(const Best& a, const Best& b) { return a.v > b.v || (a.v == b.v && a.i < b.i); }
-__device__ __forceinline__ Best warp_best(Best b) {
-  for (int o = 16; o > 0; o >>= 1) {
-    Best x{__shfl_xor_sync(dsv3::FULL_MASK, b.v, o), __shfl_xor_sync(dsv3::FULL_MASK, b.i, o),
-           __shfl_xor_sync(dsv3::FULL_MASK, b.s, o)};
-    if (better(x, b)) b = x;
-  }
-  return b;
-}
+constexpr int SLOTS = dsv3::ROUTE_SLOTS;
+constexpr float NEG_INF = dsv3::NEG_INF;
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(128) dsv3_route_noaux_tc(const dsv3_route_noaux_tc_params p) {
@@ -79,44 +64,8 @@ extern "C" __global__ void __launch_bounds__(128) dsv3_route_noaux_tc(const dsv3
     if (lane == g) gscore = dsv3::add_rn(m1, m2);
   }
 
-  // Keep the topk_group best groups.
-  uint32_t kept = 0;
-  for (uint32_t j = 0; j < p.topk_group; ++j) {
-    const bool cand = lane < p.n_group && !((kept >> lane) & 1u);
-    const Best b = warp_best(Best{cand ? gscore : NEG_INF, cand ? lane : 0xFFFFFFFFu, 0.0f});
-    kept |= 1u << b.i;
-  }
-
-  // Top-k experts of the kept groups, in output order.
-  uint32_t taken = 0, my_e = 0;
-  float my_s = 0.0f;
-  for (uint32_t j = 0; j < p.top_k; ++j) {
-    Best b{NEG_INF, 0xFFFFFFFFu, 0.0f};
-#pragma unroll
-    for (int i = 0; i < SLOTS; ++i) {
-      const uint32_t e = lane + 32 * i;
-      if (e < p.n_experts && ((kept >> (e / gs)) & 1u) && !((taken >> i) & 1u)) {
-        const Best c{sel[i], e, score[i]};
-        if (better(c, b)) b = c;
-      }
-    }
-    b = warp_best(b);
-    if (b.i % 32 == lane) taken |= 1u << (b.i / 32);
-    if (lane == j) {
-      my_e = b.i;
-      my_s = b.s;
-    }
-  }
-
-  // Weights: renormalise over the chosen scores (summed in output order), then scale.
-  float w = my_s;
-  if (p.norm_topk_prob) {
-    float sum = 0.0f;
-    for (uint32_t j = 0; j < p.top_k; ++j) sum = dsv3::add_rn(sum, __shfl_sync(dsv3::FULL_MASK, my_s, j));
-    w = dsv3::div_rn(my_s, dsv3::add_rn(sum, 1e-20f));
-  }
-  if (lane < p.top_k) {
-    p.indices[(size_t)t * p.top_k + lane] = my_e;
-    p.weights[(size_t)t * p.top_k + lane] = dsv3::mul_rn(w, p.routed_scaling_factor);
-  }
+  // Keep the topk_group best groups, then the top-k experts inside them and their weights.
+  const uint32_t kept = dsv3::keep_groups(gscore, p.n_group, p.topk_group, lane);
+  dsv3::topk_and_write(sel, score, kept, gs, p.n_experts, p.top_k, p.norm_topk_prob != 0, p.routed_scaling_factor, lane,
+                       p.indices + (size_t)t * p.top_k, p.weights + (size_t)t * p.top_k);
 }

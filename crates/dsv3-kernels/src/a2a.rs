@@ -136,8 +136,16 @@ pub struct CombineBuf {
     pub displs: Vec<u32>,
 }
 
-/// Checks counts/displs of a buffer of `len` rows with `n_ranks` peers and `hidden` width.
-fn check_segments(what: &'static str, n_ranks: usize, hidden: usize, rows: usize, counts: &[u32], displs: &[u32]) -> Result<usize> {
+/// Checks counts/displs of a buffer of `len` rows with `n_ranks` peers and `hidden` width
+/// (the CPU and the CUDA packing alike); returns the number of rows.
+pub(crate) fn check_segments(
+    what: &'static str,
+    n_ranks: usize,
+    hidden: usize,
+    rows: usize,
+    counts: &[u32],
+    displs: &[u32],
+) -> Result<usize> {
     if hidden == 0 {
         return Err(shape_err(OP, format!("{what}: hidden must be >= 1")));
     }

@@ -258,19 +258,22 @@ fn check_cu(op: &'static str, what: &'static str, cu: &[u32], n: usize, total: u
     Ok(())
 }
 
-fn check_cache_write(
+// The checks of every op take the lengths of the f32 buffers (the CPU and the CUDA backend
+// run the same checks; only index arrays are read).
+
+pub(crate) fn check_cache_write(
     op: &'static str,
-    kv: &[f32],
-    norm_w: &[f32],
+    kv: usize,
+    norm_w: usize,
     eps: f32,
     slots: &[u32],
     s: CacheWriteShape,
-    pool: &[f32],
+    pool: usize,
 ) -> Result<()> {
     let plen = s.pool.check(op)?;
-    check_len(op, "pool", pool.len(), plen)?;
-    check_len(op, "kv", kv.len(), checked_mul(op, "tokens * width", s.tokens, s.pool.width())?)?;
-    check_len(op, "norm_w", norm_w.len(), s.pool.kv_lora)?;
+    check_len(op, "pool", pool, plen)?;
+    check_len(op, "kv", kv, checked_mul(op, "tokens * width", s.tokens, s.pool.width())?)?;
+    check_len(op, "norm_w", norm_w, s.pool.kv_lora)?;
     check_len(op, "slots", slots.len(), s.tokens)?;
     if !(eps.is_finite() && eps >= 0.0) {
         return Err(invalid(op, "eps", format!("must be finite and >= 0, got {eps}")));
@@ -287,70 +290,106 @@ fn check_cache_write(
     Ok(())
 }
 
-fn check_gather(op: &'static str, pool: &[f32], table: &[u32], lens: &[u32], s: GatherShape, c_kv: &[f32], k_pe: &[f32]) -> Result<()> {
+pub(crate) fn check_gather(
+    op: &'static str,
+    pool: usize,
+    table: &[u32],
+    lens: &[u32],
+    s: GatherShape,
+    c_kv: usize,
+    k_pe: usize,
+) -> Result<()> {
     let plen = s.pool.check(op)?;
-    check_len(op, "pool", pool.len(), plen)?;
+    check_len(op, "pool", pool, plen)?;
     check_len(op, "block_table", table.len(), checked_mul(op, "seqs * max_blocks", s.seqs, s.max_blocks)?)?;
     check_len(op, "seq_lens", lens.len(), s.seqs)?;
     let total: u64 = lens.iter().map(|&l| u64::from(l)).sum();
     if total != s.keys as u64 {
         return Err(invalid(op, "seq_lens", format!("sum to {total}, shape says keys = {}", s.keys)));
     }
-    check_len(op, "c_kv", c_kv.len(), checked_mul(op, "keys * kv_lora", s.keys, s.pool.kv_lora)?)?;
-    check_len(op, "k_pe", k_pe.len(), checked_mul(op, "keys * rope", s.keys, s.pool.rope)?)?;
+    check_len(op, "c_kv", c_kv, checked_mul(op, "keys * kv_lora", s.keys, s.pool.kv_lora)?)?;
+    check_len(op, "k_pe", k_pe, checked_mul(op, "keys * rope", s.keys, s.pool.rope)?)?;
     check_tables(op, "seq_lens", table, lens, s.max_blocks, &s.pool)
 }
 
-fn check_absorb(op: &'static str, q: &[f32], w: &Bf16WeightRef<'_>, d: MlaDims, rows: usize, out: &[f32]) -> Result<()> {
+/// `w` is the `(rows, cols)` of `W_UK`.
+pub(crate) fn check_absorb(op: &'static str, q: usize, w: (usize, usize), d: MlaDims, rows: usize, out: usize) -> Result<()> {
     d.check(op)?;
-    if w.rows() != d.heads * d.qk_nope || w.cols() != d.kv_lora {
+    if w.0 != d.heads * d.qk_nope || w.1 != d.kv_lora {
         return Err(shape_err(
             op,
-            format!("w_uk is [{}, {}], expected [heads * qk_nope = {}, kv_lora = {}]", w.rows(), w.cols(), d.heads * d.qk_nope, d.kv_lora),
+            format!("w_uk is [{}, {}], expected [heads * qk_nope = {}, kv_lora = {}]", w.0, w.1, d.heads * d.qk_nope, d.kv_lora),
         ));
     }
-    check_len(op, "q", q.len(), checked_mul(op, "q", rows, d.heads * d.qk_head())?)?;
-    check_len(op, "out", out.len(), checked_mul(op, "out", rows, d.heads * d.latent())?)
+    check_len(op, "q", q, checked_mul(op, "q", rows, d.heads * d.qk_head())?)?;
+    check_len(op, "out", out, checked_mul(op, "out", rows, d.heads * d.latent())?)
 }
 
-fn check_expand(op: &'static str, o_lat: &[f32], w: &Bf16WeightRef<'_>, d: MlaDims, rows: usize, out: &[f32]) -> Result<()> {
+/// `w` is the `(rows, cols)` of `W_UV`.
+pub(crate) fn check_expand(op: &'static str, o_lat: usize, w: (usize, usize), d: MlaDims, rows: usize, out: usize) -> Result<()> {
     d.check(op)?;
-    if w.rows() != d.heads * d.v || w.cols() != d.kv_lora {
+    if w.0 != d.heads * d.v || w.1 != d.kv_lora {
         return Err(shape_err(
             op,
-            format!("w_uv is [{}, {}], expected [heads * v = {}, kv_lora = {}]", w.rows(), w.cols(), d.heads * d.v, d.kv_lora),
+            format!("w_uv is [{}, {}], expected [heads * v = {}, kv_lora = {}]", w.0, w.1, d.heads * d.v, d.kv_lora),
         ));
     }
-    check_len(op, "o_lat", o_lat.len(), checked_mul(op, "o_lat", rows, d.heads * d.kv_lora)?)?;
-    check_len(op, "out", out.len(), checked_mul(op, "out", rows, d.heads * d.v)?)
+    check_len(op, "o_lat", o_lat, checked_mul(op, "o_lat", rows, d.heads * d.kv_lora)?)?;
+    check_len(op, "out", out, checked_mul(op, "out", rows, d.heads * d.v)?)
 }
 
-fn check_decode(op: &'static str, q: &[f32], pool: &[f32], table: &[u32], kv_lens: &[u32], p: &DecodeParams, out: &[f32]) -> Result<()> {
+pub(crate) fn check_decode(
+    op: &'static str,
+    q: usize,
+    pool: usize,
+    table: &[u32],
+    kv_lens: &[u32],
+    p: &DecodeParams,
+    out: usize,
+) -> Result<()> {
     let plen = p.pool.check(op)?;
     if p.heads == 0 {
         return Err(shape_err(op, "heads must be > 0"));
     }
     check_scale(op, p.scale)?;
-    check_len(op, "pool", pool.len(), plen)?;
+    check_len(op, "pool", pool, plen)?;
     let bh = checked_mul(op, "batch * heads", p.batch, p.heads)?;
-    check_len(op, "q", q.len(), checked_mul(op, "q", bh, p.pool.width())?)?;
-    check_len(op, "out", out.len(), checked_mul(op, "out", bh, p.pool.kv_lora)?)?;
+    check_len(op, "q", q, checked_mul(op, "q", bh, p.pool.width())?)?;
+    check_len(op, "out", out, checked_mul(op, "out", bh, p.pool.kv_lora)?)?;
     check_len(op, "block_table", table.len(), checked_mul(op, "batch * max_blocks", p.batch, p.max_blocks)?)?;
     check_len(op, "kv_lens", kv_lens.len(), p.batch)?;
     check_tables(op, "kv_lens", table, kv_lens, p.max_blocks, &p.pool)
 }
 
-fn check_prefill(op: &'static str, x: &PrefillInputs<'_, [f32], [u32]>, p: &PrefillParams, out: &[f32]) -> Result<()> {
+/// What the checks of [`prefill`] read: the lengths of the f32 inputs and the index arrays.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PrefillCheck<'a> {
+    pub q: usize,
+    pub k_nope: usize,
+    pub k_pe: usize,
+    pub v: usize,
+    pub q_pos: &'a [u32],
+    pub cu_q: &'a [u32],
+    pub cu_k: &'a [u32],
+}
+
+impl<'a> PrefillCheck<'a> {
+    fn of(x: &PrefillInputs<'a, [f32], [u32]>) -> Self {
+        PrefillCheck { q: x.q.len(), k_nope: x.k_nope.len(), k_pe: x.k_pe.len(), v: x.v.len(), q_pos: x.q_pos, cu_q: x.cu_q, cu_k: x.cu_k }
+    }
+}
+
+pub(crate) fn check_prefill(op: &'static str, x: &PrefillCheck<'_>, p: &PrefillParams, out: usize) -> Result<()> {
     let d = p.dims;
     d.check(op)?;
     check_scale(op, p.scale)?;
     let (t, s) = (p.tokens, p.keys);
-    check_len(op, "q", x.q.len(), checked_mul(op, "q", t, d.heads * d.qk_head())?)?;
-    check_len(op, "k_nope", x.k_nope.len(), checked_mul(op, "k_nope", s, d.heads * d.qk_nope)?)?;
-    check_len(op, "k_pe", x.k_pe.len(), checked_mul(op, "k_pe", s, d.qk_rope)?)?;
-    check_len(op, "v", x.v.len(), checked_mul(op, "v", s, d.heads * d.v)?)?;
+    check_len(op, "q", x.q, checked_mul(op, "q", t, d.heads * d.qk_head())?)?;
+    check_len(op, "k_nope", x.k_nope, checked_mul(op, "k_nope", s, d.heads * d.qk_nope)?)?;
+    check_len(op, "k_pe", x.k_pe, checked_mul(op, "k_pe", s, d.qk_rope)?)?;
+    check_len(op, "v", x.v, checked_mul(op, "v", s, d.heads * d.v)?)?;
     check_len(op, "q_pos", x.q_pos.len(), t)?;
-    check_len(op, "out", out.len(), checked_mul(op, "out", t, d.heads * d.v)?)?;
+    check_len(op, "out", out, checked_mul(op, "out", t, d.heads * d.v)?)?;
     check_cu(op, "cu_q", x.cu_q, p.seqs, t)?;
     check_cu(op, "cu_k", x.cu_k, p.seqs, s)?;
     for i in 0..p.seqs {
@@ -387,7 +426,7 @@ pub mod reference {
     /// (as [`crate::norm::reference::rms_norm`]), `k_pe` copied.
     pub fn cache_write(kv: &[f32], norm_w: &[f32], eps: f32, slots: &[u32], s: CacheWriteShape, pool: &mut [f32]) -> Result<()> {
         const OP: &str = "reference::attention::cache_write";
-        check_cache_write(OP, kv, norm_w, eps, slots, s, pool)?;
+        check_cache_write(OP, kv.len(), norm_w.len(), eps, slots, s, pool.len())?;
         let (w, l) = (s.pool.width(), s.pool.kv_lora);
         for t in 0..s.tokens {
             let row = &kv[t * w..(t + 1) * w];
@@ -408,7 +447,7 @@ pub mod reference {
     /// Reference of [`super::gather`].
     pub fn gather(pool: &[f32], table: &[u32], lens: &[u32], s: GatherShape, c_kv: &mut [f32], k_pe: &mut [f32]) -> Result<()> {
         const OP: &str = "reference::attention::gather";
-        check_gather(OP, pool, table, lens, s, c_kv, k_pe)?;
+        check_gather(OP, pool.len(), table, lens, s, c_kv.len(), k_pe.len())?;
         let (w, l, r) = (s.pool.width(), s.pool.kv_lora, s.pool.rope);
         let mut k = 0;
         for i in 0..s.seqs {
@@ -427,7 +466,7 @@ pub mod reference {
     /// `c < kv_lora`, then `q_pe` copied.
     pub fn absorb_q(q: &[f32], w_uk: Bf16WeightRef<'_>, d: MlaDims, rows: usize, out: &mut [f32]) -> Result<()> {
         const OP: &str = "reference::attention::absorb_q";
-        check_absorb(OP, q, &w_uk, d, rows, out)?;
+        check_absorb(OP, q.len(), (w_uk.rows(), w_uk.cols()), d, rows, out.len())?;
         let (qh, oh, l) = (d.qk_head(), d.latent(), d.kv_lora);
         let w = w_uk.data();
         for t in 0..rows {
@@ -450,7 +489,7 @@ pub mod reference {
     /// Reference of [`super::expand_v`]: `out[t, h·v + e] = Σ_c W_UV[h·v + e, c] · o_lat[t,h,c]`.
     pub fn expand_v(o_lat: &[f32], w_uv: Bf16WeightRef<'_>, d: MlaDims, rows: usize, out: &mut [f32]) -> Result<()> {
         const OP: &str = "reference::attention::expand_v";
-        check_expand(OP, o_lat, &w_uv, d, rows, out)?;
+        check_expand(OP, o_lat.len(), (w_uv.rows(), w_uv.cols()), d, rows, out.len())?;
         let l = d.kv_lora;
         let w = w_uv.data();
         for t in 0..rows {
@@ -484,7 +523,7 @@ pub mod reference {
     /// Reference of [`super::decode`].
     pub fn decode(q: &[f32], pool: &[f32], table: &[u32], kv_lens: &[u32], p: &DecodeParams, out: &mut [f32]) -> Result<()> {
         const OP: &str = "reference::attention::decode";
-        check_decode(OP, q, pool, table, kv_lens, p, out)?;
+        check_decode(OP, q.len(), pool.len(), table, kv_lens, p, out.len())?;
         let (w, l, ps) = (p.pool.width(), p.pool.kv_lora, p.pool.page_size);
         for b in 0..p.batch {
             let row = &table[b * p.max_blocks..(b + 1) * p.max_blocks];
@@ -512,7 +551,7 @@ pub mod reference {
     /// Reference of [`super::prefill`]: §3.3 steps 4–6 per query, head and visible key.
     pub fn prefill(x: PrefillInputs<'_, [f32], [u32]>, p: &PrefillParams, out: &mut [f32]) -> Result<()> {
         const OP: &str = "reference::attention::prefill";
-        check_prefill(OP, &x, p, out)?;
+        check_prefill(OP, &PrefillCheck::of(&x), p, out.len())?;
         let d = p.dims;
         let (qh, h_n) = (d.qk_head(), d.heads);
         for i in 0..p.seqs {
@@ -557,7 +596,7 @@ pub mod reference {
 /// a slot outside the pool, or a slot named twice.
 pub fn cache_write(kv: &[f32], norm_w: &[f32], eps: f32, slots: &[u32], s: CacheWriteShape, pool: &mut [f32]) -> Result<()> {
     const OP: &str = "attention::cache_write";
-    check_cache_write(OP, kv, norm_w, eps, slots, s, pool)?;
+    check_cache_write(OP, kv.len(), norm_w.len(), eps, slots, s, pool.len())?;
     let (w, l) = (s.pool.width(), s.pool.kv_lora);
     let shape = crate::norm::RowsShape { rows: 1, cols: l };
     for (t, &slot) in slots.iter().enumerate() {
@@ -578,7 +617,7 @@ pub fn cache_write(kv: &[f32], norm_w: &[f32], eps: f32, slots: &[u32], s: Cache
 /// length that does not fit its block table, or a page id outside the pool.
 pub fn gather(pool: &[f32], table: &[u32], lens: &[u32], s: GatherShape, c_kv: &mut [f32], k_pe: &mut [f32]) -> Result<()> {
     const OP: &str = "attention::gather";
-    check_gather(OP, pool, table, lens, s, c_kv, k_pe)?;
+    check_gather(OP, pool.len(), table, lens, s, c_kv.len(), k_pe.len())?;
     let (w, l, r, ps) = (s.pool.width(), s.pool.kv_lora, s.pool.rope, s.pool.page_size);
     let mut parts: Vec<(usize, &mut [f32], &mut [f32])> = Vec::with_capacity(s.seqs);
     let (mut rest_c, mut rest_p) = (c_kv, k_pe);
@@ -749,7 +788,7 @@ fn head_major_at(rows: usize, heads: usize, width: usize, t: usize, h: usize) ->
 /// Errors (before any write): bad dims, `w_uk` not `[H·nope, kv_lora]`, a length mismatch.
 pub fn absorb_q(q: &[f32], w_uk: Bf16WeightRef<'_>, d: MlaDims, rows: usize, out: &mut [f32]) -> Result<()> {
     const OP: &str = "attention::absorb_q";
-    check_absorb(OP, q, &w_uk, d, rows, out)?;
+    check_absorb(OP, q.len(), (w_uk.rows(), w_uk.cols()), d, rows, out.len())?;
     if rows == 0 {
         return Ok(());
     }
@@ -787,7 +826,7 @@ pub fn absorb_q(q: &[f32], w_uk: Bf16WeightRef<'_>, d: MlaDims, rows: usize, out
 /// Errors (before any write): bad dims, `w_uv` not `[H·v, kv_lora]`, a length mismatch.
 pub fn expand_v(o_lat: &[f32], w_uv: Bf16WeightRef<'_>, d: MlaDims, rows: usize, out: &mut [f32]) -> Result<()> {
     const OP: &str = "attention::expand_v";
-    check_expand(OP, o_lat, &w_uv, d, rows, out)?;
+    check_expand(OP, o_lat.len(), (w_uv.rows(), w_uv.cols()), d, rows, out.len())?;
     if rows == 0 {
         return Ok(());
     }
@@ -1136,7 +1175,7 @@ fn decode_split(q: &[f32], pool: &[f32], table: &[u32], p: &DecodeParams, sp: Sp
 /// mismatch, a length that does not fit its block table, or a page id outside the pool.
 pub fn decode(q: &[f32], pool: &[f32], table: &[u32], kv_lens: &[u32], p: &DecodeParams, out: &mut [f32]) -> Result<()> {
     const OP: &str = "attention::decode";
-    check_decode(OP, q, pool, table, kv_lens, p, out)?;
+    check_decode(OP, q.len(), pool.len(), table, kv_lens, p, out.len())?;
     if p.batch == 0 {
         return Ok(());
     }
@@ -1247,7 +1286,7 @@ fn prefill_item(x: &PrefillInputs<'_, [f32], [u32]>, p: &PrefillParams, it: Pref
 /// not running from 0 to `tokens`/`keys` without decreasing, or a query position with no key.
 pub fn prefill(x: PrefillInputs<'_, [f32], [u32]>, p: &PrefillParams, out: &mut [f32]) -> Result<()> {
     const OP: &str = "attention::prefill";
-    check_prefill(OP, &x, p, out)?;
+    check_prefill(OP, &PrefillCheck::of(&x), p, out.len())?;
     let (h_n, dv) = (p.dims.heads, p.dims.v);
     let mut items = Vec::new();
     for seq in 0..p.seqs {

@@ -129,20 +129,21 @@ impl RouteCfg {
     }
 }
 
-/// Checks config and all lengths; returns the bias to use for selection (NoauxTc only).
-fn check_args<'b>(
+/// Checks config and all lengths (of `logits`, `indices`, `weights`; CPU and CUDA alike);
+/// returns the bias to use for selection (NoauxTc only).
+pub(crate) fn check_args<'b>(
     cfg: &RouteCfg,
     tokens: usize,
-    logits: &[f32],
+    logits: usize,
     bias: Option<&'b [f32]>,
-    indices: &[u32],
-    weights: &[f32],
+    indices: usize,
+    weights: usize,
 ) -> Result<Option<&'b [f32]>> {
     cfg.validate()?;
-    check_len(OP, "logits", logits.len(), checked_mul(OP, "logits", tokens, cfg.n_experts)?)?;
+    check_len(OP, "logits", logits, checked_mul(OP, "logits", tokens, cfg.n_experts)?)?;
     let out = checked_mul(OP, "indices", tokens, cfg.top_k)?;
-    check_len(OP, "indices", indices.len(), out)?;
-    check_len(OP, "weights", weights.len(), out)?;
+    check_len(OP, "indices", indices, out)?;
+    check_len(OP, "weights", weights, out)?;
     match (cfg.method, bias) {
         (RouteMethod::NoauxTc, None) => Err(invalid(OP, "bias", "noaux_tc needs e_score_correction_bias")),
         (RouteMethod::NoauxTc, Some(b)) => {
@@ -213,7 +214,7 @@ pub mod reference {
         indices: &mut [u32],
         weights: &mut [f32],
     ) -> Result<()> {
-        let bias = check_args(cfg, tokens, logits, bias, indices, weights)?;
+        let bias = check_args(cfg, tokens, logits.len(), bias, indices.len(), weights.len())?;
         let n = cfg.n_experts;
         let gs = cfg.group_size();
         for t in 0..tokens {
@@ -289,7 +290,7 @@ pub mod reference {
 /// outputs `indices` / `weights` are `[tokens, top_k]`. See the module docs for ties, order,
 /// weights and the error on non-finite logits. Multi-threaded over tokens for large batches.
 pub fn route(cfg: &RouteCfg, tokens: usize, logits: &[f32], bias: Option<&[f32]>, indices: &mut [u32], weights: &mut [f32]) -> Result<()> {
-    let bias = check_args(cfg, tokens, logits, bias, indices, weights)?;
+    let bias = check_args(cfg, tokens, logits.len(), bias, indices.len(), weights.len())?;
     let (n, k) = (cfg.n_experts, cfg.top_k);
     // About 8K logits per task: enough work to amortise a rayon task.
     let per_task = (8192 / n).max(1);

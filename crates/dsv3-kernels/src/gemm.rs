@@ -48,8 +48,13 @@ impl std::str::FromStr for GemmPath {
 
 impl GemmShape {
     fn validate(&self, op: &'static str, path: GemmPath, a: usize, w: &Fp8WeightRef<'_>, out: usize) -> Result<()> {
-        if w.rows() != self.n || w.cols() != self.k {
-            return Err(shape_err(op, format!("weight is [{}, {}], shape wants [n={}, k={}]", w.rows(), w.cols(), self.n, self.k)));
+        self.check(op, path, a, (w.rows(), w.cols()), out)
+    }
+
+    /// The checks of every GEMM on a weight of shape `w = (rows, cols)` (CPU and CUDA alike).
+    pub(crate) fn check(&self, op: &'static str, path: GemmPath, a: usize, w: (usize, usize), out: usize) -> Result<()> {
+        if w.0 != self.n || w.1 != self.k {
+            return Err(shape_err(op, format!("weight is [{}, {}], shape wants [n={}, k={}]", w.0, w.1, self.n, self.k)));
         }
         if path == GemmPath::Fp8 && !self.k.is_multiple_of(BLOCK) {
             return Err(shape_err(op, format!("the fp8 path needs k % 128 == 0, got k = {}", self.k)));
@@ -127,7 +132,7 @@ pub mod reference {
 
     /// Grouped, contiguous layout: expert `e` multiplies rows `offsets[e]..offsets[e+1]`.
     pub fn grouped_contiguous(a: &[f32], offsets: &[u32], w: &[Fp8WeightRef<'_>], path: GemmPath, out: &mut [f32]) -> Result<()> {
-        let g = GroupedShape::contiguous("grouped_contiguous (reference)", a.len(), offsets, w, out.len())?;
+        let g = GroupedShape::contiguous("grouped_contiguous (reference)", a.len(), offsets, &shapes(w), out.len())?;
         for e in 0..w.len() {
             let (r0, r1) = (offsets[e] as usize, offsets[e + 1] as usize);
             let s = GemmShape { m: r1 - r0, n: g.n, k: g.k };
@@ -146,7 +151,7 @@ pub mod reference {
         path: GemmPath,
         out: &mut [f32],
     ) -> Result<()> {
-        let g = GroupedShape::masked("grouped_masked (reference)", a.len(), counts, capacity, w, out.len())?;
+        let g = GroupedShape::masked("grouped_masked (reference)", a.len(), counts, capacity, &shapes(w), out.len())?;
         out.fill(0.0);
         for e in 0..w.len() {
             let rows = counts[e] as usize;
@@ -158,23 +163,28 @@ pub mod reference {
     }
 }
 
-/// The common (n, k) of a grouped GEMM, validated.
-struct GroupedShape {
-    n: usize,
-    k: usize,
+/// The common (n, k) of a grouped GEMM, validated (CPU and CUDA alike: the checks take the
+/// experts' weight shapes `(rows, cols)`).
+pub(crate) struct GroupedShape {
+    pub n: usize,
+    pub k: usize,
+}
+
+/// `(rows, cols)` of each weight.
+fn shapes(w: &[Fp8WeightRef<'_>]) -> Vec<(usize, usize)> {
+    w.iter().map(|x| (x.rows(), x.cols())).collect()
 }
 
 impl GroupedShape {
-    fn common(op: &'static str, w: &[Fp8WeightRef<'_>]) -> Result<GroupedShape> {
-        let first = w.first().ok_or_else(|| shape_err(op, "no experts"))?;
-        let (n, k) = (first.rows(), first.cols());
-        if let Some(e) = w.iter().position(|x| x.rows() != n || x.cols() != k) {
-            return Err(shape_err(op, format!("expert {e} weight is [{}, {}], expert 0 is [{n}, {k}]", w[e].rows(), w[e].cols())));
+    fn common(op: &'static str, w: &[(usize, usize)]) -> Result<GroupedShape> {
+        let &(n, k) = w.first().ok_or_else(|| shape_err(op, "no experts"))?;
+        if let Some(e) = w.iter().position(|x| x.0 != n || x.1 != k) {
+            return Err(shape_err(op, format!("expert {e} weight is [{}, {}], expert 0 is [{n}, {k}]", w[e].0, w[e].1)));
         }
         Ok(GroupedShape { n, k })
     }
 
-    fn contiguous(op: &'static str, a: usize, offsets: &[u32], w: &[Fp8WeightRef<'_>], out: usize) -> Result<GroupedShape> {
+    pub(crate) fn contiguous(op: &'static str, a: usize, offsets: &[u32], w: &[(usize, usize)], out: usize) -> Result<GroupedShape> {
         let g = Self::common(op, w)?;
         check_len(op, "offsets", offsets.len(), w.len() + 1)?;
         if offsets[0] != 0 || offsets.windows(2).any(|p| p[1] < p[0]) {
@@ -186,7 +196,7 @@ impl GroupedShape {
         Ok(g)
     }
 
-    fn masked(op: &'static str, a: usize, counts: &[u32], cap: usize, w: &[Fp8WeightRef<'_>], out: usize) -> Result<GroupedShape> {
+    pub(crate) fn masked(op: &'static str, a: usize, counts: &[u32], cap: usize, w: &[(usize, usize)], out: usize) -> Result<GroupedShape> {
         let g = Self::common(op, w)?;
         check_len(op, "counts", counts.len(), w.len())?;
         if let Some(e) = counts.iter().position(|&c| c as usize > cap) {
@@ -250,7 +260,7 @@ pub fn gemm_fp8_quantized(a_q: &[u8], a_s: &[f32], w: Fp8WeightRef<'_>, s: GemmS
 /// Grouped GEMM, contiguous layout (see [`reference::grouped_contiguous`]).
 pub fn grouped_contiguous(a: &[f32], offsets: &[u32], w: &[Fp8WeightRef<'_>], path: GemmPath, out: &mut [f32]) -> Result<()> {
     const OP: &str = "grouped_contiguous";
-    let g = GroupedShape::contiguous(OP, a.len(), offsets, w, out.len())?;
+    let g = GroupedShape::contiguous(OP, a.len(), offsets, &shapes(w), out.len())?;
     let rows = offsets[w.len()] as usize;
     if path == GemmPath::Fp8 && !g.k.is_multiple_of(BLOCK) {
         return Err(shape_err(OP, format!("the fp8 path needs k % 128 == 0, got k = {}", g.k)));
@@ -271,7 +281,7 @@ pub fn grouped_contiguous(a: &[f32], offsets: &[u32], w: &[Fp8WeightRef<'_>], pa
 /// Grouped GEMM, masked layout (see [`reference::grouped_masked`]).
 pub fn grouped_masked(a: &[f32], counts: &[u32], capacity: usize, w: &[Fp8WeightRef<'_>], path: GemmPath, out: &mut [f32]) -> Result<()> {
     const OP: &str = "grouped_masked";
-    let g = GroupedShape::masked(OP, a.len(), counts, capacity, w, out.len())?;
+    let g = GroupedShape::masked(OP, a.len(), counts, capacity, &shapes(w), out.len())?;
     if path == GemmPath::Fp8 && !g.k.is_multiple_of(BLOCK) {
         return Err(shape_err(OP, format!("the fp8 path needs k % 128 == 0, got k = {}", g.k)));
     }

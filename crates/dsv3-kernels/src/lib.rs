@@ -41,6 +41,7 @@ pub mod a2a;
 pub mod cuda;
 pub mod gating;
 pub mod permute;
+pub mod sample;
 
 pub use backend::{Backend, Cpu};
 pub use error::{KernelError, Result};

@@ -16,6 +16,8 @@
 
 namespace dsv3 {
 
+constexpr float NEG_INF = -__builtin_huge_valf();
+
 DSV3_HD float mul_rn(float a, float b) {
 #ifdef __CUDA_ARCH__
   return __fmul_rn(a, b);

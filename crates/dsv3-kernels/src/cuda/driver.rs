@@ -139,6 +139,22 @@ impl Device {
         }
     }
 
+    /// Sets every byte of a buffer to zero (in stream order).
+    pub(crate) fn memset_zero(&self, b: &mut Buf) -> Result<()> {
+        match &mut b.0 {
+            Some(s) => self.stream.memset_zeros(s).map_err(drv),
+            None => Ok(()),
+        }
+    }
+
+    /// A device-side copy of a buffer (in stream order).
+    pub(crate) fn copy(&self, b: &Buf) -> Result<Buf> {
+        match &b.0 {
+            Some(s) => Ok(Buf(Some(self.stream.clone_dtod(s).map_err(drv)?))),
+            None => Ok(Buf(None)),
+        }
+    }
+
     pub(crate) fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(drv)
     }
@@ -165,6 +181,16 @@ impl Device {
         }
     }
 
+    /// The address of an optional buffer for reading (0 when absent or empty).
+    pub(crate) fn addr_opt<'a>(&'a self, b: Option<&'a Buf>) -> (u64, Access<'a>) {
+        b.map_or((0, None), |b| self.addr(b))
+    }
+
+    /// The address of an optional buffer for writing (0 when absent or empty).
+    pub(crate) fn addr_mut_opt<'a>(&'a self, b: Option<&'a mut Buf>) -> (u64, Access<'a>) {
+        b.map_or((0, None), |b| self.addr_mut(b))
+    }
+
     /// Takes the status word, zeroed, for one launch.
     pub(crate) fn status(&self) -> Result<Status<'_>> {
         let mut word = self.status.lock().unwrap_or_else(|p| p.into_inner());
@@ -181,7 +207,16 @@ impl Device {
     /// these sizes and dimensions, and no buffer written by the kernel may be aliased by
     /// another address in `p` unless the kernel allows it.
     pub(crate) unsafe fn launch<P: DeviceRepr>(&self, k: Kernel, grid: (u32, u32), block: u32, p: &P) -> Result<()> {
-        let cfg = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the caller upholds this function's contract, which is launch3's.
+        unsafe { self.launch3(k, (grid.0, grid.1, 1), block, p) }
+    }
+
+    /// [`Device::launch`] with a three-dimensional grid.
+    ///
+    /// # Safety
+    /// As [`Device::launch`].
+    pub(crate) unsafe fn launch3<P: DeviceRepr>(&self, k: Kernel, grid: (u32, u32, u32), block: u32, p: &P) -> Result<()> {
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 };
         let mut b = self.stream.launch_builder(&self.funcs[k as usize]);
         b.arg(p);
         // SAFETY: the caller upholds this function's contract, which is the kernel's.

@@ -1,29 +1,65 @@
-//! The CUDA backend's device layer: a GPU ([`CudaDevice`]), its buffers ([`DeviceBuf`]) and
-//! one safe launch wrapper per kernel of `cuda/` (methods of [`CudaDevice`], in `ops.rs`).
+//! The CUDA backend: a GPU ([`CudaDevice`]), its buffers ([`DeviceBuf`]), one safe launch
+//! wrapper per kernel of `cuda/` (methods of [`CudaDevice`]), and [`Cuda`], the
+//! [`crate::Backend`] implementation that model code runs on.
 //!
 //! Layers, as cudarc has them: the kernels (`cuda/<family>/*.cu`, one plain parameter struct
 //! each in `cuda/include/dsv3/params.h`, mirrored in [`params`]) → the generated `Kernel`
 //! enum and embedded cubins (build.rs, feature `cuda`) → one `unsafe` raw launch
 //! (`driver.rs`) → safe wrappers that validate every shape first and state why the launch is
-//! in bounds. Names match at every layer: kernel `dsv3_rms_norm`, struct `dsv3_rms_norm_params`
-//! / [`params::RmsNormParams`], `Kernel::RmsNorm`, [`CudaDevice::rms_norm`].
+//! in bounds → [`Cuda`]'s `Backend` methods. Names match at every layer: kernel
+//! `dsv3_rms_norm`, struct `dsv3_rms_norm_params` / [`params::RmsNormParams`],
+//! `Kernel::RmsNorm`, [`CudaDevice::rms_norm`], `Backend::rms_norm`.
 //!
-//! Without the `cuda` feature the same API exists, and [`CudaDevice::new`] returns
-//! [`KernelError::CudaUnavailable`]; no other value of these types can then exist. With it, a
-//! machine with no driver library or no Hopper GPU gets the same error, never a panic.
+//! | file | wrappers |
+//! |---|---|
+//! | `ops.rs` | act_quant, RMSNorm, SiLU·up, softmax, add_assign, embedding, RoPE |
+//! | `gemm.rs` | FP8 GEMM (both paths), bf16 GEMM, grouped GEMM contiguous and masked |
+//! | `moe.rs` | routing (every method), dispatch plan, permute, weighted un-permute |
+//! | `attention.rs` | MLA cache write / gather, absorb / expand, paged decode, prefill |
+//! | `sample.rs` | greedy and temperature / top-k / top-p sampling |
+//! | `a2a.rs` | all-to-all packing for expert parallelism, on the device |
+//! | `backend.rs` | [`Cuda`]: `impl Backend` |
 //!
-//! Errors: shapes are checked before any launch, with the CPU functions' error values. Input
-//! checks that need the data (non-finite values, ids and positions out of range) run on the
-//! device and come back through a status word; the wrapper then waits for the kernel and
-//! returns the same error as the CPU, but unlike the CPU, outputs (in-place ones included)
-//! may have been partly written.
+//! Without the `cuda` feature the same API exists, and [`CudaDevice::new`] (hence
+//! [`Cuda::new`]) returns [`KernelError::CudaUnavailable`]; no other value of these types can
+//! then exist. With it, a machine with no driver library or no Hopper GPU gets the same error,
+//! never a panic.
+//!
+//! Errors: shapes are checked before any launch, with the CPU functions' checks and error
+//! values (the same `check` functions where the CPU module has them). Checks that need index
+//! data the caller keeps on the device (slots, block tables, offsets: a few hundred bytes)
+//! download it first; checks of bulk data (non-finite values, ids and positions out of range)
+//! run on the device and come back through a status word; the wrapper then waits for the
+//! kernel and returns the same error as the CPU, but unlike the CPU, outputs (in-place ones
+//! included) may have been partly written.
 
+/// The generated entry point `Kernel::$v` (a placeholder without the feature, where no device
+/// can exist to launch on).
+#[cfg(feature = "cuda")]
+macro_rules! kernel {
+    ($v:ident) => {
+        crate::cuda::Kernel::$v
+    };
+}
+#[cfg(not(feature = "cuda"))]
+macro_rules! kernel {
+    ($v:ident) => {
+        crate::cuda::stub::NoKernel
+    };
+}
+
+mod a2a;
+mod attention;
+mod backend;
 #[cfg(feature = "cuda")]
 mod driver;
+mod gemm;
 #[cfg(feature = "cuda")]
 mod kernels;
+mod moe;
 mod ops;
 pub mod params;
+mod sample;
 pub mod sm90_gemm;
 #[cfg(not(feature = "cuda"))]
 mod stub;
@@ -35,7 +71,11 @@ pub use kernels::{KERNEL_REPORT, Kernel, Module};
 #[cfg(not(feature = "cuda"))]
 use stub as imp;
 
-pub use ops::{DeviceFp8Weight, DevicePlan, DeviceRope};
+pub use a2a::{DeviceCombineBuf, DeviceDispatchBuf, DevicePacked, DeviceUnpacked};
+pub use backend::Cuda;
+pub use gemm::{DeviceBf16Weight, DeviceFp8Weight};
+pub use moe::DevicePlan;
+pub use ops::DeviceRope;
 
 use crate::backend::Elem;
 use crate::error::{KernelError, Result, checked_mul};
@@ -92,6 +132,16 @@ impl CudaDevice {
         Ok(DeviceBuf { imp: self.imp.upload(bytemuck::cast_slice(host))?, len: host.len(), _t: PhantomData })
     }
 
+    /// A device-side copy of a buffer.
+    pub fn copy<T: Elem>(&self, buf: &DeviceBuf<T>) -> Result<DeviceBuf<T>> {
+        Ok(DeviceBuf { imp: self.imp.copy(&buf.imp)?, len: buf.len, _t: PhantomData })
+    }
+
+    /// Sets every element of a buffer to zero.
+    pub fn fill_zero<T: Elem>(&self, buf: &mut DeviceBuf<T>) -> Result<()> {
+        self.imp.memset_zero(&mut buf.imp)
+    }
+
     /// The buffer's contents (waits for every launch before it).
     pub fn download<T: Elem>(&self, buf: &DeviceBuf<T>) -> Result<Vec<T>> {
         self.download_range(buf, 0..buf.len)
@@ -109,6 +159,17 @@ impl CudaDevice {
         Ok(out)
     }
 
+    /// One element of a buffer (waits); for error messages that name a bad value.
+    fn element<T: Elem>(&self, buf: &DeviceBuf<T>, i: usize) -> Result<T> {
+        Ok(self.download_range(buf, i..i + 1)?[0])
+    }
+
+    /// Plain-old-data arrays the kernels read (tile lists, pointer tables, f64 scratch) that
+    /// are no [`Elem`].
+    fn upload_pod<T: bytemuck::Pod>(&self, host: &[T]) -> Result<imp::Buf> {
+        self.imp.upload(bytemuck::cast_slice(host))
+    }
+
     /// Waits until every launch so far has finished.
     pub fn synchronize(&self) -> Result<()> {
         self.imp.synchronize()
@@ -121,4 +182,18 @@ fn u32_of(op: &'static str, what: &'static str, v: usize) -> Result<u32> {
         .ok()
         .filter(|&x| x < u32::MAX)
         .ok_or_else(|| KernelError::Shape { op, detail: format!("{what} = {v} does not fit the kernel's 32-bit sizes") })
+}
+
+/// Blocks of a grid-stride kernel: enough to fill the GPU, never more than the work.
+fn stride_grid(items: usize, per_block: usize) -> u32 {
+    items.div_ceil(per_block).clamp(1, 1 << 16) as u32
+}
+
+/// A grid dimension `y`/`z` (at most 65535 blocks) for `items` in blocks of `per_block`.
+fn grid_yz(op: &'static str, what: &'static str, items: usize, per_block: usize) -> Result<u32> {
+    let b = items.div_ceil(per_block);
+    if b > 65_535 {
+        return Err(KernelError::Shape { op, detail: format!("{what} = {items} exceeds the grid (at most 65535 blocks of {per_block})") });
+    }
+    Ok(b as u32)
 }

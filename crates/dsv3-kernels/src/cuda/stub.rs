@@ -36,6 +36,12 @@ impl Device {
     pub(crate) fn download(&self, _b: &Buf, _range: std::ops::Range<usize>) -> Result<Vec<u8>> {
         match self.0 {}
     }
+    pub(crate) fn memset_zero(&self, _b: &mut Buf) -> Result<()> {
+        match self.0 {}
+    }
+    pub(crate) fn copy(&self, _b: &Buf) -> Result<Buf> {
+        match self.0 {}
+    }
     pub(crate) fn synchronize(&self) -> Result<()> {
         match self.0 {}
     }
@@ -45,12 +51,23 @@ impl Device {
     pub(crate) fn addr_mut<'a>(&'a self, _b: &'a mut Buf) -> (u64, Access<'a>) {
         match self.0 {}
     }
+    pub(crate) fn addr_opt<'a>(&'a self, _b: Option<&'a Buf>) -> (u64, Access<'a>) {
+        match self.0 {}
+    }
+    pub(crate) fn addr_mut_opt<'a>(&'a self, _b: Option<&'a mut Buf>) -> (u64, Access<'a>) {
+        match self.0 {}
+    }
     pub(crate) fn status(&self) -> Result<Status<'_>> {
         match self.0 {}
     }
     /// # Safety
     /// As the real one's; never callable.
     pub(crate) unsafe fn launch<P>(&self, _k: NoKernel, _grid: (u32, u32), _block: u32, _p: &P) -> Result<()> {
+        match self.0 {}
+    }
+    /// # Safety
+    /// As the real one's; never callable.
+    pub(crate) unsafe fn launch3<P>(&self, _k: NoKernel, _grid: (u32, u32, u32), _block: u32, _p: &P) -> Result<()> {
         match self.0 {}
     }
 }
