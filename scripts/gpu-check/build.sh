@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Prepares the GPU check (design.md, "The GPU machine"): builds the `cuda`-feature test
-# binaries of dsv3-kernels here, strips them and gathers them with run.sh and ptxas' kernel
-# report into gpu-check/ (git-ignored, a few MB). Copy that folder to the GPU machine (no Rust,
-# no network, CUDA 13 driver) and run `gpu-check/run.sh` there; it writes its report to $OUT.
+# binaries of dsv3-kernels and the GPU benchmarks here, strips them and gathers them with
+# run.sh and ptxas' kernel report into gpu-check/ (git-ignored, a few MB). Copy that folder to
+# the GPU machine (no Rust, no network, CUDA 13 driver) and run `gpu-check/run.sh` there; it
+# writes its report to $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -25,9 +26,25 @@ for line in sys.stdin:
   esac
 done
 
+# The GPU benchmarks: harness-less bench targets of dsv3-benches built with its `cuda` feature
+# (in the test-opt profile, so the kernels built above are reused). run.sh runs each once.
+mkdir -p "$DEST/bench"
+for b in sm90_gemm; do
+  cargo bench --no-run --features cuda --profile test-opt -p dsv3-benches --bench "$b" --message-format=json \
+    | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and "bench" in m["target"]["kind"]:
+        print(m["target"]["name"], m["executable"])
+' | while read -r name exe; do
+    cp "$exe" "$DEST/bench/$name" && strip "$DEST/bench/$name"
+  done
+done
+
 report=$(ls -t target/test-opt/build/dsv3-kernels-*/out/kernel-report.txt | head -1)
 cp "$report" "$DEST/kernel-report.txt"
 cp scripts/gpu-check/run.sh "$DEST/run.sh"
 chmod +x "$DEST/run.sh"
-ls "$DEST/bin"
+ls "$DEST/bin" "$DEST/bench"
 du -sh "$DEST"

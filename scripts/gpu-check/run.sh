@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine, from the gpu-check/ folder that build.sh made: every GPU test of
 # every binary, one at a time, ignored (GPU) tests included and DSV3_REQUIRE_GPU=1 set, so a
-# missing or unusable GPU is a failure, never a pass. Writes $OUT/gpu-check-report.txt (device,
+# missing or unusable GPU is a failure, never a pass; then every benchmark in bench/ once
+# (figures in $OUT/bench-<name>.txt and the report). Writes $OUT/gpu-check-report.txt (device,
 # ptxas' kernel report, PASS/FAIL per test) and $OUT/logs/<test>.log; exits non-zero on any
 # failure. Usage: gpu-check/run.sh [per-test timeout in seconds, default 300]
 set -uo pipefail
@@ -41,6 +42,21 @@ for bin in bin/*; do
     echo "$line" | tee -a "$report"
     [ "$verdict" = PASS ] || grep -m3 -E "panicked|SKIPPED|unavailable|error" "$log" | sed 's/^/    /' | tee -a "$report"
   done
+done
+# Then each GPU benchmark once (they measure; a crash or a non-zero exit counts as a failure).
+for bench in bench/*; do
+  [ -x "$bench" ] || continue
+  name=$(basename "$bench")
+  log="$OUT/bench-$name.txt"
+  timeout "$LIMIT" "$bench" > "$log" 2>&1
+  rc=$?
+  { echo; echo "## bench $name (exit $rc)"; cat "$log"; echo; } >> "$report"
+  if [ $rc -ne 0 ]; then
+    echo "FAIL (exit $rc)  bench::$name" | tee -a "$report"
+    fail=$((fail + 1))
+  else
+    echo "ran  bench::$name  (figures in $log)"
+  fi
 done
 echo "$pass passed, $fail failed" | tee -a "$report"
 [ $fail -eq 0 ]
