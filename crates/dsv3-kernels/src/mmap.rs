@@ -163,35 +163,35 @@ const RELEASE_GRAIN: usize = 64 * 1024;
 /// Element types stored little-endian in a file, readable in place on a little-endian host.
 pub trait LeElem: bytemuck::Pod + Send + Sync + 'static {
     /// Converts a value read from the file's little-endian bytes to the host's order.
-    fn from_le(self) -> Self;
+    fn le_to_host(self) -> Self;
 }
 impl LeElem for u8 {
-    fn from_le(self) -> Self {
+    fn le_to_host(self) -> Self {
         self
     }
 }
 impl LeElem for u16 {
-    fn from_le(self) -> Self {
+    fn le_to_host(self) -> Self {
         u16::from_le(self)
     }
 }
 impl LeElem for u32 {
-    fn from_le(self) -> Self {
+    fn le_to_host(self) -> Self {
         u32::from_le(self)
     }
 }
 impl LeElem for i32 {
-    fn from_le(self) -> Self {
+    fn le_to_host(self) -> Self {
         i32::from_le(self)
     }
 }
 impl LeElem for f32 {
-    fn from_le(self) -> Self {
+    fn le_to_host(self) -> Self {
         f32::from_bits(u32::from_le(self.to_bits()))
     }
 }
 impl LeElem for half::bf16 {
-    fn from_le(self) -> Self {
+    fn le_to_host(self) -> Self {
         half::bf16::from_bits(u16::from_le(self.to_bits()))
     }
 }
@@ -252,7 +252,7 @@ impl<T: LeElem> Storage<T> {
         let mut v = vec![T::zeroed(); len / size];
         bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(bytes);
         if cfg!(target_endian = "big") {
-            v.iter_mut().for_each(|x| *x = x.from_le());
+            v.iter_mut().for_each(|x| *x = x.le_to_host());
         }
         Ok(Storage { repr: Repr::Owned(v) })
     }

@@ -55,7 +55,7 @@ fn compare_with_positioned_reads(dir: &Path) -> (usize, usize) {
                 let w = ck.bf16_weight(&t.name, r, c).unwrap();
                 assert_eq!(w, Bf16Weight::new(r, c, bf16s(&f.read(&t.name).unwrap())).unwrap(), "{}", t.name);
                 let info = &f.tensors()[&t.name];
-                assert_eq!(w.is_mapped(), info.offset % 2 == 0, "{}: in place exactly when aligned", t.name);
+                assert_eq!(w.is_mapped(), info.offset.is_multiple_of(2), "{}: in place exactly when aligned", t.name);
                 in_place += w.is_mapped() as usize;
             }
             TensorRole::Norm | TensorRole::F32 => continue,
