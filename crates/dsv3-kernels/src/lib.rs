@@ -44,4 +44,5 @@ pub mod permute;
 pub mod sample;
 
 pub use backend::{Backend, Cpu};
+pub use cuda::Cuda;
 pub use error::{KernelError, Result};

@@ -197,3 +197,68 @@ fn cuda_rope_matches_cpu() {
         })
         .unwrap();
 }
+
+#[test]
+#[ignore = "needs a GPU; run with --run-ignored"]
+fn cuda_softmax_matches_cpu() {
+    let Some(dev) = gpu("cuda_softmax_matches_cpu") else { return };
+    // Widths around the 16 lanes and the block, attention-sized rows and V3's vocabulary.
+    let strat = (
+        prop_oneof![Just(0usize), Just(1usize), 2usize..=6],
+        proptest::sample::select(&[1usize, 7, 15, 16, 17, 255, 257, 4096, 129_280][..]),
+    )
+        .prop_flat_map(|(r, c)| (Just(r), Just(c), vec_f32(r * c, 40.0), 0u8..4));
+    runner(32)
+        .run(&strat, |(rows, cols, mut x, special)| {
+            // Row 0 special: all -inf (uniform), some -inf entries, a NaN, or NaN among -inf.
+            if rows > 0 {
+                let r0 = &mut x[..cols];
+                match special {
+                    0 => r0.fill(f32::NEG_INFINITY),
+                    1 => r0.iter_mut().step_by(3).for_each(|v| *v = f32::NEG_INFINITY),
+                    2 => r0[cols / 2] = f32::NAN,
+                    _ => {
+                        r0.fill(f32::NEG_INFINITY);
+                        r0[cols - 1] = f32::NAN;
+                    }
+                }
+            }
+            let s = RowsShape { rows, cols };
+            let mut cpu = vec![0f32; x.len()];
+            act::softmax(&x, s, &mut cpu).unwrap();
+            let mut od = dev.zeros::<f32>(x.len()).unwrap();
+            dev.softmax(&dev.upload(&x).unwrap(), s, &mut od).unwrap();
+            same_bits("softmax", &dev.download(&od).unwrap(), &cpu)
+        })
+        .unwrap();
+    // Shape errors are the CPU's.
+    let mut od = dev.zeros::<f32>(4).unwrap();
+    let e = dev.softmax(&dev.zeros::<f32>(4).unwrap(), RowsShape { rows: 1, cols: 0 }, &mut od).unwrap_err();
+    assert_eq!(e, act::softmax(&[0.0; 4], RowsShape { rows: 1, cols: 0 }, &mut [0.0; 4]).unwrap_err());
+    let e = dev.softmax(&dev.zeros::<f32>(4).unwrap(), RowsShape { rows: 1, cols: 3 }, &mut od).unwrap_err();
+    assert_eq!(e, act::softmax(&[0.0; 4], RowsShape { rows: 1, cols: 3 }, &mut [0.0; 4]).unwrap_err());
+}
+
+#[test]
+#[ignore = "needs a GPU; run with --run-ignored"]
+fn cuda_add_assign_matches_cpu() {
+    let Some(dev) = gpu("cuda_add_assign_matches_cpu") else { return };
+    use dsv3_kernels::{Backend, Cpu};
+    let strat =
+        proptest::sample::select(&[0usize, 1, 255, 257, 7168, 3 * 7168 + 5][..]).prop_flat_map(|n| (vec_f32(n, 1e3), vec_f32(n, 1e3)));
+    runner(16)
+        .run(&strat, |(mut acc, x)| {
+            if acc.len() > 2 {
+                acc[0] = f32::NAN;
+                acc[1] = f32::INFINITY;
+            }
+            let mut ad = dev.upload(&acc).unwrap();
+            dev.add_assign(&mut ad, &dev.upload(&x).unwrap()).unwrap();
+            Cpu.add_assign(&mut acc, &x).unwrap();
+            same_bits("add_assign", &dev.download(&ad).unwrap(), &acc)
+        })
+        .unwrap();
+    let mut ad = dev.zeros::<f32>(3).unwrap();
+    let e = dev.add_assign(&mut ad, &dev.zeros::<f32>(4).unwrap()).unwrap_err();
+    assert_eq!(e, Cpu.add_assign(&mut vec![0f32; 3], &vec![0f32; 4]).unwrap_err());
+}
