@@ -5,7 +5,7 @@
 //! the MTP `eh_proj` and `shared_head.head`. The weight stays bf16 in memory (half the bytes of
 //! f32: decode is memory-bound) and is widened exactly in registers; accumulation is f32.
 
-use crate::cpu::dispatch;
+use crate::cpu::{IsaLevel, dispatch, isa_level};
 use crate::error::{Result, check_len, checked_mul, shape_err};
 use crate::gemm::GemmShape;
 use crate::mmap::Storage;
@@ -115,6 +115,9 @@ pub mod reference {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
 /// Weight rows per task: long runs so each thread streams contiguous memory.
 const ROWS_PER_TASK: usize = 64;
 
@@ -128,6 +131,24 @@ pub fn gemm_bf16(a: &[f32], w: Bf16WeightRef<'_>, s: GemmShape, out: &mut [f32])
     // Work on out^T chunks ([n rows of the weight] x m) so each task owns a contiguous slice,
     // then transpose (cheap next to reading the weight).
     let mut out_t = vec![0f32; s.n * s.m];
+    #[cfg(target_arch = "x86_64")]
+    if s.m <= 4 && s.k.is_multiple_of(32) && isa_level() == IsaLevel::Avx512 {
+        // The matrix-vector path (decode: lm_head, router). Each row's sums do not depend on
+        // the other rows of the batch, so a step of 2 tokens gives the bits of 2 steps of 1.
+        let rows: Vec<&[f32]> = a.chunks_exact(s.k).collect();
+        out_t.par_chunks_mut(ROWS_PER_TASK * s.m).enumerate().for_each(|(c, chunk)| {
+            let (n0, nr) = (c * ROWS_PER_TASK, chunk.len() / s.m);
+            // SAFETY (all arms): the CPU was checked at run time to have avx512f and avx512bw.
+            match s.m {
+                1 => unsafe { avx512::matvec::<1>([rows[0]], w.data, s.k, n0, nr, chunk) },
+                2 => unsafe { avx512::matvec::<2>([rows[0], rows[1]], w.data, s.k, n0, nr, chunk) },
+                3 => unsafe { avx512::matvec::<3>([rows[0], rows[1], rows[2]], w.data, s.k, n0, nr, chunk) },
+                _ => unsafe { avx512::matvec::<4>([rows[0], rows[1], rows[2], rows[3]], w.data, s.k, n0, nr, chunk) },
+            }
+        });
+        transpose_into(&out_t, s, out);
+        return Ok(());
+    }
     out_t.par_chunks_mut(ROWS_PER_TASK * s.m).enumerate().for_each(|(c, chunk)| {
         let n0 = c * ROWS_PER_TASK;
         for (i, o) in chunk.chunks_exact_mut(s.m).enumerate() {
@@ -141,12 +162,17 @@ pub fn gemm_bf16(a: &[f32], w: Bf16WeightRef<'_>, s: GemmShape, out: &mut [f32])
             }
         }
     });
+    transpose_into(&out_t, s, out);
+    Ok(())
+}
+
+/// `out[m, n] = out_t[n, m]`.
+fn transpose_into(out_t: &[f32], s: GemmShape, out: &mut [f32]) {
     for m in 0..s.m {
         for n in 0..s.n {
             out[m * s.n + n] = out_t[n * s.m + m];
         }
     }
-    Ok(())
 }
 
 dispatch! {

@@ -63,3 +63,27 @@ fn router_shape_and_errors() {
     assert!(matches!(r, Err(KernelError::Length { what: "a", .. })), "{r:?}");
     assert!(Bf16Weight::new(2, 2, vec![half::bf16::ZERO; 3]).is_err());
 }
+
+/// Each row's result does not depend on the other rows of the batch: M = 1..=4 rows give the
+/// bits of the rows computed one at a time (MTP verification relies on it), on V3's lm_head
+/// and router widths and on an odd width.
+#[test]
+fn rows_are_computed_independently_of_the_batch() {
+    for (n, k) in [(1000, 7168), (256, 7168), (77, 1024), (33, 100)] {
+        let w = Bf16Weight::from_f32(n, k, &data(n as u64, n * k)).unwrap();
+        let a = data(9, 4 * k);
+        let mut single = Vec::new();
+        for r in 0..4 {
+            let mut o = vec![0f32; n];
+            dense::gemm_bf16(&a[r * k..(r + 1) * k], w.view(), GemmShape { m: 1, n, k }, &mut o).unwrap();
+            single.push(o);
+        }
+        for m in 2..=4 {
+            let mut o = vec![0f32; m * n];
+            dense::gemm_bf16(&a[..m * k], w.view(), GemmShape { m, n, k }, &mut o).unwrap();
+            for r in 0..m {
+                assert!(o[r * n..(r + 1) * n] == single[r][..], "n {n} k {k}: row {r} of a batch of {m} differs from it alone");
+            }
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! The bf16 matrix-vector path at 16 lanes (at most 4 activation rows, K a multiple of 32): the
+//! weight rows of a task are streamed two at a time from far-apart places (row `i` with row
+//! `i + half`), each with a software prefetch 2 KiB ahead, and widened to f32 in registers
+//! (`bf16 << 16`). This is what `lm_head` and the router run on at decode; the autovectorised
+//! AVX2 body reached about 56% of the read bandwidth on `lm_head` (see benches/results).
+
+use half::bf16;
+use std::arch::x86_64::*;
+
+/// Bytes ahead of the current position that each weight stream prefetches.
+const PREFETCH_AHEAD: usize = 2048;
+
+/// 32 bf16 values (one 64-byte line) widened to two vectors of 16 f32.
+#[target_feature(enable = "avx512f,avx512bw")]
+fn widen32(w: &[bf16; 32]) -> (__m512, __m512) {
+    // SAFETY: `w` is a reference to 64 readable bytes; loadu has no alignment requirement.
+    let (lo, hi) = unsafe { (_mm256_loadu_si256(w.as_ptr().cast()), _mm256_loadu_si256(w.as_ptr().add(16).cast())) };
+    let f = |h: __m256i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
+    (f(lo), f(hi))
+}
+
+#[target_feature(enable = "avx512f")]
+fn load16(x: &[f32], i: usize) -> __m512 {
+    let c: &[f32; 16] = match x[i..i + 16].try_into() {
+        Ok(c) => c,
+        Err(_) => unreachable!("a slice of length 16"),
+    };
+    // SAFETY: `c` is a reference to 16 initialised f32; loadu has no alignment requirement.
+    unsafe { _mm512_loadu_ps(c.as_ptr()) }
+}
+
+/// `out[i * MR + r] = a[r] · w[n0 + i]` for the `rows` weight rows starting at `n0` (each `k`
+/// long, `k % 32 == 0`), with `MR` activation rows `a[r]`.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) fn matvec<const MR: usize>(a: [&[f32]; MR], w: &[bf16], k: usize, n0: usize, rows: usize, out: &mut [f32]) {
+    let half = rows.div_ceil(2);
+    for i in 0..half {
+        let (p, q) = (n0 + i, n0 + i + half);
+        if i + half < rows {
+            let s = dots::<MR, 2>(&a, w, k, [p, q]);
+            for r in 0..MR {
+                out[i * MR + r] = s[r][0];
+                out[(i + half) * MR + r] = s[r][1];
+            }
+        } else {
+            let s = dots::<MR, 1>(&a, w, k, [p]);
+            for r in 0..MR {
+                out[i * MR + r] = s[r][0];
+            }
+        }
+    }
+}
+
+/// `[r][c]`: activation row `r` against weight row `ns[c]`, over all of K.
+#[target_feature(enable = "avx512f,avx512bw")]
+fn dots<const MR: usize, const R: usize>(a: &[&[f32]; MR], w: &[bf16], k: usize, ns: [usize; R]) -> [[f32; R]; MR] {
+    let mut acc = [[[_mm512_setzero_ps(); 2]; R]; MR];
+    for j in (0..k).step_by(32) {
+        for c in 0..R {
+            let line: &[bf16; 32] = match w[ns[c] * k + j..ns[c] * k + j + 32].try_into() {
+                Ok(l) => l,
+                Err(_) => unreachable!("32 values"),
+            };
+            // The prefetch may point past the end of the weight: prefetches never fault.
+            _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast::<u8>().wrapping_add(PREFETCH_AHEAD).cast());
+            let (w0, w1) = widen32(line);
+            for r in 0..MR {
+                acc[r][c][0] = _mm512_fmadd_ps(load16(a[r], j), w0, acc[r][c][0]);
+                acc[r][c][1] = _mm512_fmadd_ps(load16(a[r], j + 16), w1, acc[r][c][1]);
+            }
+        }
+    }
+    let mut out = [[0f32; R]; MR];
+    for r in 0..MR {
+        for c in 0..R {
+            out[r][c] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][c][0], acc[r][c][1]));
+        }
+    }
+    out
+}
