@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepares the GPU check (design.md, "The GPU machine"): builds the `cuda`-feature test
-# binaries of dsv3-kernels and the GPU benchmarks here, strips them and gathers them with
-# run.sh and ptxas' kernel report into gpu-check/ (git-ignored, a few MB). Copy that folder to
+# binaries of dsv3-kernels, dsv3-mla and dsv3-moe and the GPU benchmarks here, strips them and
+# gathers them with run.sh and ptxas' kernel report into gpu-check/ (git-ignored, a few MB). Copy that folder to
 # the GPU machine (no Rust, no network, CUDA 13 driver) and run `gpu-check/run.sh` there; it
 # writes its report to $OUT.
 set -euo pipefail
@@ -12,8 +12,10 @@ DEST=gpu-check
 rm -rf "$DEST"
 mkdir -p "$DEST/bin"
 
-# Every test executable of the crate built with the feature; keep the GPU ones (cuda_*).
-cargo test --no-run --features cuda --profile test-opt -p dsv3-kernels --message-format=json \
+# Every test executable of the kernel crate and of the layer crates (dsv3-mla, dsv3-moe: their
+# cuda_* tests run the layers on the CUDA backend) built with the feature; keep the GPU ones.
+cargo test --no-run --features dsv3-kernels/cuda --profile test-opt -p dsv3-kernels -p dsv3-mla -p dsv3-moe \
+  --message-format=json \
   | python3 -c '
 import json, sys
 for line in sys.stdin:
