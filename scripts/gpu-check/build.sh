@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Prepares the GPU check (design.md, "The GPU machine"): builds the `cuda`-feature test
-# binaries of dsv3-kernels, dsv3-mla and dsv3-moe and the GPU benchmarks here, strips them and
-# gathers them with run.sh and ptxas' kernel report into gpu-check/ (git-ignored, a few MB). Copy that folder to
-# the GPU machine (no Rust, no network, CUDA 13 driver) and run `gpu-check/run.sh` there; it
-# writes its report to $OUT.
+# binaries (dsv3-kernels, and the layer / model tests of dsv3-mla, dsv3-moe, dsv3-runtime) and
+# the GPU benchmarks here, strips them and gathers them with run.sh and ptxas' kernel report
+# into gpu-check/ (git-ignored, a few MB). Copy that folder to the GPU machine (no Rust, no
+# network, CUDA 13 driver) and run `gpu-check/run.sh` there; it writes its report to $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -12,9 +12,10 @@ DEST=gpu-check
 rm -rf "$DEST"
 mkdir -p "$DEST/bin"
 
-# Every test executable of the kernel crate and of the layer crates (dsv3-mla, dsv3-moe: their
-# cuda_* tests run the layers on the CUDA backend) built with the feature; keep the GPU ones.
-cargo test --no-run --features dsv3-kernels/cuda --profile test-opt -p dsv3-kernels -p dsv3-mla -p dsv3-moe \
+# Every test executable of the kernel crate and of the crates above it (dsv3-mla, dsv3-moe,
+# dsv3-runtime: their cuda_* tests run the layers and the tiny models on the CUDA backend)
+# built with the feature; keep the GPU ones (cuda_*).
+cargo test --no-run --features dsv3-kernels/cuda --profile test-opt -p dsv3-kernels -p dsv3-mla -p dsv3-moe -p dsv3-runtime \
   --message-format=json \
   | python3 -c '
 import json, sys
