@@ -132,18 +132,23 @@ pub fn gemm_bf16(a: &[f32], w: Bf16WeightRef<'_>, s: GemmShape, out: &mut [f32])
     // then transpose (cheap next to reading the weight).
     let mut out_t = vec![0f32; s.n * s.m];
     #[cfg(target_arch = "x86_64")]
-    if s.m <= 4 && s.k.is_multiple_of(32) && isa_level() == IsaLevel::Avx512 {
-        // The matrix-vector path (decode: lm_head, router). Each row's sums do not depend on
-        // the other rows of the batch, so a step of 2 tokens gives the bits of 2 steps of 1.
+    if s.k.is_multiple_of(32) && isa_level() == IsaLevel::Avx512 {
+        // Groups of <= 4 activation rows against streamed weight rows (decode: lm_head,
+        // router). Each row's sums do not depend on the other rows of the batch, so any split
+        // of a batch (a 2-token MTP step, the tokens of one expert-parallel rank) gives the
+        // bits of the whole.
         let rows: Vec<&[f32]> = a.chunks_exact(s.k).collect();
         out_t.par_chunks_mut(ROWS_PER_TASK * s.m).enumerate().for_each(|(c, chunk)| {
             let (n0, nr) = (c * ROWS_PER_TASK, chunk.len() / s.m);
-            // SAFETY (all arms): the CPU was checked at run time to have avx512f and avx512bw.
-            match s.m {
-                1 => unsafe { avx512::matvec::<1>([rows[0]], w.data, s.k, n0, nr, chunk) },
-                2 => unsafe { avx512::matvec::<2>([rows[0], rows[1]], w.data, s.k, n0, nr, chunk) },
-                3 => unsafe { avx512::matvec::<3>([rows[0], rows[1], rows[2]], w.data, s.k, n0, nr, chunk) },
-                _ => unsafe { avx512::matvec::<4>([rows[0], rows[1], rows[2], rows[3]], w.data, s.k, n0, nr, chunk) },
+            for (g, r) in rows.chunks(4).enumerate() {
+                let o = &mut chunk[4 * g..];
+                // SAFETY (all arms): the CPU was checked at run time to have avx512f and avx512bw.
+                match r.len() {
+                    1 => unsafe { avx512::matvec::<1>([r[0]], w.data, s.k, n0, nr, s.m, o) },
+                    2 => unsafe { avx512::matvec::<2>([r[0], r[1]], w.data, s.k, n0, nr, s.m, o) },
+                    3 => unsafe { avx512::matvec::<3>([r[0], r[1], r[2]], w.data, s.k, n0, nr, s.m, o) },
+                    _ => unsafe { avx512::matvec::<4>([r[0], r[1], r[2], r[3]], w.data, s.k, n0, nr, s.m, o) },
+                }
             }
         });
         transpose_into(&out_t, s, out);

@@ -1,4 +1,4 @@
-//! The bf16 matrix-vector path at 16 lanes (at most 4 activation rows, K a multiple of 32): the
+//! The bf16 GEMM at 16 lanes, in groups of at most 4 activation rows (K a multiple of 32): the
 //! weight rows of a task are streamed two at a time from far-apart places (row `i` with row
 //! `i + half`), each with a software prefetch 2 KiB ahead, and widened to f32 in registers
 //! (`bf16 << 16`). This is what `lm_head` and the router run on at decode; the autovectorised
@@ -29,23 +29,23 @@ fn load16(x: &[f32], i: usize) -> __m512 {
     unsafe { _mm512_loadu_ps(c.as_ptr()) }
 }
 
-/// `out[i * MR + r] = a[r] · w[n0 + i]` for the `rows` weight rows starting at `n0` (each `k`
-/// long, `k % 32 == 0`), with `MR` activation rows `a[r]`.
+/// `out[i * stride + r] = a[r] · w[n0 + i]` for the `rows` weight rows starting at `n0` (each
+/// `k` long, `k % 32 == 0`), with `MR` activation rows `a[r]`.
 #[target_feature(enable = "avx512f,avx512bw")]
-pub(super) fn matvec<const MR: usize>(a: [&[f32]; MR], w: &[bf16], k: usize, n0: usize, rows: usize, out: &mut [f32]) {
+pub(super) fn matvec<const MR: usize>(a: [&[f32]; MR], w: &[bf16], k: usize, n0: usize, rows: usize, stride: usize, out: &mut [f32]) {
     let half = rows.div_ceil(2);
     for i in 0..half {
         let (p, q) = (n0 + i, n0 + i + half);
         if i + half < rows {
             let s = dots::<MR, 2>(&a, w, k, [p, q]);
             for r in 0..MR {
-                out[i * MR + r] = s[r][0];
-                out[(i + half) * MR + r] = s[r][1];
+                out[i * stride + r] = s[r][0];
+                out[(i + half) * stride + r] = s[r][1];
             }
         } else {
             let s = dots::<MR, 1>(&a, w, k, [p]);
             for r in 0..MR {
-                out[i * MR + r] = s[r][0];
+                out[i * stride + r] = s[r][0];
             }
         }
     }
