@@ -58,6 +58,14 @@ pub trait Backend: Send + Sync + Debug {
     fn upload_weight_owned(&self, w: Fp8Weight) -> Result<Self::Weight> {
         self.upload_weight(w.view())
     }
+    /// Makes several weights resident at once, in order: a MoE layer's experts of one
+    /// projection. A backend may place weights of one shape side by side in one allocation, so
+    /// that a grouped GEMM over them (or over a consecutive run of them, in this order) is one
+    /// launch of its fastest kernel; the CUDA backend does, for its sm90 GEMM. The default
+    /// uploads each one ([`Backend::upload_weight`]).
+    fn upload_weights(&self, w: &[Fp8WeightRef<'_>]) -> Result<Vec<Self::Weight>> {
+        w.iter().map(|w| self.upload_weight(*w)).collect()
+    }
     /// `(rows, cols)` of a weight.
     fn weight_shape(&self, w: &Self::Weight) -> (usize, usize);
     /// As [`Backend::upload_weight`], for a bf16 weight.

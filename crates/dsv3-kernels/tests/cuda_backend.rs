@@ -144,7 +144,11 @@ fn run<B: Backend>(b: &B, i: &Inputs) -> Vec<(&'static str, Vec<f32>, bool)> {
     let mut xp = b.zeros::<f32>(t * k * h).unwrap();
     b.permute(&plan, h, &x, &mut xp).unwrap();
     out.push(("permute", b.download(&xp).unwrap(), true));
-    let ew: Vec<_> = i.experts.iter().map(|w| b.upload_weight(w.view()).unwrap()).collect();
+    // The experts uploaded together, as the MoE layer does (on the GPU: one stack, whose
+    // entries the simple grouped kernels read at their offsets; this shape has no sm90 kernel).
+    let views: Vec<_> = i.experts.iter().map(|w| w.view()).collect();
+    let ew = b.upload_weights(&views).unwrap();
+    assert_eq!(ew.len(), i.route.n_experts);
     let er: Vec<_> = ew.iter().collect();
     let mut g = b.zeros::<f32>(t * k * 128).unwrap();
     for path in [GemmPath::Reference, GemmPath::Fp8] {

@@ -133,7 +133,9 @@ fn cuda_gemm_fp8_path_matches_cpu() {
 
 /// Grouped GEMM, contiguous and masked, both paths, against the plain-loop references bit for
 /// bit: empty experts, one-row experts, experts past one 64-row tile; padding rows of the
-/// masked layout hold NaN and must be neither read nor left unwritten (zeros).
+/// masked layout hold NaN and must be neither read nor left unwritten (zeros). The experts are
+/// uploaded one by one and, again, as one stack (`upload_fp8_experts`): these shapes have no
+/// sm90 kernel, so both take the simple kernels, the stacked ones at their entries' offsets.
 #[test]
 #[ignore = "needs a GPU; run with --run-ignored"]
 fn cuda_grouped_gemm_matches_reference() {
@@ -154,7 +156,9 @@ fn cuda_grouped_gemm_matches_reference() {
             let ws: Vec<Fp8Weight> = (0..e).map(|i| Fp8Weight::quantize(n, k, &wf[i * n * k..(i + 1) * n * k]).unwrap()).collect();
             let views: Vec<_> = ws.iter().map(|w| w.view()).collect();
             let wds: Vec<_> = ws.iter().map(|w| dev.upload_fp8_weight(w.view()).unwrap()).collect();
+            let stacked = dev.upload_fp8_experts(&views).unwrap();
             let wrefs: Vec<_> = wds.iter().collect();
+            let srefs: Vec<_> = stacked.iter().collect();
             // Contiguous.
             let mut offsets = vec![0u32];
             for &c in &counts {
@@ -167,6 +171,9 @@ fn cuda_grouped_gemm_matches_reference() {
             let mut od = dev.upload(&vec![f32::NAN; cpu.len()]).unwrap();
             dev.grouped_contiguous(&dev.upload(&a).unwrap(), &dev.upload(&offsets).unwrap(), &wrefs, path, &mut od).unwrap();
             same_bits("grouped_contiguous", &dev.download(&od).unwrap(), &cpu)?;
+            let mut od = dev.upload(&vec![f32::NAN; cpu.len()]).unwrap();
+            dev.grouped_contiguous(&dev.upload(&a).unwrap(), &dev.upload(&offsets).unwrap(), &srefs, path, &mut od).unwrap();
+            same_bits("grouped_contiguous, stacked", &dev.download(&od).unwrap(), &cpu)?;
             // Masked, capacity = the largest count + 3, padding rows NaN.
             let cap = *counts.iter().max().unwrap() as usize + 3;
             let mut am = vec![f32::NAN; e * cap * k];
@@ -179,6 +186,9 @@ fn cuda_grouped_gemm_matches_reference() {
             let mut od = dev.upload(&vec![f32::NAN; cpu.len()]).unwrap();
             dev.grouped_masked(&dev.upload(&am).unwrap(), &dev.upload(&counts).unwrap(), cap, &wrefs, path, &mut od).unwrap();
             same_bits("grouped_masked", &dev.download(&od).unwrap(), &cpu)?;
+            let mut od = dev.upload(&vec![f32::NAN; cpu.len()]).unwrap();
+            dev.grouped_masked(&dev.upload(&am).unwrap(), &dev.upload(&counts).unwrap(), cap, &srefs, path, &mut od).unwrap();
+            same_bits("grouped_masked, stacked", &dev.download(&od).unwrap(), &cpu)?;
             // A non-finite value in a live row on the fp8 path: the CPU's error, naming the row
             // among the live rows.
             if fp8 && rows > 0 {

@@ -56,26 +56,25 @@ struct ExpertSet<B: Backend> {
 }
 
 impl<B: Backend> ExpertSet<B> {
-    /// Uploads experts `range` of `w`, each distinct `Arc` once.
+    /// Uploads experts `range` of `w`, each distinct `Arc` once, each projection's experts in
+    /// one [`Backend::upload_weights`] call (on the GPU: one stack, so the grouped GEMMs over
+    /// them can run as one launch of the sm90 kernel).
     fn upload(b: &B, w: &MoeWeights, range: Range<usize>) -> Result<ExpertSet<B>> {
-        let mut set = ExpertSet { range: range.clone(), gate: vec![], up: vec![], down: vec![], slot: vec![] };
+        let mut distinct = Vec::new();
+        let mut slot = Vec::with_capacity(range.len());
         let mut seen: HashMap<usize, usize> = HashMap::new();
-        for e in range {
+        for e in range.clone() {
             let ew = w.expert(e).ok_or_else(|| weight(format!("mlp.experts.{e}"), "not held by these weights"))?;
-            let key = Arc::as_ptr(ew) as usize;
-            let slot = match seen.get(&key) {
-                Some(&s) => s,
-                None => {
-                    set.gate.push(b.upload_weight(ew.gate().view())?);
-                    set.up.push(b.upload_weight(ew.up().view())?);
-                    set.down.push(b.upload_weight(ew.down().view())?);
-                    seen.insert(key, set.gate.len() - 1);
-                    set.gate.len() - 1
-                }
-            };
-            set.slot.push(slot);
+            let s = *seen.entry(Arc::as_ptr(ew) as usize).or_insert_with(|| {
+                distinct.push(ew);
+                distinct.len() - 1
+            });
+            slot.push(s);
         }
-        Ok(set)
+        let gate: Vec<_> = distinct.iter().map(|ew| ew.gate().view()).collect();
+        let up: Vec<_> = distinct.iter().map(|ew| ew.up().view()).collect();
+        let down: Vec<_> = distinct.iter().map(|ew| ew.down().view()).collect();
+        Ok(ExpertSet { range, gate: b.upload_weights(&gate)?, up: b.upload_weights(&up)?, down: b.upload_weights(&down)?, slot })
     }
 
     /// Per local expert, its weight of one projection.

@@ -2,7 +2,10 @@
 //! weights, RoPE tables and dispatch plans are resident on the device, and every op is the
 //! [`CudaDevice`] wrapper of the same name (the kernels of `cuda/`). Activations are f32, as
 //! on the CPU backend, so model code runs unchanged; the results match the CPU's within the
-//! documented tolerances (bit for bit where the wrappers say so).
+//! documented tolerances (bit for bit where the wrappers say so). The FP8 GEMMs' fp8 path
+//! (`gemm`, `grouped_gemm_*`) runs on the Hopper kernel (`sm90_fp8_gemm`) where its router
+//! has the shape and on the simple kernels otherwise ([`super::sm90_gemm::gemm_route`]); the
+//! Reference path always runs on the simple dequantising kernel.
 
 use super::{CudaDevice, DeviceBf16Weight, DeviceBuf, DeviceFp8Weight, DevicePlan, DeviceRope};
 use crate::attention::{CacheWriteShape, DecodeParams, GatherShape, MlaDims, PrefillInputs, PrefillParams};
@@ -62,6 +65,15 @@ impl Backend for Cuda {
     }
     fn upload_weight(&self, w: Fp8WeightRef<'_>) -> Result<DeviceFp8Weight> {
         self.dev.upload_fp8_weight(w)
+    }
+    /// Weights of one shape become one stack ([`CudaDevice::upload_fp8_experts`]), so the
+    /// grouped GEMMs over them take the sm90 kernel; weights of mixed shapes are uploaded one
+    /// by one.
+    fn upload_weights(&self, w: &[Fp8WeightRef<'_>]) -> Result<Vec<DeviceFp8Weight>> {
+        match w.first() {
+            Some(f) if w.iter().all(|x| (x.rows(), x.cols()) == (f.rows(), f.cols())) => self.dev.upload_fp8_experts(w),
+            _ => w.iter().map(|x| self.dev.upload_fp8_weight(*x)).collect(),
+        }
     }
     fn weight_shape(&self, w: &DeviceFp8Weight) -> (usize, usize) {
         w.shape()

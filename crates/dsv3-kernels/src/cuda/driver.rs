@@ -139,6 +139,18 @@ impl Device {
         }
     }
 
+    /// Copies `host` into bytes `offset..offset + host.len()` of a buffer (in stream order).
+    pub(crate) fn write(&self, b: &mut Buf, offset: usize, host: &[u8]) -> Result<()> {
+        if host.is_empty() {
+            return Ok(());
+        }
+        let oob = || KernelError::Cuda("write out of bounds".into());
+        let end = offset.checked_add(host.len()).ok_or_else(oob)?;
+        let s = b.0.as_mut().ok_or_else(oob)?;
+        let mut v = s.try_slice_mut(offset..end).ok_or_else(oob)?;
+        self.stream.memcpy_htod(host, &mut v).map_err(drv)
+    }
+
     /// Sets every byte of a buffer to zero (in stream order).
     pub(crate) fn memset_zero(&self, b: &mut Buf) -> Result<()> {
         match &mut b.0 {

@@ -1,41 +1,94 @@
 //! GEMM wrappers: `out[M, N] = a[M, K] · W[N, K]ᵀ` against an FP8 block-scaled weight on both
-//! numeric paths (dense and grouped for MoE experts) and against a bf16 weight. Plain SIMT
-//! kernels, bit-exact with the plain-loop references (the Hopper-speed GEMM is separate):
+//! numeric paths (dense and grouped for MoE experts) and against a bf16 weight. The fp8 path
+//! runs on the Hopper kernel of [`super::sm90_gemm`] where its router has the shape, and on
+//! plain SIMT kernels, bit-exact with the plain-loop references, otherwise
+//! ([`super::sm90_gemm::gemm_route`] decides on the host; the `*_routed` forms return the
+//! route taken):
 //!
 //! | path | kernel | equals |
 //! |---|---|---|
 //! | Reference | `dsv3_gemm_dequant_simt(_grouped)` | [`crate::gemm::reference::gemm_dequant`] |
-//! | Fp8 | `dsv3_act_quant_1x128` + `dsv3_gemm_fp8_simt(_grouped)` | [`crate::gemm::reference::gemm`] (fp8 path) |
+//! | Fp8, an sm90 (N, K), weights one run of a stack | `dsv3_act_quant_1x128` + `dsv3_sm90_fp8_gemm_*` | the CPU fp8 path up to the order of the sums inside each 128-wide block |
+//! | Fp8, otherwise | `dsv3_act_quant_1x128` + `dsv3_gemm_fp8_simt(_grouped)` | [`crate::gemm::reference::gemm`] (fp8 path) |
 //! | bf16 weight | `dsv3_gemm_bf16_simt` | [`crate::dense::reference::gemm_bf16`] |
 //!
-//! The grouped forms take a tile list (expert, first row, rows ≤ 64) built on the host from
-//! the offsets or counts, which are downloaded first (they are validated as the CPU does).
+//! Every FP8 weight is an entry of a [`DeviceFp8Stack`] ([`DeviceFp8Weight`]), which both
+//! kernel families read in place. The grouped SIMT forms take a tile list (expert, first row,
+//! rows ≤ 64) built on the host from the offsets or counts, which are downloaded first (they
+//! are validated as the CPU does); the sm90 kernel takes the offsets or counts themselves.
 
 use super::ops::{Masked, non_finite_detail};
 use super::params::*;
+use super::sm90_gemm::{DeviceFp8Stack, Fp8Route, GemmRoute, Sm90Fallback, Sm90Layout, Sm90Out, StackRange, fp8_route};
 use super::{CudaDevice, DeviceBuf, grid_yz, imp, u32_of};
 use crate::dense::Bf16WeightRef;
 use crate::error::{Result, check_len, checked_mul, invalid, shape_err};
 use crate::fp8::{ActQuantShape, BLOCK, Fp8WeightRef, ScaleFmt, blocks};
 use crate::gemm::{GemmPath, GemmShape, GroupedShape};
+use std::sync::Arc;
 
 /// Output tile edge of the SIMT GEMMs (rows and columns per block).
 const TILE: usize = 64;
 
-/// A validated block-scaled FP8 weight in device memory ([`CudaDevice::upload_fp8_weight`]).
+/// A validated block-scaled FP8 weight in device memory: entry `index` of a weight stack
+/// ([`DeviceFp8Stack`]), whose device memory it shares with the stack's other entries. A weight
+/// uploaded alone ([`CudaDevice::upload_fp8_weight`]) is a stack of one; the experts of one
+/// projection uploaded together ([`CudaDevice::upload_fp8_experts`]) are entries `0..E` of one
+/// stack, which the grouped GEMMs hand to the sm90 kernel as one `[E·N, K]` matrix. Every
+/// kernel, simple or sm90, reads the weight where it is: no weight is held twice.
 #[derive(Debug)]
 pub struct DeviceFp8Weight {
-    rows: usize,
-    cols: usize,
-    data: DeviceBuf<u8>,
-    scale_inv: DeviceBuf<f32>,
+    stack: Arc<DeviceFp8Stack>,
+    /// `< stack.groups`.
+    index: usize,
 }
 
 impl DeviceFp8Weight {
+    /// Entry `index` of `stack` (`index < stack.groups`, which the callers guarantee).
+    pub(super) fn entry(stack: Arc<DeviceFp8Stack>, index: usize) -> DeviceFp8Weight {
+        debug_assert!(index < stack.groups);
+        DeviceFp8Weight { stack, index }
+    }
     /// `(rows, cols)`.
     pub fn shape(&self) -> (usize, usize) {
-        (self.rows, self.cols)
+        (self.stack.n, self.stack.k)
     }
+    /// The stack this weight is an entry of (what [`CudaDevice::sm90_fp8_gemm`] takes).
+    pub fn stack(&self) -> &DeviceFp8Stack {
+        &self.stack
+    }
+    /// Its entry in [`Self::stack`].
+    pub fn index(&self) -> usize {
+        self.index
+    }
+    /// Byte offsets of its codes and its scales from the starts of the stack's buffers.
+    fn offsets(&self) -> (u64, u64) {
+        let (n, k) = self.shape();
+        ((self.index * n * k) as u64, (self.index * blocks(n) * blocks(k) * size_of::<f32>()) as u64)
+    }
+    /// Device addresses of its codes and scales, with the access records of the stack's buffers.
+    fn addrs<'a>(&'a self, dev: &'a CudaDevice) -> ((u64, imp::Access<'a>), (u64, imp::Access<'a>)) {
+        let (wo, so) = self.offsets();
+        let (wa, gw) = dev.imp.addr(&self.stack.data.imp);
+        let (sa, gs) = dev.imp.addr(&self.stack.scale_inv.imp);
+        ((wa + wo, gw), (sa + so, gs))
+    }
+}
+
+/// `w` as one range of a stack, when its weights are consecutive entries `i, i+1, ...` of one
+/// stack (a MoE layer's experts uploaded together, or a run of them; any single weight).
+fn stack_run<'a>(w: &[&'a DeviceFp8Weight]) -> Option<StackRange<'a>> {
+    let first = w.first()?;
+    if !is_run(w.iter().map(|x| (Arc::as_ptr(&x.stack), x.index))) {
+        return None;
+    }
+    StackRange::new(&first.stack, first.index, w.len())
+}
+
+/// Whether `(stack, index)` pairs name consecutive entries of one stack (none: no).
+fn is_run<S: PartialEq>(mut ids: impl Iterator<Item = (S, usize)>) -> bool {
+    let Some((s0, i0)) = ids.next() else { return false };
+    ids.enumerate().all(|(j, (s, i))| s == s0 && i0.checked_add(j + 1) == Some(i))
 }
 
 /// A validated bf16 weight in device memory ([`CudaDevice::upload_bf16_weight`]).
@@ -66,9 +119,9 @@ struct Groups<'a> {
 }
 
 impl CudaDevice {
-    /// Uploads a validated FP8 weight (codes and `scale_inv`).
+    /// Uploads a validated FP8 weight (codes and `scale_inv`): a stack of one.
     pub fn upload_fp8_weight(&self, w: Fp8WeightRef<'_>) -> Result<DeviceFp8Weight> {
-        Ok(DeviceFp8Weight { rows: w.rows(), cols: w.cols(), data: self.upload(w.data())?, scale_inv: self.upload(w.scale_inv())? })
+        Ok(DeviceFp8Weight::entry(Arc::new(self.upload_fp8_stack(&[w])?), 0))
     }
 
     /// Uploads a validated bf16 weight.
@@ -111,15 +164,15 @@ impl CudaDevice {
         }
         let (aa, _ga) = self.imp.addr(&a_q.imp);
         let (asa, _gas) = self.imp.addr(&a_s.imp);
-        let (wa, _gw) = self.imp.addr(&w.data.imp);
-        let (wsa, _gws) = self.imp.addr(&w.scale_inv.imp);
+        let ((wa, _gw), (wsa, _gws)) = w.addrs(self);
         let (oa, _go) = self.imp.addr_mut(&mut out.imp);
-        debug_assert_eq!(w.scale_inv.len(), blocks(w.rows) * blocks(w.cols));
+        debug_assert_eq!(w.stack.scale_inv.len(), w.stack.groups * blocks(s.n) * blocks(s.k));
         let p = GemmFp8SimtParams { a: aa, a_s: asa, w: wa, w_s: wsa, out: oa, m, n, k, pad: 0 };
-        // SAFETY: a_q is m·k, the weight n·k with ceil(n/128)·k/128 scales (validated when it
-        // was built), a_s is m·k/128, out m·n (checked by the caller); the kernel guards rows
-        // >= m and columns >= n, and k is a multiple of 128, so every 8-byte chunk load is in
-        // bounds and aligned (rows start at multiples of k bytes).
+        // SAFETY: a_q is m·k, the weight n·k codes with ceil(n/128)·k/128 scales (validated
+        // when it was built; entry `index` < groups of its stack, so they lie at its offsets
+        // inside the stack's buffers), a_s is m·k/128, out m·n (checked by the caller); the
+        // kernel guards rows >= m and columns >= n, and k is a multiple of 128, so every 8-byte
+        // chunk load is in bounds and aligned (rows and entries start at multiples of k bytes).
         unsafe { self.imp.launch(kernel!(GemmFp8Simt), (n.div_ceil(64), gy), 256, &p) }
     }
 
@@ -139,37 +192,85 @@ impl CudaDevice {
             return Ok(());
         }
         let (aa, _ga) = self.imp.addr(&a.imp);
-        let (wa, _gw) = self.imp.addr(&w.data.imp);
-        let (wsa, _gws) = self.imp.addr(&w.scale_inv.imp);
+        let ((wa, _gw), (wsa, _gws)) = w.addrs(self);
         let (oa, _go) = self.imp.addr_mut(&mut out.imp);
         let p = GemmDequantSimtParams { a: aa, w: wa, w_s: wsa, out: oa, m, n, k, pad: 0 };
         // SAFETY: a is m·k, the weight n·k codes with ceil(n/128)·ceil(k/128) scales (validated
-        // when built), out m·n (checked by the caller); the kernel reads row r < m of a and
-        // r < n of the weight, element kk < k only, and writes out[m', n'] for m' < m, n' < n.
+        // when built, at its entry's offsets inside its stack's buffers), out m·n (checked by
+        // the caller); the kernel reads row r < m of a and r < n of the weight, element kk < k
+        // only, and writes out[m', n'] for m' < m, n' < n.
         unsafe { self.imp.launch(kernel!(GemmDequantSimt), (n.div_ceil(64), gy), 256, &p) }
     }
 
-    /// [`crate::gemm::gemm`] on the GPU: the Reference path through `dsv3_gemm_dequant_simt`,
-    /// the Fp8 path through `dsv3_act_quant_1x128` and `dsv3_gemm_fp8_simt`; both bit-exact
-    /// with [`crate::gemm::reference::gemm`]. Errors as the CPU's (a non-finite activation on
-    /// the fp8 path names its row and columns).
+    /// [`crate::gemm::gemm`] on the GPU (what `Backend::gemm` runs): the Reference path
+    /// through `dsv3_gemm_dequant_simt`, bit-exact with [`crate::gemm::reference::gemm`]; the
+    /// Fp8 path through `dsv3_act_quant_1x128`, then the sm90 kernel where
+    /// [`super::sm90_gemm::gemm_route`] gives it (DeepSeek-V3's (N, K): the CPU fp8 path up to
+    /// the order of the sums inside each 128-wide block) and `dsv3_gemm_fp8_simt` otherwise
+    /// (bit-exact with the reference). Errors as the CPU's (a non-finite activation on the
+    /// fp8 path names its row and columns).
     pub fn gemm(&self, a: &DeviceBuf<f32>, w: &DeviceFp8Weight, shape: GemmShape, path: GemmPath, out: &mut DeviceBuf<f32>) -> Result<()> {
+        self.gemm_routed(a, w, shape, path, out).map(|_| ())
+    }
+
+    /// [`Self::gemm`], returning the route it took.
+    pub fn gemm_routed(
+        &self,
+        a: &DeviceBuf<f32>,
+        w: &DeviceFp8Weight,
+        shape: GemmShape,
+        path: GemmPath,
+        out: &mut DeviceBuf<f32>,
+    ) -> Result<GemmRoute> {
         const OP: &str = "gemm";
         shape.check(OP, path, a.len(), w.shape(), out.len())?;
-        match path {
-            GemmPath::Reference => self.launch_dequant(a, w, shape, out),
-            GemmPath::Fp8 => {
-                if shape.m == 0 {
-                    return Ok(());
-                }
-                let qs = ActQuantShape { rows: shape.m, cols: shape.k };
-                let (mut q, mut sc) = (self.zeros::<u8>(a.len())?, self.zeros::<f32>(shape.m * qs.tiles())?);
-                if let Some((r, t)) = self.act_quant_rows(a, qs, ScaleFmt::Float, None, &mut q, &mut sc)? {
-                    return Err(invalid(OP, "a", non_finite_detail(r, t)));
-                }
-                self.launch_fp8(&q, &sc, w, shape, out)
-            }
+        if path == GemmPath::Reference {
+            self.launch_dequant(a, w, shape, out)?;
+            return Ok(GemmRoute::Dequant);
         }
+        let run = stack_run(&[w]);
+        let fp8 = fp8_route(shape.n, shape.k, 1, Sm90Layout::Dense { m: shape.m }, run.is_some())?;
+        if shape.m == 0 {
+            return Ok(fp8.route());
+        }
+        let qs = ActQuantShape { rows: shape.m, cols: shape.k };
+        let (mut q, mut sc) = (self.zeros::<u8>(a.len())?, self.zeros::<f32>(shape.m * qs.tiles())?);
+        if let Some((r, t)) = self.act_quant_rows(a, qs, ScaleFmt::Float, None, &mut q, &mut sc)? {
+            return Err(invalid(OP, "a", non_finite_detail(r, t)));
+        }
+        let route = self.try_sm90(&fp8, run, &q, &sc, out)?;
+        if let GemmRoute::Fp8Simt(_) = route {
+            self.launch_fp8(&q, &sc, w, shape, out)?;
+        }
+        Ok(route)
+    }
+
+    /// Runs the sm90 kernel when `fp8` routes there, `run` holds the weights and the buffers
+    /// are aligned for TMA; returns the route taken, and on [`GemmRoute::Fp8Simt`] the caller
+    /// runs the simple kernel (nothing was launched).
+    fn try_sm90(
+        &self,
+        fp8: &Fp8Route,
+        run: Option<StackRange<'_>>,
+        q: &DeviceBuf<u8>,
+        sc: &DeviceBuf<f32>,
+        out: &mut DeviceBuf<f32>,
+    ) -> Result<GemmRoute> {
+        const OP: &str = "sm90_fp8_gemm";
+        let (Fp8Route::Sm90(c, plan), Some(run)) = (fp8, run) else {
+            return Ok(match fp8 {
+                Fp8Route::Sm90(..) => GemmRoute::Fp8Simt(Sm90Fallback::Weights),
+                Fp8Route::Simt(why) => GemmRoute::Fp8Simt(*why),
+            });
+        };
+        if !self.sm90_aligned(q, run) {
+            return Ok(GemmRoute::Fp8Simt(Sm90Fallback::Alignment));
+        }
+        check_len(OP, "a_q", q.len(), checked_mul(OP, "a_q", plan.rows, c.k)?)?;
+        check_len(OP, "a_s", sc.len(), plan.rows * (c.k / BLOCK))?;
+        check_len(OP, "out", out.len(), checked_mul(OP, "out", plan.rows, c.n)?)?;
+        self.sm90_launch_tma(plan, *c, q, sc, run, &mut Sm90Out::F32(out))?;
+        Ok(GemmRoute::Sm90(*c))
     }
 
     /// `dsv3_gemm_bf16_simt`: [`crate::dense::reference::gemm_bf16`] on the GPU, bit for bit
@@ -192,9 +293,13 @@ impl CudaDevice {
         unsafe { self.imp.launch(kernel!(GemmBf16Simt), (n.div_ceil(64), gy), 256, &p) }
     }
 
-    /// [`crate::gemm::grouped_contiguous`] on the GPU: expert `e` multiplies rows
-    /// `offsets[e]..offsets[e+1]` of `a`; bit-exact with the reference per path. The offsets
-    /// are downloaded and validated as the CPU does.
+    /// [`crate::gemm::grouped_contiguous`] on the GPU (what `Backend::grouped_gemm_contiguous`
+    /// runs): expert `e` multiplies rows `offsets[e]..offsets[e+1]` of `a`. The Reference path
+    /// and the Fp8 path on the simple kernel are bit-exact with the reference; the Fp8 path
+    /// takes the sm90 kernel (one launch for all experts) where
+    /// [`super::sm90_gemm::gemm_route`] gives it: an sm90 (N, K), at most 256 experts, and
+    /// weights that are consecutive entries of one stack ([`CudaDevice::upload_fp8_experts`]).
+    /// The offsets are downloaded and validated as the CPU does.
     pub fn grouped_contiguous(
         &self,
         a: &DeviceBuf<f32>,
@@ -203,6 +308,18 @@ impl CudaDevice {
         path: GemmPath,
         out: &mut DeviceBuf<f32>,
     ) -> Result<()> {
+        self.grouped_contiguous_routed(a, offsets, w, path, out).map(|_| ())
+    }
+
+    /// [`Self::grouped_contiguous`], returning the route it took.
+    pub fn grouped_contiguous_routed(
+        &self,
+        a: &DeviceBuf<f32>,
+        offsets: &DeviceBuf<u32>,
+        w: &[&DeviceFp8Weight],
+        path: GemmPath,
+        out: &mut DeviceBuf<f32>,
+    ) -> Result<GemmRoute> {
         const OP: &str = "grouped_contiguous";
         let host = self.download(offsets)?;
         let shapes: Vec<(usize, usize)> = w.iter().map(|x| x.shape()).collect();
@@ -210,24 +327,35 @@ impl CudaDevice {
         check_fp8_k(OP, path, g.k)?;
         let rows = host[w.len()] as usize;
         let spans: Vec<(usize, usize)> = host.windows(2).map(|r| (r[0] as usize, (r[1] - r[0]) as usize)).collect();
-        let Some(groups) = self.groups(OP, &spans, w)? else { return Ok(()) };
-        let fp8 = match path {
-            GemmPath::Reference => None,
-            GemmPath::Fp8 => {
-                let qs = ActQuantShape { rows, cols: g.k };
-                let (mut q, mut sc) = (self.zeros::<u8>(a.len())?, self.zeros::<f32>(rows * qs.tiles())?);
-                if let Some((r, t)) = self.act_quant_rows(a, qs, ScaleFmt::Float, None, &mut q, &mut sc)? {
-                    return Err(invalid(OP, "a", non_finite_detail(r, t)));
-                }
-                Some((q, sc))
+        if path == GemmPath::Reference {
+            if let Some(groups) = self.groups(OP, &spans, w)? {
+                self.launch_grouped(a, None, &groups, g, rows, out)?;
             }
-        };
-        self.launch_grouped(a, fp8.as_ref(), &groups, g, rows, out)
+            return Ok(GemmRoute::Dequant);
+        }
+        let run = stack_run(w);
+        let fp8 = fp8_route(g.n, g.k, w.len(), Sm90Layout::Contiguous { offsets: &host }, run.is_some())?;
+        if rows == 0 {
+            return Ok(fp8.route());
+        }
+        let qs = ActQuantShape { rows, cols: g.k };
+        let (mut q, mut sc) = (self.zeros::<u8>(a.len())?, self.zeros::<f32>(rows * qs.tiles())?);
+        if let Some((r, t)) = self.act_quant_rows(a, qs, ScaleFmt::Float, None, &mut q, &mut sc)? {
+            return Err(invalid(OP, "a", non_finite_detail(r, t)));
+        }
+        let route = self.try_sm90(&fp8, run, &q, &sc, out)?;
+        if let GemmRoute::Fp8Simt(_) = route
+            && let Some(groups) = self.groups(OP, &spans, w)?
+        {
+            self.launch_grouped(a, Some(&(q, sc)), &groups, g, rows, out)?;
+        }
+        Ok(route)
     }
 
-    /// [`crate::gemm::grouped_masked`] on the GPU: `a` is `[E, capacity, K]`, expert `e`
-    /// multiplies its first `counts[e]` rows, the other rows of `out` are zero; bit-exact with
-    /// the reference per path. The counts are downloaded and validated as the CPU does; on the
+    /// [`crate::gemm::grouped_masked`] on the GPU (what `Backend::grouped_gemm_masked` runs):
+    /// `a` is `[E, capacity, K]`, expert `e` multiplies its first `counts[e]` rows, the other
+    /// rows of `out` are zero. Routed as [`Self::grouped_contiguous`] (the sm90 kernel writes
+    /// the zero rows itself). The counts are downloaded and validated as the CPU does; on the
     /// fp8 path only the live rows are quantised (and a non-finite one is named by its row
     /// among the live rows, as the CPU names it).
     pub fn grouped_masked(
@@ -239,31 +367,58 @@ impl CudaDevice {
         path: GemmPath,
         out: &mut DeviceBuf<f32>,
     ) -> Result<()> {
+        self.grouped_masked_routed(a, counts, capacity, w, path, out).map(|_| ())
+    }
+
+    /// [`Self::grouped_masked`], returning the route it took.
+    pub fn grouped_masked_routed(
+        &self,
+        a: &DeviceBuf<f32>,
+        counts: &DeviceBuf<u32>,
+        capacity: usize,
+        w: &[&DeviceFp8Weight],
+        path: GemmPath,
+        out: &mut DeviceBuf<f32>,
+    ) -> Result<GemmRoute> {
         const OP: &str = "grouped_masked";
         let host = self.download(counts)?;
         let shapes: Vec<(usize, usize)> = w.iter().map(|x| x.shape()).collect();
         let g = GroupedShape::masked(OP, a.len(), &host, capacity, &shapes, out.len())?;
         check_fp8_k(OP, path, g.k)?;
-        self.fill_zero(out)?;
         let spans: Vec<(usize, usize)> = host.iter().enumerate().map(|(e, &c)| (e * capacity, c as usize)).collect();
-        let Some(groups) = self.groups(OP, &spans, w)? else { return Ok(()) };
         let rows = w.len() * capacity;
-        let fp8 = match path {
-            GemmPath::Reference => None,
-            GemmPath::Fp8 => {
-                let qs = ActQuantShape { rows, cols: g.k };
-                let (mut q, mut sc) = (self.zeros::<u8>(a.len())?, self.zeros::<f32>(rows * qs.tiles())?);
-                let m = Masked { counts, capacity };
-                if let Some((r, t)) = self.act_quant_rows(a, qs, ScaleFmt::Float, Some(m), &mut q, &mut sc)? {
-                    // The CPU packs the live rows first (and quantises in grouped_contiguous).
-                    let (e, i) = (r / capacity, r % capacity);
-                    let packed = host[..e].iter().map(|&c| c as usize).sum::<usize>() + i;
-                    return Err(invalid("grouped_contiguous", "a", non_finite_detail(packed, t)));
-                }
-                Some((q, sc))
+        if path == GemmPath::Reference {
+            self.fill_zero(out)?;
+            if let Some(groups) = self.groups(OP, &spans, w)? {
+                self.launch_grouped(a, None, &groups, g, rows, out)?;
             }
-        };
-        self.launch_grouped(a, fp8.as_ref(), &groups, g, rows, out)
+            return Ok(GemmRoute::Dequant);
+        }
+        let run = stack_run(w);
+        let fp8 = fp8_route(g.n, g.k, w.len(), Sm90Layout::Masked { counts: &host, capacity }, run.is_some())?;
+        if host.iter().all(|&c| c == 0) {
+            self.fill_zero(out)?;
+            return Ok(fp8.route());
+        }
+        let qs = ActQuantShape { rows, cols: g.k };
+        let (mut q, mut sc) = (self.zeros::<u8>(a.len())?, self.zeros::<f32>(rows * qs.tiles())?);
+        let m = Masked { counts, capacity };
+        if let Some((r, t)) = self.act_quant_rows(a, qs, ScaleFmt::Float, Some(m), &mut q, &mut sc)? {
+            // The CPU packs the live rows first (and quantises in grouped_contiguous).
+            let (e, i) = (r / capacity, r % capacity);
+            let packed = host[..e].iter().map(|&c| c as usize).sum::<usize>() + i;
+            return Err(invalid("grouped_contiguous", "a", non_finite_detail(packed, t)));
+        }
+        // The sm90 kernel writes every row of `out` (zeros past each count); the simple one
+        // only the live rows.
+        let route = self.try_sm90(&fp8, run, &q, &sc, out)?;
+        if let GemmRoute::Fp8Simt(_) = route {
+            self.fill_zero(out)?;
+            if let Some(groups) = self.groups(OP, &spans, w)? {
+                self.launch_grouped(a, Some(&(q, sc)), &groups, g, rows, out)?;
+            }
+        }
+        Ok(route)
     }
 
     /// The tile list (tiles of at most 64 rows of each `(first row, rows)` span, expert = span
@@ -282,8 +437,7 @@ impl CudaDevice {
         let n_tiles = grid_yz(op, "row tiles", tiles.len(), 1)?;
         let (mut experts, mut guards) = (Vec::with_capacity(w.len()), Vec::with_capacity(2 * w.len()));
         for x in w {
-            let (wa, gw) = self.imp.addr(&x.data.imp);
-            let (sa, gs) = self.imp.addr(&x.scale_inv.imp);
+            let ((wa, gw), (sa, gs)) = x.addrs(self);
             experts.push(GemmExpert { w: wa, w_s: sa });
             guards.extend([gw, gs]);
         }
@@ -314,8 +468,9 @@ impl CudaDevice {
                 let p = GemmDequantSimtGroupedParams { a: aa, experts: ea, tiles: ta, out: oa, n, k };
                 // SAFETY: every tile covers rows row0..row0+rows (<= 64) inside the validated
                 // `rows` of a ([rows, k]) and out ([rows, n]), with an expert index < the length
-                // of the experts table, whose entries are live weights of shape [n, k] (checked
-                // equal for all experts) kept borrowed by the caller for this call.
+                // of the experts table, whose entries are the addresses of live weights of shape
+                // [n, k] (checked equal for all experts; each its entry of a live stack) kept
+                // borrowed by the caller for this call.
                 unsafe { self.imp.launch(kernel!(GemmDequantSimtGrouped), grid, 256, &p) }
             }
             Some((q, sc)) => {
@@ -337,4 +492,23 @@ fn check_fp8_k(op: &'static str, path: GemmPath, k: usize) -> Result<()> {
         return Err(shape_err(op, format!("the fp8 path needs k % 128 == 0, got k = {k}")));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_run;
+
+    /// The grouped GEMMs hand experts to the sm90 kernel as one matrix only when they are
+    /// consecutive entries of one stack.
+    #[test]
+    fn runs_are_consecutive_entries_of_one_stack() {
+        assert!(is_run([('a', 0)].into_iter()));
+        assert!(is_run([('a', 3), ('a', 4), ('a', 5)].into_iter()));
+        assert!(!is_run(std::iter::empty::<(char, usize)>()));
+        assert!(!is_run([('a', 0), ('b', 1)].into_iter()), "two stacks");
+        assert!(!is_run([('a', 0), ('a', 2)].into_iter()), "a gap");
+        assert!(!is_run([('a', 1), ('a', 0)].into_iter()), "out of order");
+        assert!(!is_run([('a', 0), ('a', 0)].into_iter()), "repeated (a shared expert)");
+        assert!(!is_run([('a', usize::MAX), ('a', 0)].into_iter()), "no wrap-around");
+    }
 }

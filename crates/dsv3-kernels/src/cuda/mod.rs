@@ -13,7 +13,8 @@
 //! | file | wrappers |
 //! |---|---|
 //! | `ops.rs` | act_quant, RMSNorm, SiLU·up, softmax, add_assign, embedding, RoPE |
-//! | `gemm.rs` | FP8 GEMM (both paths), bf16 GEMM, grouped GEMM contiguous and masked |
+//! | `gemm.rs` | FP8 GEMM (both paths), bf16 GEMM, grouped GEMM contiguous and masked, routed to `sm90_gemm.rs` or the simple kernels |
+//! | `sm90_gemm.rs` | the Hopper FP8 GEMM (TMA + wgmma), its router, the weight stacks every FP8 weight lives in |
 //! | `moe.rs` | routing (every method), dispatch plan, permute, weighted un-permute |
 //! | `attention.rs` | MLA cache write / gather, absorb / expand, paged decode, prefill |
 //! | `sample.rs` | greedy and temperature / top-k / top-p sampling |
@@ -140,6 +141,14 @@ impl CudaDevice {
     /// Sets every element of a buffer to zero.
     pub fn fill_zero<T: Elem>(&self, buf: &mut DeviceBuf<T>) -> Result<()> {
         self.imp.memset_zero(&mut buf.imp)
+    }
+
+    /// Copies `host` over elements `at..at + host.len()` of a buffer (in stream order).
+    fn write<T: Elem>(&self, buf: &mut DeviceBuf<T>, at: usize, host: &[T]) -> Result<()> {
+        if at.checked_add(host.len()).is_none_or(|end| end > buf.len) {
+            return Err(crate::error::shape_err("CudaDevice::write", format!("{at}..+{} is outside 0..{}", host.len(), buf.len)));
+        }
+        self.imp.write(&mut buf.imp, at * size_of::<T>(), bytemuck::cast_slice(host))
     }
 
     /// The buffer's contents (waits for every launch before it).

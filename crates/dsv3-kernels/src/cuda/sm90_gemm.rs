@@ -21,11 +21,22 @@
 //!
 //! Grouped layouts take their row counts as host slices (the same ones the CPU functions take)
 //! and pass them to the kernel inside its parameter struct: no upload, no allocation per call.
+//!
+//! The backend ([`crate::Cuda`]) runs its fp8-path GEMMs here ([`gemm_route`] decides, on the
+//! host): `Backend::gemm` and the grouped GEMMs quantise the activation per 1x128 tile and take
+//! the TMA kernel when [`plan`] has one for the shape and the weights are one consecutive run
+//! of entries of one [`DeviceFp8Stack`], and the simple kernels otherwise; the Reference path
+//! always takes the simple dequantising kernel. A backend weight ([`super::DeviceFp8Weight`])
+//! is an entry of a stack: a weight uploaded alone is a stack of one, a MoE layer's experts of
+//! one projection are one stack ([`CudaDevice::upload_fp8_experts`], `Backend::upload_weights`),
+//! so both kernel families read the same device memory and no weight is held twice.
 
-use super::{CudaDevice, DeviceBuf, u32_of};
+use super::{CudaDevice, DeviceBuf, DeviceFp8Weight, u32_of};
 use crate::backend::Elem;
 use crate::error::{KernelError, Result, check_len, checked_mul, invalid, shape_err};
 use crate::fp8::{BLOCK, Fp8WeightRef, blocks};
+use crate::gemm::GemmPath;
+use std::sync::Arc;
 
 /// Most groups (experts) one grouped launch takes (`DSV3_SM90_MAX_GROUPS`); more fall back.
 pub const SM90_MAX_GROUPS: usize = 256;
@@ -107,6 +118,9 @@ pub enum Sm90Fallback {
     Rows,
     /// A TMA base address that is not a multiple of 16 bytes.
     Alignment,
+    /// The backend's grouped GEMM got expert weights that are not one consecutive run of
+    /// entries of one stack (experts uploaded one by one, or repeated, or out of order).
+    Weights,
 }
 
 /// The path one call takes.
@@ -184,15 +198,104 @@ pub fn plan(n: usize, k: usize, groups: usize, layout: Sm90Layout<'_>) -> Result
     Ok(Sm90Plan { route, rows, tiles, groups, capacity, spans })
 }
 
+/// The kernel one GEMM of the CUDA backend runs on ([`CudaDevice::gemm_routed`],
+/// [`CudaDevice::grouped_contiguous_routed`], [`CudaDevice::grouped_masked_routed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GemmRoute {
+    /// Reference path: `dsv3_gemm_dequant_simt(_grouped)`, f32 activations against the exact
+    /// dequantised weight (wgmma has no f32 x e4m3 form); bit-exact with the CPU reference.
+    Dequant,
+    /// Fp8 path: `dsv3_act_quant_1x128`, then this TMA/wgmma instantiation (equal to the CPU
+    /// fp8 path up to the summation order inside each 128-wide block).
+    Sm90(Sm90Kernel),
+    /// Fp8 path: `dsv3_act_quant_1x128`, then the simple `dsv3_gemm_fp8_simt(_grouped)`
+    /// (bit-exact with the CPU reference), for this reason.
+    Fp8Simt(Sm90Fallback),
+}
+
+/// The route of a backend GEMM of `groups` weights `[n, k]` in `layout` (dense: one weight),
+/// host only and deterministic: [`GemmRoute::Dequant`] on the Reference path; on the Fp8 path
+/// [`GemmRoute::Sm90`] when [`plan`] picks a TMA kernel and the weights are one consecutive
+/// run of entries of one stack (`one_stack`; always so for one weight), else
+/// [`GemmRoute::Fp8Simt`] with the reason. On the device, a TMA base address that is not a
+/// multiple of 16 bytes also takes the simple kernel ([`Sm90Fallback::Alignment`]; never so
+/// for buffers this crate allocates). Errors: [`plan`]'s, on the Fp8 path.
+pub fn gemm_route(path: GemmPath, n: usize, k: usize, groups: usize, layout: Sm90Layout<'_>, one_stack: bool) -> Result<GemmRoute> {
+    match path {
+        GemmPath::Reference => Ok(GemmRoute::Dequant),
+        GemmPath::Fp8 => fp8_route(n, k, groups, layout, one_stack).map(|r| r.route()),
+    }
+}
+
+/// The Fp8 path's route, with the plan the TMA kernel launches from.
+#[derive(Debug)]
+pub(super) enum Fp8Route {
+    Sm90(Sm90Kernel, Sm90Plan),
+    Simt(Sm90Fallback),
+}
+
+impl Fp8Route {
+    pub(super) fn route(&self) -> GemmRoute {
+        match self {
+            Fp8Route::Sm90(c, _) => GemmRoute::Sm90(*c),
+            Fp8Route::Simt(why) => GemmRoute::Fp8Simt(*why),
+        }
+    }
+}
+
+/// [`gemm_route`] on the Fp8 path (an empty N has no instantiation: the simple kernel, which
+/// has nothing to do).
+pub(super) fn fp8_route(n: usize, k: usize, groups: usize, layout: Sm90Layout<'_>, one_stack: bool) -> Result<Fp8Route> {
+    if n == 0 {
+        return Ok(Fp8Route::Simt(Sm90Fallback::Shape));
+    }
+    let p = plan(n, k, groups, layout)?;
+    Ok(match p.route {
+        Sm90Route::Fallback(why) => Fp8Route::Simt(why),
+        Sm90Route::Tma(_) if !one_stack => Fp8Route::Simt(Sm90Fallback::Weights),
+        Sm90Route::Tma(c) => Fp8Route::Sm90(c, p),
+    })
+}
+
 /// The weights of one dense GEMM (one group) or of E experts, stacked: codes `[E·N, K]` and
-/// `scale_inv` `[E·ceil(N/128), K/128]` ([`CudaDevice::upload_fp8_stack`]).
+/// `scale_inv` `[E·ceil(N/128), ceil(K/128)]` ([`CudaDevice::upload_fp8_stack`]). The device
+/// memory of every FP8 weight: a backend weight ([`DeviceFp8Weight`]) is one entry of a stack.
 #[derive(Debug)]
 pub struct DeviceFp8Stack {
+    pub(super) groups: usize,
+    pub(super) n: usize,
+    pub(super) k: usize,
+    pub(super) data: DeviceBuf<u8>,
+    pub(super) scale_inv: DeviceBuf<f32>,
+}
+
+/// Entries `first .. first + groups` of a stack (`first + groups <= stack.groups`, which every
+/// constructor guarantees): what one launch reads (a whole stack for
+/// [`CudaDevice::sm90_fp8_gemm`]; one weight, or a consecutive run of experts, for the
+/// backend's GEMMs).
+#[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // read by the launches only
+pub(super) struct StackRange<'a> {
+    stack: &'a DeviceFp8Stack,
+    first: usize,
     groups: usize,
-    n: usize,
-    k: usize,
-    data: DeviceBuf<u8>,
-    scale_inv: DeviceBuf<f32>,
+}
+
+impl<'a> StackRange<'a> {
+    /// All of a stack.
+    pub(super) fn all(stack: &'a DeviceFp8Stack) -> StackRange<'a> {
+        StackRange { stack, first: 0, groups: stack.groups }
+    }
+    /// Entries `first .. first + groups`, when the stack has them.
+    pub(super) fn new(stack: &'a DeviceFp8Stack, first: usize, groups: usize) -> Option<StackRange<'a>> {
+        (groups >= 1 && first.checked_add(groups)? <= stack.groups).then_some(StackRange { stack, first, groups })
+    }
+    /// Byte offsets of entry `first`'s codes and scales from the starts of the stack's buffers.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn offsets(&self) -> (u64, u64) {
+        let s = self.stack;
+        ((self.first * s.n * s.k) as u64, (self.first * blocks(s.n) * blocks(s.k) * size_of::<f32>()) as u64)
+    }
 }
 
 impl DeviceFp8Stack {
@@ -285,7 +388,8 @@ const _: () = assert!(size_of::<Sm90Fp8GemmCastBf16Params>() == 24, "must equal 
 unsafe impl cudarc::driver::DeviceRepr for Sm90Fp8GemmCastBf16Params {}
 
 impl CudaDevice {
-    /// Uploads E validated FP8 weights of one shape, stacked (one weight for a dense GEMM).
+    /// Uploads E validated FP8 weights of one shape, stacked (one weight for a dense GEMM),
+    /// each copied straight into its place (no host-side concatenation).
     pub fn upload_fp8_stack(&self, w: &[Fp8WeightRef<'_>]) -> Result<DeviceFp8Stack> {
         const OP: &str = "upload_fp8_stack";
         let first = w.first().ok_or_else(|| shape_err(OP, "no weights"))?;
@@ -293,13 +397,23 @@ impl CudaDevice {
         if let Some(e) = w.iter().position(|x| x.rows() != n || x.cols() != k) {
             return Err(shape_err(OP, format!("weight {e} is [{}, {}], weight 0 is [{n}, {k}]", w[e].rows(), w[e].cols())));
         }
-        let mut data = Vec::with_capacity(checked_mul(OP, "data", checked_mul(OP, "data", w.len(), n)?, k)?);
-        let mut scale_inv = Vec::with_capacity(w.len() * blocks(n) * blocks(k));
-        for x in w {
-            data.extend_from_slice(x.data());
-            scale_inv.extend_from_slice(x.scale_inv());
+        let (codes, scales) = (checked_mul(OP, "data", n, k)?, blocks(n) * blocks(k));
+        let mut data = self.zeros::<u8>(checked_mul(OP, "data", w.len(), codes)?)?;
+        let mut scale_inv = self.zeros::<f32>(checked_mul(OP, "scale_inv", w.len(), scales)?)?;
+        for (g, x) in w.iter().enumerate() {
+            self.write(&mut data, g * codes, x.data())?;
+            self.write(&mut scale_inv, g * scales, x.scale_inv())?;
         }
-        Ok(DeviceFp8Stack { groups: w.len(), n, k, data: self.upload(&data)?, scale_inv: self.upload(&scale_inv)? })
+        Ok(DeviceFp8Stack { groups: w.len(), n, k, data, scale_inv })
+    }
+
+    /// Uploads E validated FP8 weights of one shape (a MoE layer's experts of one projection)
+    /// as one stack and returns them as backend weights, entries `0..E` of it in order: a
+    /// grouped GEMM over them (or over a consecutive run of them) takes the sm90 kernel where
+    /// it has the shape, and each one still works alone. Errors as [`Self::upload_fp8_stack`].
+    pub fn upload_fp8_experts(&self, w: &[Fp8WeightRef<'_>]) -> Result<Vec<DeviceFp8Weight>> {
+        let stack = Arc::new(self.upload_fp8_stack(w)?);
+        Ok((0..w.len()).map(|index| DeviceFp8Weight::entry(Arc::clone(&stack), index)).collect())
     }
 
     /// `sm90_fp8_gemm`: `out = a · wᵀ` per group on an activation quantised per 1x128 tile
@@ -321,6 +435,7 @@ impl CudaDevice {
         check_len(OP, "out", out.len(), checked_mul(OP, "out", plan.rows, w.n)?)?;
         debug_assert_eq!(w.data.len(), w.groups * w.n * w.k);
         debug_assert_eq!(w.scale_inv.len(), w.groups * blocks(w.n) * blocks(w.k));
+        let w = StackRange::all(w);
         if plan.rows == 0 {
             return Ok(plan.route);
         }
@@ -404,23 +519,29 @@ impl CudaDevice {
     }
 
     /// TMA's rule: base addresses are multiples of 16 bytes (row strides are K bytes, a
-    /// multiple of 128, so they always are).
-    fn sm90_aligned(&self, a_q: &DeviceBuf<u8>, w: &DeviceFp8Stack) -> bool {
+    /// multiple of 128, so they always are; so are the offsets of stack entries, N·K bytes).
+    pub(super) fn sm90_aligned(&self, a_q: &DeviceBuf<u8>, w: StackRange<'_>) -> bool {
         let (aa, _ga) = self.imp.addr(&a_q.imp);
-        let (wa, _gw) = self.imp.addr(&w.data.imp);
-        aa % 16 == 0 && wa % 16 == 0
+        let (wa, _gw) = self.imp.addr(&w.stack.data.imp);
+        aa.is_multiple_of(16) && (wa + w.offsets().0).is_multiple_of(16)
     }
 
-    fn sm90_launch_tma(
+    /// The TMA kernel `c` on a validated `plan` whose groups are the entries of `w`; the caller
+    /// has checked a_q, a_s and out against `plan.rows` (as [`Self::sm90_fp8_gemm`] does).
+    pub(super) fn sm90_launch_tma(
         &self,
         plan: &Sm90Plan,
         c: Sm90Kernel,
         a_q: &DeviceBuf<u8>,
         a_s: &DeviceBuf<f32>,
-        w: &DeviceFp8Stack,
+        w: StackRange<'_>,
         out: &mut Sm90Out<'_>,
     ) -> Result<()> {
         const OP: &str = "sm90_fp8_gemm";
+        let (n, k) = (w.stack.n, w.stack.k);
+        if w.groups != plan.groups || (n, k) != (c.n, c.k) {
+            return Err(shape_err(OP, format!("{} weights [{n}, {k}] for a plan of {} groups on {}", w.groups, plan.groups, c.symbol())));
+        }
         let kernel = sm90_kernel(c).ok_or_else(|| KernelError::Cuda(format!("{} is in SM90_KERNELS but not built", c.symbol())))?;
         if plan.tiles == 0 {
             return Ok(());
@@ -441,8 +562,10 @@ impl CudaDevice {
         p.tiles = plan.tiles as u32;
         let (aa, _ga) = self.imp.addr(&a_q.imp);
         let (asa, _gas) = self.imp.addr(&a_s.imp);
-        let (wa, _gw) = self.imp.addr(&w.data.imp);
-        let (wsa, _gws) = self.imp.addr(&w.scale_inv.imp);
+        let (wa, _gw) = self.imp.addr(&w.stack.data.imp);
+        let (wsa, _gws) = self.imp.addr(&w.stack.scale_inv.imp);
+        let (wo, so) = w.offsets();
+        let (wa, wsa) = (wa + wo, wsa + so);
         let (oa, _go) = match out {
             Sm90Out::F32(b) => self.imp.addr_mut(&mut b.imp),
             Sm90Out::Bf16(b) => {
@@ -450,14 +573,17 @@ impl CudaDevice {
                 self.imp.addr_mut(&mut b.imp)
             }
         };
-        p.tma_a = self.imp.sm90_tma_2d(aa, plan.rows as u64, w.k as u64, c.block_m as u32, BLOCK as u32)?;
-        p.tma_b = self.imp.sm90_tma_2d(wa, (w.groups * w.n) as u64, w.k as u64, c.block_n as u32, BLOCK as u32)?;
+        p.tma_a = self.imp.sm90_tma_2d(aa, plan.rows as u64, k as u64, c.block_m as u32, BLOCK as u32)?;
+        p.tma_b = self.imp.sm90_tma_2d(wa, (w.groups * n) as u64, k as u64, c.block_n as u32, BLOCK as u32)?;
         (p.a_s, p.b_s, p.out) = (asa, wsa, oa);
         let grid = self.imp.sm90_sm_count()?.min(p.tiles);
         // SAFETY: `plan` validated the layout (offsets non-decreasing from 0 / counts <=
-        // capacity, < 2^31 rows, <= 256 groups) and the lengths were checked: a_q is rows·K,
-        // a_s rows·K/128, out rows·N, the weight stack groups·N·K with groups·ceil(N/128)·K/128
-        // scales. The TMA maps cover exactly a_q [rows, K] and the stack [groups·N, K] (reads
+        // capacity, < 2^31 rows, <= 256 groups) and the caller checked the lengths: a_q is
+        // rows·K, a_s rows·K/128, out rows·N. The weights are entries first..first+groups of a
+        // stack that has them (StackRange's invariant; groups = plan.groups and (N, K) = the
+        // kernel's, checked above): from wa (first·N·K bytes into the codes) lie groups·N·K
+        // codes, from wsa (first·ceil(N/128)·K/128 scales in) groups·ceil(N/128)·K/128 scales.
+        // The TMA maps cover exactly a_q [rows, K] and those entries [groups·N, K] (reads
         // outside fill zeros); the kernel reads a_s only for rows with data, b_s for blocks
         // < ceil(N/128) of the tile's group, and writes out only at rows of the tile's group
         // (r < rows) and columns < N, the tile list being the host's prefix sums in `tile0`.
@@ -471,7 +597,7 @@ impl CudaDevice {
         plan: &Sm90Plan,
         a_q: &DeviceBuf<u8>,
         a_s: &DeviceBuf<f32>,
-        w: &DeviceFp8Stack,
+        w: StackRange<'_>,
         out: &mut Sm90Out<'_>,
     ) -> Result<()> {
         const OP: &str = "sm90_fp8_gemm";
@@ -488,7 +614,7 @@ impl CudaDevice {
                 self.sm90_simt_groups(plan, a_q, a_s, w, b)
             }
             Sm90Out::Bf16(b) => {
-                let len = plan.rows * w.n;
+                let len = plan.rows * w.stack.n;
                 let mut f = self.zeros::<f32>(len)?;
                 self.sm90_simt_groups(plan, a_q, a_s, w, &mut f)?;
                 let (xa, _gx) = self.imp.addr(&f.imp);
@@ -507,15 +633,17 @@ impl CudaDevice {
         plan: &Sm90Plan,
         a_q: &DeviceBuf<u8>,
         a_s: &DeviceBuf<f32>,
-        w: &DeviceFp8Stack,
+        w: StackRange<'_>,
         out: &mut DeviceBuf<f32>,
     ) -> Result<()> {
-        let (n, k) = (w.n, w.k);
+        let (n, k) = (w.stack.n, w.stack.k);
         let (kb, nb) = (k / BLOCK, blocks(n));
         let (aa, _ga) = self.imp.addr(&a_q.imp);
         let (asa, _gas) = self.imp.addr(&a_s.imp);
-        let (wa, _gw) = self.imp.addr(&w.data.imp);
-        let (wsa, _gws) = self.imp.addr(&w.scale_inv.imp);
+        let (wa, _gw) = self.imp.addr(&w.stack.data.imp);
+        let (wsa, _gws) = self.imp.addr(&w.stack.scale_inv.imp);
+        let (wo, so) = w.offsets();
+        let (wa, wsa) = (wa + wo, wsa + so);
         let (oa, _go) = self.imp.addr_mut(&mut out.imp);
         for (g, &(row0, data, _)) in plan.spans.iter().enumerate() {
             if data == 0 {
@@ -533,8 +661,9 @@ impl CudaDevice {
                 pad: 0,
             };
             // SAFETY: group g's rows row0..row0+data lie inside a_q (rows·K), a_s (rows·K/128)
-            // and out (rows·N), and its weight is stack entry g (N·K codes, ceil(N/128)·K/128
-            // scales), all checked against `plan`, whose groups have < 65536·64 rows (checked by
+            // and out (rows·N), and its weight is entry first + g of the stack (N·K codes,
+            // ceil(N/128)·K/128 scales, inside the stack by StackRange's invariant), all checked
+            // against `plan`, whose groups have < 65536·64 rows (checked by
             // the caller) so the grid fits; the kernel guards rows >= m and columns >= n, and
             // K % 128 == 0 keeps its 8-byte loads in bounds and aligned. out is a distinct &mut.
             unsafe { self.imp.launch(super::Kernel::GemmFp8Simt, ((n as u32).div_ceil(64), (data as u32).div_ceil(64)), 256, &p)? };
@@ -563,16 +692,16 @@ impl CudaDevice {
     fn sm90_copy_bufs<T: Elem>(&self, _src: &DeviceBuf<T>, _dst: &mut DeviceBuf<T>) -> Result<()> {
         no_cuda()
     }
-    fn sm90_aligned(&self, _a_q: &DeviceBuf<u8>, _w: &DeviceFp8Stack) -> bool {
+    pub(super) fn sm90_aligned(&self, _a_q: &DeviceBuf<u8>, _w: StackRange<'_>) -> bool {
         false
     }
-    fn sm90_launch_tma(
+    pub(super) fn sm90_launch_tma(
         &self,
         _plan: &Sm90Plan,
         _c: Sm90Kernel,
         _a_q: &DeviceBuf<u8>,
         _a_s: &DeviceBuf<f32>,
-        _w: &DeviceFp8Stack,
+        _w: StackRange<'_>,
         _out: &mut Sm90Out<'_>,
     ) -> Result<()> {
         no_cuda()
@@ -582,7 +711,7 @@ impl CudaDevice {
         _plan: &Sm90Plan,
         _a_q: &DeviceBuf<u8>,
         _a_s: &DeviceBuf<f32>,
-        _w: &DeviceFp8Stack,
+        _w: StackRange<'_>,
         _out: &mut Sm90Out<'_>,
     ) -> Result<()> {
         no_cuda()

@@ -36,6 +36,9 @@ impl Device {
     pub(crate) fn download(&self, _b: &Buf, _range: std::ops::Range<usize>) -> Result<Vec<u8>> {
         match self.0 {}
     }
+    pub(crate) fn write(&self, _b: &mut Buf, _offset: usize, _host: &[u8]) -> Result<()> {
+        match self.0 {}
+    }
     pub(crate) fn memset_zero(&self, _b: &mut Buf) -> Result<()> {
         match self.0 {}
     }
