@@ -13,22 +13,12 @@ mod common;
 
 use common::{inputs, max_abs, max_abs_diff, small_cfg, v3_widths_cfg};
 use dsv3_kernels::gemm::GemmPath;
-use dsv3_kernels::{Backend, Cpu, Cuda, KernelError};
+use dsv3_kernels::{Backend, Cpu, Cuda};
 use dsv3_mla::*;
 
-/// The CUDA backend, or `None` after printing why the test is skipped.
+/// The CUDA backend, or `None` after printing why the test is skipped ([`Cuda::for_test`]).
 fn gpu(test: &str) -> Option<Cuda> {
-    match Cuda::new(0) {
-        Ok(b) => Some(b),
-        Err(e @ KernelError::CudaUnavailable(_)) => {
-            if std::env::var_os("DSV3_REQUIRE_GPU").is_some() {
-                panic!("{test}: DSV3_REQUIRE_GPU is set, but {e}");
-            }
-            println!("SKIPPED: {test}: {e}");
-            None
-        }
-        Err(e) => panic!("{test}: {e}"),
-    }
+    Cuda::for_test(test).unwrap_or_else(|e| panic!("{test}: {e}"))
 }
 
 /// One layer on one backend.

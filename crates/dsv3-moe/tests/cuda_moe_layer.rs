@@ -13,22 +13,12 @@ mod common;
 
 use common::*;
 use dsv3_kernels::gemm::GemmPath;
-use dsv3_kernels::{Backend, Cpu, Cuda, KernelError};
+use dsv3_kernels::{Backend, Cpu, Cuda};
 use dsv3_moe::{GroupedLayout, MoeLayer};
 
-/// The CUDA backend, or `None` after printing why the test is skipped.
+/// The CUDA backend, or `None` after printing why the test is skipped ([`Cuda::for_test`]).
 fn gpu(test: &str) -> Option<Cuda> {
-    match Cuda::new(0) {
-        Ok(b) => Some(b),
-        Err(e @ KernelError::CudaUnavailable(_)) => {
-            if std::env::var_os("DSV3_REQUIRE_GPU").is_some() {
-                panic!("{test}: DSV3_REQUIRE_GPU is set, but {e}");
-            }
-            println!("SKIPPED: {test}: {e}");
-            None
-        }
-        Err(e) => panic!("{test}: {e}"),
-    }
+    Cuda::for_test(test).unwrap_or_else(|e| panic!("{test}: {e}"))
 }
 
 fn compare(gpu: &[f32], cpu: &[f32], path: GemmPath, what: &str) {

@@ -38,6 +38,30 @@ impl Cuda {
     pub fn device(&self) -> &CudaDevice {
         &self.dev
     }
+
+    /// The device, owned.
+    pub fn into_device(self) -> CudaDevice {
+        self.dev
+    }
+
+    /// Test support, one rule for every GPU test of the workspace: GPU 0, or `Ok(None)` after
+    /// printing `SKIPPED: {test}: {why}` when no usable GPU is there (so the test returns
+    /// without passing anything). With `DSV3_REQUIRE_GPU` set (the GPU check sets it) a
+    /// missing GPU is the error instead, so a GPU test can never succeed by skipping where a
+    /// GPU is expected.
+    pub fn for_test(test: &str) -> Result<Option<Cuda>> {
+        match Cuda::new(0) {
+            Ok(b) => Ok(Some(b)),
+            Err(e @ crate::KernelError::CudaUnavailable(_)) => {
+                if std::env::var_os("DSV3_REQUIRE_GPU").is_some() {
+                    return Err(e);
+                }
+                println!("SKIPPED: {test}: {e}");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
 }
 
 impl Backend for Cuda {

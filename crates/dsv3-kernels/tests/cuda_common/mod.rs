@@ -4,23 +4,13 @@
 //! sets it), where a missing GPU is a failure, never a pass.
 #![allow(dead_code)]
 
-use dsv3_kernels::KernelError;
+use dsv3_kernels::Cuda;
 use dsv3_kernels::cuda::CudaDevice;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
-/// GPU 0, or `None` after printing why the test is skipped.
+/// GPU 0, or `None` after printing why the test is skipped ([`Cuda::for_test`]).
 pub fn gpu(test: &str) -> Option<CudaDevice> {
-    match CudaDevice::new(0) {
-        Ok(d) => Some(d),
-        Err(e @ KernelError::CudaUnavailable(_)) => {
-            if std::env::var_os("DSV3_REQUIRE_GPU").is_some() {
-                panic!("{test}: DSV3_REQUIRE_GPU is set, but {e}");
-            }
-            println!("SKIPPED: {test}: {e}");
-            None
-        }
-        Err(e) => panic!("{test}: {e}"),
-    }
+    Cuda::for_test(test).unwrap_or_else(|e| panic!("{test}: {e}")).map(Cuda::into_device)
 }
 
 /// A proptest runner with `cases` cases and no regression file (GPU cases are few and sized).
