@@ -8,7 +8,7 @@
 mod common;
 mod cuda_common;
 
-use common::max_abs_diff;
+use common::{Rng, assert_close, paged};
 use cuda_common::{gpu, runner};
 use dsv3_kernels::attention::{
     self, CacheWriteShape, DecodeParams, GatherShape, LatentPool, MlaDims, PrefillInputs, PrefillParams, reference,
@@ -19,65 +19,6 @@ use dsv3_kernels::{Backend, Cpu, Cuda};
 use proptest::prelude::*;
 
 const REL: f32 = 1e-5;
-
-struct Rng(u64);
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn u64(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn f32(&mut self) -> f32 {
-        (self.u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| scale * self.f32()).collect()
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.u64() % n as u64) as usize
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, self.below(i + 1));
-        }
-    }
-}
-
-fn max_abs(a: &[f32]) -> f32 {
-    a.iter().fold(0f32, |m, v| m.max(v.abs()))
-}
-
-fn assert_close(gpu: &[f32], refr: &[f32], rel: f32, what: &str) -> Result<(), TestCaseError> {
-    prop_assert_eq!(gpu.len(), refr.len(), "{}: lengths", what);
-    prop_assert!(gpu.iter().all(|v| v.is_finite()), "{}: non-finite GPU output", what);
-    let (err, scale) = (max_abs_diff(gpu, refr), max_abs(refr));
-    prop_assert!(err <= rel * scale + 1e-30, "{}: max |diff| {} > {} · max |ref| {}", what, err, rel, scale);
-    Ok(())
-}
-
-/// Sequences on shuffled pages (unused table entries u32::MAX, unused pages garbage):
-/// (pool data, block table, max_blocks, pool).
-fn paged(rng: &mut Rng, lens: &[u32], page_size: usize, kv_lora: usize, rope: usize) -> (Vec<f32>, Vec<u32>, usize, LatentPool) {
-    let need: Vec<usize> = lens.iter().map(|&l| (l as usize).div_ceil(page_size)).collect();
-    let max_blocks = need.iter().copied().max().unwrap_or(0).max(1);
-    let num_pages = need.iter().sum::<usize>() + 3;
-    let mut ids: Vec<u32> = (0..num_pages as u32).collect();
-    rng.shuffle(&mut ids);
-    let mut table = vec![u32::MAX; lens.len() * max_blocks];
-    let mut next = 0;
-    for (b, &n) in need.iter().enumerate() {
-        for i in 0..n {
-            table[b * max_blocks + i] = ids[next];
-            next += 1;
-        }
-    }
-    let pool = LatentPool { num_pages, page_size, kv_lora, rope };
-    (rng.vec(pool.check("test").unwrap(), 1.0), table, max_blocks, pool)
-}
 
 fn bf16_weight(rng: &mut Rng, rows: usize, cols: usize) -> Bf16Weight {
     Bf16Weight::from_f32(rows, cols, &rng.vec(rows * cols, 1.0 / (cols as f32).sqrt())).unwrap()

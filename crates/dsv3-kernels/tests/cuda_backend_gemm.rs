@@ -20,7 +20,7 @@ mod common;
 mod cuda_common;
 
 use common::calc_diff;
-use cuda_common::gpu;
+use cuda_common::{Rng, gpu};
 use dsv3_kernels::cuda::DeviceFp8Weight;
 use dsv3_kernels::cuda::sm90_gemm::{GemmRoute, SM90_KERNELS, Sm90Fallback, Sm90Layout, gemm_route};
 use dsv3_kernels::fp8::{Fp8Weight, Fp8WeightRef};
@@ -118,40 +118,6 @@ fn backend_upload_weights_default_keeps_order() {
 // ---------------------------------------------------------------------------------------------
 // GPU.
 // ---------------------------------------------------------------------------------------------
-
-/// xorshift64*: deterministic test data without a seed file.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    /// e4m3 codes, never NaN.
-    fn codes(&mut self, n: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(n + 8);
-        while v.len() < n {
-            v.extend(self.next().to_le_bytes().map(|c| if c & 0x7F == 0x7F { c ^ 1 } else { c }));
-        }
-        v.truncate(n);
-        v
-    }
-    /// f32 activations `[rows, k]`, each row at its own magnitude (2^-3 .. 2^3), so the
-    /// per-row 1x128 scales differ.
-    fn acts(&mut self, rows: usize, k: usize) -> Vec<f32> {
-        let mut v = Vec::with_capacity(rows * k);
-        for r in 0..rows {
-            let mag = (2f32).powi((r % 7) as i32 - 3);
-            v.extend((0..k).map(|_| mag * (2.0 * self.unit() - 1.0)));
-        }
-        v
-    }
-}
 
 /// A random valid FP8 weight (codes anywhere in e4m3, scales 2^-12 .. 2^-4).
 fn random_weight(rng: &mut Rng, n: usize, k: usize) -> Fp8Weight {

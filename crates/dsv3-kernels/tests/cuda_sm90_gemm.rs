@@ -13,7 +13,7 @@ mod common;
 mod cuda_common;
 
 use common::calc_diff;
-use cuda_common::{gpu, runner};
+use cuda_common::{Rng, gpu, runner};
 use dsv3_kernels::cuda::CudaDevice;
 use dsv3_kernels::cuda::sm90_gemm::{self, SM90_KERNELS, Sm90Fallback, Sm90Layout, Sm90Out, Sm90Route};
 use dsv3_kernels::fp8::Fp8WeightRef;
@@ -123,30 +123,6 @@ fn sm90_table_matches_the_cuda_sources() {
 // ---------------------------------------------------------------------------------------------
 // GPU.
 // ---------------------------------------------------------------------------------------------
-
-/// xorshift64*: deterministic test data without a seed file.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// e4m3 codes, never NaN.
-    fn codes(&mut self, n: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(n + 8);
-        while v.len() < n {
-            v.extend(self.next().to_le_bytes().map(|c| if c & 0x7F == 0x7F { c ^ 1 } else { c }));
-        }
-        v.truncate(n);
-        v
-    }
-    /// Positive scales, 2^-12 .. 2^-4.
-    fn scales(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| (2f32).powf(-12.0 + 8.0 * (self.next() >> 40) as f32 / (1u64 << 24) as f32)).collect()
-    }
-}
 
 /// One group's operands on the host.
 struct Weights {

@@ -3,6 +3,7 @@
 //! finite floats.
 #![allow(dead_code)]
 
+use dsv3_kernels::attention::LatentPool;
 use proptest::prelude::*;
 
 /// Edge sizes every kernel must handle around the 128-wide blocks.
@@ -47,4 +48,69 @@ pub fn calc_diff(a: &[f32], b: &[f32]) -> f64 {
         yy += y as f64 * y as f64;
     }
     if xx + yy == 0.0 { 0.0 } else { 1.0 - 2.0 * xy / (xx + yy) }
+}
+
+// ----- MLA attention tests (CPU and GPU) -----
+
+/// xorshift64 test data.
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// Uniform in [-1, 1).
+    pub fn f32(&mut self) -> f32 {
+        (self.u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| scale * self.f32()).collect()
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.u64() % n as u64) as usize
+    }
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, self.below(i + 1));
+        }
+    }
+}
+
+/// Max |v|.
+pub fn max_abs(a: &[f32]) -> f32 {
+    a.iter().fold(0f32, |m, v| m.max(v.abs()))
+}
+
+/// `max |got - ref| <= rel · max |ref|`, same length, all finite.
+pub fn assert_close(got: &[f32], refr: &[f32], rel: f32, what: &str) -> Result<(), TestCaseError> {
+    prop_assert_eq!(got.len(), refr.len(), "{}: lengths", what);
+    prop_assert!(got.iter().all(|v| v.is_finite()), "{}: non-finite output", what);
+    let (err, scale) = (max_abs_diff(got, refr), max_abs(refr));
+    prop_assert!(err <= rel * scale + 1e-30, "{}: max |diff| {} > {} · max |ref| {}", what, err, rel, scale);
+    Ok(())
+}
+
+/// A pool holding `lens.len()` sequences on shuffled pages; returns (pool data, block table,
+/// max_blocks, pool shape). Unused pages hold garbage, so a wrong page read shows.
+pub fn paged(rng: &mut Rng, lens: &[u32], page_size: usize, kv_lora: usize, rope: usize) -> (Vec<f32>, Vec<u32>, usize, LatentPool) {
+    let need: Vec<usize> = lens.iter().map(|&l| (l as usize).div_ceil(page_size)).collect();
+    let max_blocks = need.iter().copied().max().unwrap_or(0).max(1);
+    let num_pages = need.iter().sum::<usize>() + 3;
+    let mut ids: Vec<u32> = (0..num_pages as u32).collect();
+    rng.shuffle(&mut ids);
+    let mut table = vec![u32::MAX; lens.len() * max_blocks];
+    let mut next = 0;
+    for (b, &n) in need.iter().enumerate() {
+        for i in 0..n {
+            table[b * max_blocks + i] = ids[next];
+            next += 1;
+        }
+    }
+    let pool = LatentPool { num_pages, page_size, kv_lora, rope };
+    (rng.vec(pool.check("test").unwrap(), 1.0), table, max_blocks, pool)
 }

@@ -27,3 +27,41 @@ pub fn same_bits(what: &str, gpu: &[f32], cpu: &[f32]) -> Result<(), TestCaseErr
     }
     Ok(())
 }
+
+/// xorshift64* test data for the GPU GEMM tests.
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    /// e4m3 codes, never NaN.
+    pub fn codes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(n + 8);
+        while v.len() < n {
+            v.extend(self.next().to_le_bytes().map(|c| if c & 0x7F == 0x7F { c ^ 1 } else { c }));
+        }
+        v.truncate(n);
+        v
+    }
+    /// f32 activations `[rows, k]`, each row at its own magnitude (2^-3 .. 2^3), so the
+    /// per-row 1x128 scales differ.
+    pub fn acts(&mut self, rows: usize, k: usize) -> Vec<f32> {
+        let mut v = Vec::with_capacity(rows * k);
+        for r in 0..rows {
+            let mag = (2f32).powi((r % 7) as i32 - 3);
+            v.extend((0..k).map(|_| mag * (2.0 * self.unit() - 1.0)));
+        }
+        v
+    }
+    /// Positive scales, 2^-12 .. 2^-4.
+    pub fn scales(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| (2f32).powf(-12.0 + 8.0 * (self.next() >> 40) as f32 / (1u64 << 24) as f32)).collect()
+    }
+}
