@@ -192,11 +192,14 @@ pub struct Generation {
 pub struct MtpStats {
     /// `(drafted, accepted)` for draft position 1, 2, ...
     pub per_position: Vec<(u64, u64)>,
-    /// Forward steps of the main model after the prefill.
-    pub main_steps: u64,
 }
 
 impl MtpStats {
+    /// Verification steps of the main model after the prefill: each verifies one draft at
+    /// position 1.
+    pub fn main_steps(&self) -> u64 {
+        self.per_position.first().map_or(0, |p| p.0)
+    }
     pub fn drafted(&self) -> u64 {
         self.per_position.iter().map(|p| p.0).sum()
     }
@@ -306,7 +309,7 @@ pub fn generate_mtp<B: Backend>(
     on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Generation> {
     let (mut sampler, mut cache, seq) = start(b, model, req)?;
-    let stats = MtpStats { per_position: vec![(0, 0)], main_steps: 0 };
+    let stats = MtpStats { per_position: vec![(0, 0)] };
     let mut em = Emitter { out: Generation { prompt_tokens: req.prompt.len(), mtp: Some(stats), ..Default::default() }, req, on_token };
     if req.max_tokens == 0 {
         return Ok(em.out);
@@ -330,7 +333,6 @@ pub fn generate_mtp<B: Backend>(
         let p = sampler.dist(&logits[..vocab], req.allowed)?;
         let verdict = sampler.verify(&p, &q, draft);
         if let Some(s) = em.out.mtp.as_mut() {
-            s.main_steps += 1;
             s.per_position[0].0 += 1;
             s.per_position[0].1 += u64::from(verdict == Verdict::Accepted);
         }

@@ -122,14 +122,14 @@ fn greedy_output_with_mtp_is_identical_to_without() {
                 s.acceptance(),
                 s.accepted(),
                 s.drafted(),
-                s.main_steps
+                s.main_steps()
             );
             assert_eq!(plain.ids.len(), 48);
             assert_eq!(spec.ids, plain.ids, "{what} {path:?}: greedy tokens differ with MTP");
             assert!(plain.mtp.is_none());
             // Every step but the last verified one draft; an accepted draft saves one step.
             assert_eq!(s.per_position.len(), 1);
-            assert!(s.main_steps + s.accepted() <= 48 && s.main_steps + s.accepted() >= 46, "{s:?}");
+            assert!(s.main_steps() + s.accepted() <= 48 && s.main_steps() + s.accepted() >= 46, "{s:?}");
             if what == "predictable" {
                 assert!(
                     s.acceptance() > 0.5,

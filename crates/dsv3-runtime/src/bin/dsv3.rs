@@ -186,6 +186,16 @@ struct Loaded {
     _tmp: Option<TempDir>,
 }
 
+impl Loaded {
+    /// Generates with MTP speculative decoding when the module was loaded, plainly otherwise.
+    fn generate(&self, req: &Request<'_>, on_token: impl FnMut(u32) -> Result<()>) -> Result<Generation> {
+        match &self.mtp {
+            Some(mtp) => generate_mtp(&Cpu, &self.model, mtp, req, on_token),
+            None => generate(&Cpu, &self.model, req, on_token),
+        }
+    }
+}
+
 struct TempDir(PathBuf);
 impl Drop for TempDir {
     fn drop(&mut self) {
@@ -270,10 +280,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         }
         Ok(())
     };
-    let g = match &l.mtp {
-        Some(mtp) => generate_mtp(&Cpu, &l.model, mtp, &req, on_token)?,
-        None => generate(&Cpu, &l.model, &req, on_token)?,
-    };
+    let g = l.generate(&req, on_token)?;
     if let Some(s) = stream.as_mut() {
         let rest = s.finish()?;
         text.push_str(&rest);
@@ -306,7 +313,7 @@ fn summary_json(g: &Generation, text: Option<&str>) -> serde_json::Value {
                 "per_position": s.acceptance_per_position(),
                 "drafted": s.drafted(),
                 "accepted": s.accepted(),
-                "main_steps": s.main_steps,
+                "main_steps": s.main_steps(),
             }),
         );
     }
@@ -346,10 +353,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             }
             Ok(())
         };
-        match &l.mtp {
-            Some(mtp) => generate_mtp(&Cpu, &l.model, mtp, &req, on_token)?,
-            None => generate(&Cpu, &l.model, &req, on_token)?,
-        };
+        l.generate(&req, on_token)?;
         reply.push_str(&stream.finish()?);
         println!();
         messages.push(ChatMessage { role: "assistant".into(), content: reply });
