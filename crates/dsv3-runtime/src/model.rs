@@ -318,9 +318,11 @@ pub(crate) fn head_logits<B: Backend>(
     vocab: usize,
     rows: &[usize],
 ) -> Result<Vec<f32>> {
-    let picked = select_rows(b, hidden, width, rows)?;
+    // Every row in order (each decode step): no copy of the hidden states.
+    let all = rows.iter().enumerate().all(|(i, &r)| i == r) && b.len(hidden) == rows.len() * width;
+    let picked = if all { None } else { Some(select_rows(b, hidden, width, rows)?) };
     let mut out = b.zeros::<f32>(rows.len() * vocab)?;
-    b.gemm_dense(&picked, head, GemmShape { m: rows.len(), n: vocab, k: width }, &mut out)?;
+    b.gemm_dense(picked.as_ref().unwrap_or(hidden), head, GemmShape { m: rows.len(), n: vocab, k: width }, &mut out)?;
     Ok(b.download(&out)?)
 }
 
