@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{Rng, assert_close, max_abs, max_abs_diff, paged};
+use common::{Rng, assert_close, max_abs, max_abs_diff, paged, varlen_layout};
 use dsv3_kernels::KernelError;
 use dsv3_kernels::attention::{
     self, CacheWriteShape, DecodeParams, GatherShape, LatentPool, MlaDims, PrefillInputs, PrefillParams, reference,
@@ -102,17 +102,7 @@ proptest! {
     ) {
         let mut rng = Rng::new(seed);
         let d = MlaDims { heads, qk_nope: nope, qk_rope: rope, kv_lora, v };
-        // Each sequence: S keys; queries are either the chunk at the last positions (chunked
-        // prefill) or random positions in any order.
-        let (mut cu_q, mut cu_k, mut q_pos) = (vec![0u32], vec![0u32], Vec::new());
-        for &(s, n, chunk) in &seqs {
-            let n = n.min(s);
-            for i in 0..n {
-                q_pos.push(if chunk { s - n + i } else { rng.below(s as usize) as u32 });
-            }
-            cu_q.push(cu_q.last().unwrap() + n);
-            cu_k.push(cu_k.last().unwrap() + s);
-        }
+        let (cu_q, cu_k, q_pos) = varlen_layout(&mut rng, &seqs);
         let (t, s) = (q_pos.len(), *cu_k.last().unwrap() as usize);
         let q = rng.vec(t * heads * d.qk_head(), 1.0);
         let k_nope = rng.vec(s * heads * nope, 1.0);

@@ -8,7 +8,7 @@
 mod common;
 mod cuda_common;
 
-use common::{Rng, assert_close, paged};
+use common::{Rng, assert_close, paged, varlen_layout};
 use cuda_common::{gpu, runner};
 use dsv3_kernels::attention::{
     self, CacheWriteShape, DecodeParams, GatherShape, LatentPool, MlaDims, PrefillInputs, PrefillParams, reference,
@@ -259,15 +259,7 @@ fn cuda_mla_prefill_matches_reference() {
         .run(&strat, |(seed, heads, nope, (kv_lora, rope), v, seqs)| {
             let mut rng = Rng::new(seed);
             let d = MlaDims { heads, qk_nope: nope, qk_rope: rope, kv_lora, v };
-            let (mut cu_q, mut cu_k, mut q_pos) = (vec![0u32], vec![0u32], Vec::new());
-            for &(s, n, chunk) in &seqs {
-                let n = n.min(s);
-                for i in 0..n {
-                    q_pos.push(if chunk { s - n + i } else { rng.below(s as usize) as u32 });
-                }
-                cu_q.push(cu_q.last().unwrap() + n);
-                cu_k.push(cu_k.last().unwrap() + s);
-            }
+            let (cu_q, cu_k, q_pos) = varlen_layout(&mut rng, &seqs);
             let (t, s) = (q_pos.len(), *cu_k.last().unwrap() as usize);
             let q = rng.vec(t * heads * d.qk_head(), 1.0);
             let k_nope = rng.vec(s * heads * nope, 1.0);

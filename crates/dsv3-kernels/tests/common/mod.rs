@@ -114,3 +114,19 @@ pub fn paged(rng: &mut Rng, lens: &[u32], page_size: usize, kv_lora: usize, rope
     let pool = LatentPool { num_pages, page_size, kv_lora, rope };
     (rng.vec(pool.check("test").unwrap(), 1.0), table, max_blocks, pool)
 }
+
+/// A varlen prefill layout from `(keys S, queries n, chunk)` per sequence: the queries are the
+/// chunk at the last `n` positions (chunked prefill) or `n` random positions in any order.
+/// Returns `(cu_q, cu_k, q_pos)`.
+pub fn varlen_layout(rng: &mut Rng, seqs: &[(u32, u32, bool)]) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+    let (mut cu_q, mut cu_k, mut q_pos) = (vec![0u32], vec![0u32], Vec::new());
+    for &(s, n, chunk) in seqs {
+        let n = n.min(s);
+        for i in 0..n {
+            q_pos.push(if chunk { s - n + i } else { rng.below(s as usize) as u32 });
+        }
+        cu_q.push(cu_q[cu_q.len() - 1] + n);
+        cu_k.push(cu_k[cu_k.len() - 1] + s);
+    }
+    (cu_q, cu_k, q_pos)
+}
