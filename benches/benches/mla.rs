@@ -7,8 +7,9 @@
 //! (`W_UKᵀ q_nope`), attention over `576`-wide cached rows, `W_UV ō`, `o_proj`. Two copies of
 //! the layer (weights and cache) alternate so that the ~200 MB of weights per step come from
 //! memory, not from the last-level cache. Bytes counted: weights read (FP8 codes and scales,
-//! bf16 `W_UK`/`W_UV`, norms) + cache rows read (`Σ len · 576 · 4`); FLOPs: projections,
-//! absorption, scores and weighted sums.
+//! `W_UK`/`W_UV` as the bf16 hi+lo pairs the layer holds, norms) + cache rows read
+//! (`Σ len · 576 · 4`); FLOPs: projections, absorption and value up-projection (twice: one
+//! product per half of a pair), scores and weighted sums.
 
 use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
 use dsv3_benches::{Rng, Work, limits, median_time, report};
@@ -70,7 +71,7 @@ fn bench(c: &mut Criterion) {
         let (dn, dv, bt) = (cfg.qk_nope_head_dim as f64, cfg.v_head_dim as f64, batch as f64);
         let proj = (cfg.q_lora_rank.unwrap_or(0) * cfg.hidden + cfg.q_dim() * cfg.q_lora_rank.unwrap_or(0)) as f64
             + (cfg.latent_dim() * cfg.hidden + cfg.hidden * cfg.o_dim()) as f64;
-        let flops = 2.0 * bt * proj + 2.0 * bt * h * (dn + dv) * l + 2.0 * keys * h * (l + r + l);
+        let flops = 2.0 * bt * proj + 2.0 * 2.0 * bt * h * (dn + dv) * l + 2.0 * keys * h * (l + r + l);
         let work = Work { bytes: layers[0].bytes() as f64 + keys * (l + r) * 4.0, flops };
         report(&format!("mla decode v3 {name}"), work, time);
         println!("{:<48} {:>10.1} tokens/s", "", bt / time.as_secs_f64());

@@ -54,7 +54,7 @@ use rayon::prelude::*;
 
 use crate::act::exp_fast;
 use crate::cpu::dispatch;
-use crate::dense::Bf16WeightRef;
+use crate::dense::{self, Bf16WeightRef};
 use crate::error::{KernelError, Result, check_len, checked_mul, invalid, shape_err};
 
 /// Keys per block of the fast kernels (the scores of a block are one register-tiled pass).
@@ -797,6 +797,10 @@ pub fn absorb_q(q: &[f32], w_uk: Bf16WeightRef<'_>, d: MlaDims, rows: usize, out
     let w = w_uk.data();
     let tmp = head_major(rows, h_n, l, |t0, nr, h, dst| {
         let wh = &w[h * n * l..(h + 1) * n * l];
+        let qs: Vec<&[f32]> = (t0..t0 + nr).map(|t| &q[t * stride + h * qh..t * stride + h * qh + n]).collect();
+        if dense::rows::vecmat(&qs, wh, l, &mut dst.chunks_exact_mut(l).take(nr).collect::<Vec<_>>()) {
+            return;
+        }
         let mut qt = vec![0f32; n * RB];
         for (r0, o) in (0..nr).step_by(RB).zip(dst.chunks_exact_mut(RB * l)) {
             for r in 0..RB {
@@ -835,6 +839,10 @@ pub fn expand_v(o_lat: &[f32], w_uv: Bf16WeightRef<'_>, d: MlaDims, rows: usize,
     let w = w_uv.data();
     let tmp = head_major(rows, h_n, v, |t0, nr, h, dst| {
         let wh = &w[h * v * l..(h + 1) * v * l];
+        let xs: Vec<&[f32]> = (t0..t0 + nr).map(|t| &o_lat[t * stride + h * l..t * stride + (h + 1) * l]).collect();
+        if dense::rows::dots(&xs, wh, l, &mut dst[..nr * v]) {
+            return;
+        }
         let (mut x, mut wrow) = (vec![0f32; RB * l], vec![0f32; l]);
         for (r0, o) in (0..nr).step_by(RB).zip(dst.chunks_exact_mut(RB * v)) {
             for (r, xr) in x.chunks_exact_mut(l).enumerate() {

@@ -171,6 +171,71 @@ pub fn gemm_bf16(a: &[f32], w: Bf16WeightRef<'_>, s: GemmShape, out: &mut [f32])
     Ok(())
 }
 
+/// Single-threaded AVX-512 products of a few activation rows with a small bf16 block, for
+/// kernels that parallelise over blocks themselves (the per-head products of the absorbed
+/// attention). Each returns `false`, writing nothing, when the CPU lacks AVX-512 or the block's
+/// width does not fit the kernel; the caller then uses its portable body. Every row's result
+/// is independent of the other rows passed with it.
+pub(crate) mod rows {
+    use super::*;
+
+    /// `out[r·n + i] = a[r] · w[i]` for the `n = w.len() / k` rows of `w` (`[n, k]`, every
+    /// `a[r]` `k` long, `k % 32 == 0`); `out` is `[a.len(), n]`.
+    pub(crate) fn dots(a: &[&[f32]], w: &[bf16], k: usize, out: &mut [f32]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if k > 0 && k.is_multiple_of(32) && isa_level() == IsaLevel::Avx512 && a.iter().all(|r| r.len() == k) {
+            let n = w.len() / k;
+            let mut t = vec![0f32; 4 * n];
+            for (g, r) in a.chunks(4).enumerate() {
+                let mr = r.len();
+                let o = &mut t[..n * mr];
+                // SAFETY (all arms): the CPU was checked at run time to have avx512f and avx512bw.
+                match mr {
+                    1 => unsafe { avx512::matvec::<1>([r[0]], w, k, 0, n, 1, o) },
+                    2 => unsafe { avx512::matvec::<2>([r[0], r[1]], w, k, 0, n, 2, o) },
+                    3 => unsafe { avx512::matvec::<3>([r[0], r[1], r[2]], w, k, 0, n, 3, o) },
+                    _ => unsafe { avx512::matvec::<4>([r[0], r[1], r[2], r[3]], w, k, 0, n, 4, o) },
+                }
+                for (i, col) in o.chunks_exact(mr).enumerate() {
+                    for (j, &v) in col.iter().enumerate() {
+                        out[(4 * g + j) * n + i] = v;
+                    }
+                }
+            }
+            return true;
+        }
+        let _ = (a, w, k, out);
+        false
+    }
+
+    /// `out[r][c] = Σ_e a[r][e] · w[e·cols + c]`: the transposed product `aᵀ W` with `w`
+    /// `[a[r].len(), cols]`, `cols % 64 == 0`, every `out[r]` `cols` long.
+    pub(crate) fn vecmat(a: &[&[f32]], w: &[bf16], cols: usize, out: &mut [&mut [f32]]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if cols > 0
+            && cols.is_multiple_of(avx512::VECMAT_COLS)
+            && isa_level() == IsaLevel::Avx512
+            && a.len() == out.len()
+            && a.iter().all(|r| r.len() * cols == w.len())
+            && out.iter().all(|o| o.len() == cols)
+        {
+            for (r, o) in a.chunks(4).zip(out.chunks_mut(4)) {
+                // SAFETY (all arms): the CPU was checked at run time to have avx512f and avx512bw.
+                match o {
+                    [o0] => unsafe { avx512::vecmat::<1, 16>([r[0]], w, cols, [o0]) },
+                    [o0, o1] => unsafe { avx512::vecmat::<2, 8>([r[0], r[1]], w, cols, [o0, o1]) },
+                    [o0, o1, o2] => unsafe { avx512::vecmat::<3, 4>([r[0], r[1], r[2]], w, cols, [o0, o1, o2]) },
+                    [o0, o1, o2, o3] => unsafe { avx512::vecmat::<4, 4>([r[0], r[1], r[2], r[3]], w, cols, [o0, o1, o2, o3]) },
+                    _ => unreachable!("chunks of 1 to 4"),
+                }
+            }
+            return true;
+        }
+        let _ = (a, w, cols, out);
+        false
+    }
+}
+
 /// `out[m, n] = out_t[n, m]`.
 fn transpose_into(out_t: &[f32], s: GemmShape, out: &mut [f32]) {
     for m in 0..s.m {

@@ -27,7 +27,7 @@ fn bf16_weight(rng: &mut Rng, rows: usize, cols: usize) -> Bf16Weight {
 /// (kv_lora, rope) pairs: small, tile-edge and the V3 widths.
 fn latent_dims() -> impl Strategy<Value = (usize, usize)> {
     prop_oneof![
-        3 => (proptest::sample::select(&[8usize, 16, 20, 64][..]), proptest::sample::select(&[2usize, 8, 16][..])),
+        3 => (proptest::sample::select(&[8usize, 16, 20, 64, 192][..]), proptest::sample::select(&[2usize, 8, 16][..])),
         1 => Just((512usize, 64usize)),
     ]
 }
@@ -187,6 +187,36 @@ proptest! {
             let slot = slots[t] as usize;
             prop_assert_eq!(&c_fast[t * kv_lora..(t + 1) * kv_lora], &fast[slot * w..slot * w + kv_lora]);
             prop_assert_eq!(&p_fast[t * rope..(t + 1) * rope], &kv[t * w + kv_lora..(t + 1) * w]);
+        }
+    }
+}
+
+/// `absorb_q` and `expand_v` give every row the same bits whether it is computed alone or with
+/// other rows (1 to 9 at once, V3 widths): MTP verification (a 2-token step against two 1-token
+/// steps) and expert-parallel ranks rely on it, on every kernel path.
+#[test]
+fn absorb_and_expand_rows_are_batch_invariant() {
+    let d = MlaDims { heads: 3, qk_nope: 128, qk_rope: 64, kv_lora: 512, v: 128 };
+    let mut rng = Rng::new(41);
+    let w_uk = bf16_weight(&mut rng, d.heads * d.qk_nope, d.kv_lora);
+    let w_uv = bf16_weight(&mut rng, d.heads * d.v, d.kv_lora);
+    let (qw, lw, ow, vw) = (d.heads * d.qk_head(), d.heads * d.latent(), d.heads * d.kv_lora, d.heads * d.v);
+    let q = rng.vec(9 * qw, 1.0);
+    let o_lat = rng.vec(9 * ow, 1.0);
+    let one = |t: usize| {
+        let (mut a, mut e) = (vec![0f32; lw], vec![0f32; vw]);
+        attention::absorb_q(&q[t * qw..(t + 1) * qw], w_uk.view(), d, 1, &mut a).unwrap();
+        attention::expand_v(&o_lat[t * ow..(t + 1) * ow], w_uv.view(), d, 1, &mut e).unwrap();
+        (a, e)
+    };
+    let alone: Vec<_> = (0..9).map(one).collect();
+    for rows in 2..=9 {
+        let (mut a, mut e) = (vec![0f32; rows * lw], vec![0f32; rows * vw]);
+        attention::absorb_q(&q[..rows * qw], w_uk.view(), d, rows, &mut a).unwrap();
+        attention::expand_v(&o_lat[..rows * ow], w_uv.view(), d, rows, &mut e).unwrap();
+        for (t, (a1, e1)) in alone.iter().take(rows).enumerate() {
+            assert!(a[t * lw..(t + 1) * lw].iter().zip(a1).all(|(x, y)| x.to_bits() == y.to_bits()), "absorb_q row {t} of {rows}");
+            assert!(e[t * vw..(t + 1) * vw].iter().zip(e1).all(|(x, y)| x.to_bits() == y.to_bits()), "expand_v row {t} of {rows}");
         }
     }
 }

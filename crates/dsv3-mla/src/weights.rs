@@ -226,8 +226,9 @@ impl<B: Backend> MlaWeights<B> {
         }
     }
 
-    /// Bytes of weights one forward pass reads: FP8 codes + f32 block scales of the five
-    /// projections (counting `W_UK`/`W_UV` as bf16 instead of `kv_b_proj`) and the f32 norms.
+    /// Bytes of weights one forward pass reads: FP8 codes + f32 block scales of the four FP8
+    /// projections, `W_UK`/`W_UV` as the bf16 pairs they are held as (4 bytes a value, instead
+    /// of `kv_b_proj`), and the f32 norms.
     pub fn bytes(&self) -> usize {
         let c = &self.cfg;
         let fp8 = |r: usize, k: usize| r * k + 4 * r.div_ceil(128) * k.div_ceil(128);
@@ -237,7 +238,7 @@ impl<B: Backend> MlaWeights<B> {
         };
         q + fp8(c.latent_dim(), c.hidden)
             + 4 * c.kv_lora_rank
-            + 2 * c.n_heads * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank
+            + 4 * c.n_heads * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank
             + fp8(c.hidden, c.o_dim())
     }
 }

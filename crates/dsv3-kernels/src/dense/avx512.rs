@@ -78,3 +78,71 @@ fn dots<const MR: usize, const R: usize>(a: &[&[f32]; MR], w: &[bf16], k: usize,
     }
     out
 }
+
+/// Column granularity of [`vecmat`]: its register tiles are multiples of 64 columns.
+pub(crate) const VECMAT_COLS: usize = 64;
+
+/// `out[r][c] = Σ_e a[r][e] · w[e·cols + c]` (`w` is `[a[r].len(), cols]`, `cols % 64 == 0`):
+/// the transposed product, `aᵀ W`, that the absorbed query needs (`W_UKᵀ q`). Register tiles of
+/// `MR` rows × `16·NV` columns (`NV` even, `MR·NV <= 16` accumulators) run down the weight's
+/// rows, reading a `32·NV`-byte strip of each with a prefetch 8 rows ahead; every output is
+/// one fused multiply-add chain in the order of `e`, so a row's result does not depend on the
+/// other rows of the call or on the tile width.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) fn vecmat<const MR: usize, const NV: usize>(a: [&[f32]; MR], w: &[bf16], cols: usize, mut out: [&mut [f32]; MR]) {
+    let k = a[0].len();
+    let tile = 16 * NV;
+    let mut c0 = 0;
+    while c0 < cols {
+        if c0 + tile > cols {
+            // The last columns in tiles of 64 (NV = 4 fits every MR).
+            vecmat_tile::<MR, 4>(&a, w, k, cols, c0, &mut out);
+            c0 += 64;
+            continue;
+        }
+        vecmat_tile::<MR, NV>(&a, w, k, cols, c0, &mut out);
+        c0 += tile;
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw")]
+fn vecmat_tile<const MR: usize, const NV: usize>(
+    a: &[&[f32]; MR],
+    w: &[bf16],
+    k: usize,
+    cols: usize,
+    c0: usize,
+    out: &mut [&mut [f32]; MR],
+) {
+    let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+    for e in 0..k {
+        let row = &w[e * cols + c0..e * cols + c0 + 16 * NV];
+        let mut wv = [_mm512_setzero_ps(); NV];
+        for p in 0..NV / 2 {
+            // Each 64-byte line of the strip 8 rows ahead; the prefetch may point past the end
+            // of the weight: prefetches never fault.
+            _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().wrapping_add(8 * cols + 32 * p).cast());
+            let line: &[bf16; 32] = match row[32 * p..32 * p + 32].try_into() {
+                Ok(l) => l,
+                Err(_) => unreachable!("32 values"),
+            };
+            (wv[2 * p], wv[2 * p + 1]) = widen32(line);
+        }
+        for r in 0..MR {
+            let x = _mm512_set1_ps(a[r][e]);
+            for v in 0..NV {
+                acc[r][v] = _mm512_fmadd_ps(x, wv[v], acc[r][v]);
+            }
+        }
+    }
+    for r in 0..MR {
+        for (v, o) in out[r][c0..c0 + 16 * NV].chunks_exact_mut(16).enumerate() {
+            let o: &mut [f32; 16] = match o.try_into() {
+                Ok(o) => o,
+                Err(_) => unreachable!("16 values"),
+            };
+            // SAFETY: `o` is a reference to 16 writable f32; storeu has no alignment requirement.
+            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), acc[r][v]) };
+        }
+    }
+}
