@@ -362,21 +362,28 @@ fn decode_codes(q: &[u8]) -> Vec<f32> {
 /// larger jobs get [`NC`]-row chunks, whose decoded weights stay in L2.
 fn run_jobs(jobs: &[Job<'_>], n: usize, k: usize, out: &mut [f32]) {
     let threads = crate::cpu::threads().max(1);
+    // The AVX-512 tile path reads each job's activations transposed; built once per job.
+    let transposed: Vec<Option<ATiles>> = jobs.iter().map(|job| avx512_tiles(job, k).then(|| ATiles::new(job, k))).collect();
+    // Matrix-vector jobs run in row chunks of 4 (AVX-512: up to 8 rows, as two chunks, which
+    // beats the tile kernel's half-empty 16-row groups).
+    let mv_rows = if avx512_matvec(k) { AVX512_MATVEC_ROWS } else { 4 };
+    let mc_of = |job: &Job<'_>| if job.m <= mv_rows { 4 } else { MC };
     let tiles: Vec<(usize, usize, usize, usize)> = jobs
         .iter()
         .enumerate()
         .flat_map(|(j, job)| {
-            let nc = if job.m <= 4 { n.div_ceil(threads * 4 * jobs.len()).next_multiple_of(NC).clamp(NC, 512) } else { NC };
-            (0..job.m.div_ceil(MC)).flat_map(move |mc| (0..n.div_ceil(nc)).map(move |c| (j, mc * MC, c * nc, ((c + 1) * nc).min(n))))
+            let nc = if job.m <= mv_rows { n.div_ceil(threads * 4 * jobs.len()).next_multiple_of(NC).clamp(NC, 512) } else { NC };
+            let mc = mc_of(job);
+            (0..job.m.div_ceil(mc)).flat_map(move |i| (0..n.div_ceil(nc)).map(move |c| (j, i * mc, c * nc, ((c + 1) * nc).min(n))))
         })
         .collect();
     let results: Vec<Vec<f32>> = tiles
         .par_iter()
         .map(|&(j, m0, n0, n1)| {
             let job = &jobs[j];
-            let m1 = (m0 + MC).min(job.m);
+            let m1 = (m0 + mc_of(job)).min(job.m);
             let mut tile = vec![0f32; (m1 - m0) * (n1 - n0)];
-            core_tile(job, k, m0, m1, n0, n1, &mut tile);
+            core_tile(job, transposed[j].as_ref(), k, m0, m1, n0, n1, &mut tile);
             tile
         })
         .collect();
@@ -392,17 +399,19 @@ fn run_jobs(jobs: &[Job<'_>], n: usize, k: usize, out: &mut [f32]) {
 /// Computes `tile[m - m0][n - n0]` for one job over all of K, one 128-block at a time: the
 /// weight block is decoded into an L1 tile, each (m, n) block dot is summed in f32 and then
 /// scaled by the block's scale(s) into the f32 total.
-fn core_tile(job: &Job<'_>, k: usize, m0: usize, m1: usize, n0: usize, n1: usize, tile: &mut [f32]) {
+#[allow(clippy::too_many_arguments)] // the tile's rectangle is four plain indices
+fn core_tile(job: &Job<'_>, at: Option<&ATiles>, k: usize, m0: usize, m1: usize, n0: usize, n1: usize, tile: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         let level = isa_level();
         if level == IsaLevel::Avx512 {
             // SAFETY (both): the CPU was checked at run time to have avx512f, avx512bw, avx2,
-            // fma and f16c.
-            if k.is_multiple_of(BLOCK) && m1 - m0 <= 4 {
-                return unsafe { avx512::matvec(job, k, m0, m1, n0, n1, tile) };
+            // fma and f16c; `at` is the job's transposed activation whenever the tile path runs
+            // (`avx512_tiles`).
+            match at {
+                Some(at) => return unsafe { avx512::tile(job, at, k, m0, m1, n0, n1, tile) },
+                None => return unsafe { avx512::matvec(job, k, m0, m1, n0, n1, tile) },
             }
-            return unsafe { avx512::tile(job, k, m0, m1, n0, n1, tile) };
         }
         if level >= IsaLevel::Avx2Fma {
             // SAFETY: `avx2::core_tile` needs avx2 + fma + f16c, which the CPU was checked to have.
@@ -410,6 +419,54 @@ fn core_tile(job: &Job<'_>, k: usize, m0: usize, m1: usize, n0: usize, n1: usize
         }
     }
     core_tile_body(job, k, m0, m1, n0, n1, tile)
+}
+
+/// Rows up to which an AVX-512 job runs on the matrix-vector path (in chunks of 4).
+const AVX512_MATVEC_ROWS: usize = 8;
+
+/// Whether the AVX-512 matrix-vector path can run (K a whole number of 128-blocks).
+fn avx512_matvec(k: usize) -> bool {
+    cfg!(target_arch = "x86_64") && isa_level() == IsaLevel::Avx512 && k.is_multiple_of(BLOCK)
+}
+
+/// Whether `job` runs on the AVX-512 tile path (more than [`AVX512_MATVEC_ROWS`] rows, or a
+/// K that is not a whole number of 128-blocks), which reads its activations as [`ATiles`].
+fn avx512_tiles(job: &Job<'_>, k: usize) -> bool {
+    cfg!(target_arch = "x86_64") && isa_level() == IsaLevel::Avx512 && (job.m > AVX512_MATVEC_ROWS || !k.is_multiple_of(BLOCK))
+}
+
+/// A job's activation rows transposed in groups of 16 (the last padded with zero rows):
+/// `x[g][k][16]` holds rows `16g..16g+16` at each K index, `s[g][kb][16]` their 1x128 scales
+/// (fp8 path). The AVX-512 tile kernel loads 16 rows' values at one K index as one vector.
+struct ATiles {
+    x: Vec<f32>,
+    s: Option<Vec<f32>>,
+}
+
+impl ATiles {
+    fn new(job: &Job<'_>, k: usize) -> ATiles {
+        let (m, kb_n) = (job.m, blocks(k));
+        let groups = m.div_ceil(16);
+        let mut x = vec![0f32; groups * k * 16];
+        x.par_chunks_mut(k * 16).enumerate().for_each(|(g, dst)| {
+            for r in 0..(m - 16 * g).min(16) {
+                let row = &job.a.x[(16 * g + r) * k..(16 * g + r + 1) * k];
+                for (j, &v) in row.iter().enumerate() {
+                    dst[j * 16 + r] = v;
+                }
+            }
+        });
+        let s = job.a.scales.map(|sc| {
+            let mut t = vec![0f32; groups * kb_n * 16];
+            for r in 0..m {
+                for kb in 0..kb_n {
+                    t[((r / 16) * kb_n + kb) * 16 + r % 16] = sc[r * kb_n + kb];
+                }
+            }
+            t
+        });
+        ATiles { x, s }
+    }
 }
 
 /// The portable kernel (any CPU): per 128-block, decode the weight rows into a tile, then one
@@ -703,7 +760,7 @@ mod avx2 {
 /// conversions. Same per-128 promotion as the AVX2 kernels.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{BLOCK, Job, blocks, decode_fast};
+    use super::{ATiles, BLOCK, Job, blocks, decode_fast};
     use std::arch::x86_64::*;
 
     /// Bytes ahead of the current weight block that the matrix-vector path prefetches.
@@ -815,13 +872,18 @@ mod avx512 {
         out
     }
 
-    /// The tile path at 16 lanes (more than 4 activation rows, or a ragged K): the task's
-    /// weight rows are decoded over all of K once (units of 2^-8), then 4 activation rows x 3
-    /// weight rows are register-blocked, with the per-128 promotion into vector totals.
+    /// The tile path at 16 lanes (more than 4 activation rows, or a ragged K), in outer-product
+    /// form: the task's weight rows are decoded over all of K once (units of 2^-8, row-major,
+    /// L2), the activation rows come transposed in groups of 16 ([`ATiles`]), and a register
+    /// tile of 8 weight rows x (16 or 32) activation rows accumulates one 128-block of K at a
+    /// time: per K step, one or two vector loads of activations and 8 broadcast weights feed
+    /// 8 or 16 FMAs. Each block's sums are promoted into f32 totals with the two scales (per
+    /// 128), as the reference does; every (row, column) sum runs in K order in its own lane, so
+    /// a row's result does not depend on the other rows of the call.
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-    pub(super) fn tile(job: &Job<'_>, k: usize, m0: usize, m1: usize, n0: usize, n1: usize, tile: &mut [f32]) {
+    #[allow(clippy::too_many_arguments)] // the tile's rectangle is four plain indices
+    pub(super) fn tile(job: &Job<'_>, at: &ATiles, k: usize, m0: usize, m1: usize, n0: usize, n1: usize, tile: &mut [f32]) {
         let nw = n1 - n0;
-        let rows = m1 - m0;
         let kb_n = blocks(k);
         let mut wt = vec![0f32; nw * k];
         for (n, dst) in (n0..n1).zip(wt.chunks_exact_mut(k)) {
@@ -841,90 +903,97 @@ mod avx512 {
                 *d = decode_fast(b) * (1.0 / 256.0);
             }
         }
-        let a = &job.a.x[m0 * k..m1 * k];
-        let a_scales = job.a.scales.map(|s| &s[m0 * kb_n..m1 * kb_n]);
         let w_scales = job.w.scale_inv();
-        let mut i = 0;
-        while i < rows {
-            let mr = (rows - i).min(4);
-            let mut n = 0;
-            while n < nw {
-                // Fewer than 3 weight rows left: the last one stands in; its sums are unused.
-                let nr = (nw - n).min(3);
-                let w: [&[f32]; 3] = std::array::from_fn(|c| {
-                    let c = n + c.min(nr - 1);
-                    &wt[c * k..(c + 1) * k]
+        // Row groups of 16 (m0 is a multiple of 16: MC is); totals `[nw][groups * 16]`.
+        let (g0, g1) = (m0 / 16, m1.div_ceil(16));
+        let rp = (g1 - g0) * 16;
+        let mut tot = vec![0f32; nw * rp];
+        let mut g = g0;
+        while g < g1 {
+            let b = Blocks { at, wt: &wt, w_scales, k, kb_n, n0, nw, g0, g, rp };
+            g += match g1 - g {
+                1 => b.run::<8, 1>(&mut tot),
+                2 | 3 => b.run::<8, 2>(&mut tot),
+                _ => b.run::<4, 4>(&mut tot),
+            };
+        }
+        let off = m0 - g0 * 16;
+        for r in 0..m1 - m0 {
+            for c in 0..nw {
+                tile[r * nw + c] = tot[c * rp + off + r];
+            }
+        }
+    }
+
+    /// One pass of [`tile`] over all of K for the row groups `g..g + MV`: per 128-block and
+    /// group of `NR` weight rows, [`outer`] and the promotion into the totals `tot [nw][rp]`.
+    struct Blocks<'a> {
+        at: &'a ATiles,
+        wt: &'a [f32],
+        w_scales: &'a [f32],
+        k: usize,
+        kb_n: usize,
+        n0: usize,
+        nw: usize,
+        g0: usize,
+        g: usize,
+        rp: usize,
+    }
+
+    impl Blocks<'_> {
+        /// Returns `MV`, the row groups done.
+        #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+        fn run<const NR: usize, const MV: usize>(&self, tot: &mut [f32]) -> usize {
+            let (k, kb_n, g) = (self.k, self.kb_n, self.g);
+            for kb in 0..kb_n {
+                let (k0, k1) = (kb * BLOCK, ((kb + 1) * BLOCK).min(k));
+                let sv: [__m512; MV] = std::array::from_fn(|v| match &self.at.s {
+                    Some(sc) => load16(sc, ((g + v) * kb_n + kb) * 16),
+                    None => _mm512_set1_ps(1.0),
                 });
-                let ws: [&[f32]; 3] = std::array::from_fn(|c| &w_scales[((n0 + n + c.min(nr - 1)) / BLOCK) * kb_n..][..kb_n]);
-                let sc = |r: usize| a_scales.map(|s| &s[(i + r) * kb_n..(i + r + 1) * kb_n]);
-                let a_i = &a[i * k..];
-                let out: [[f32; 3]; 4] = match mr {
-                    4 => micro::<4>(a_i, k, w, ws, [sc(0), sc(1), sc(2), sc(3)]),
-                    3 => pad(micro::<3>(a_i, k, w, ws, [sc(0), sc(1), sc(2)])),
-                    2 => pad(micro::<2>(a_i, k, w, ws, [sc(0), sc(1)])),
-                    _ => pad(micro::<1>(a_i, k, w, ws, [sc(0)])),
-                };
-                for r in 0..mr {
-                    for c in 0..nr {
-                        tile[(i + r) * nw + n + c] = out[r][c];
+                let mut c = 0;
+                while c < self.nw {
+                    // Fewer than NR weight rows left: the last one stands in; its sums are unused.
+                    let nr = (self.nw - c).min(NR);
+                    let row = |i: usize| c + i.min(nr - 1);
+                    let w: [&[f32]; NR] = std::array::from_fn(|i| &self.wt[row(i) * k + k0..row(i) * k + k1]);
+                    let acc = outer::<NR, MV>(&self.at.x, g, k, k0, w);
+                    for (i, acc) in acc.iter().enumerate().take(nr) {
+                        // x 256 undoes the decoder's 2^-8 (exact: a power of two).
+                        let ws = _mm512_set1_ps(self.w_scales[((self.n0 + row(i)) / BLOCK) * kb_n + kb] * 256.0);
+                        for v in 0..MV {
+                            let at = (c + i) * self.rp + (g - self.g0 + v) * 16;
+                            store16(tot, at, _mm512_fmadd_ps(acc[v], _mm512_mul_ps(sv[v], ws), load16(tot, at)));
+                        }
                     }
+                    c += nr;
                 }
-                n += nr;
             }
-            i += mr;
+            MV
         }
     }
 
-    /// `MR` activation rows (row r at `a[r * k..]`) against three decoded weight rows over all
-    /// of K; see `avx2::micro` for the promotion scheme.
+    /// `acc[i][v]` = Σ over the block's K of `w[i][kk]` times activation rows `16(g + v)..+16`
+    /// at `k0 + kk` (`x` is [`ATiles::x`]): `NR x MV` accumulators, one lane per (row, column).
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-    fn micro<const MR: usize>(a: &[f32], k: usize, w: [&[f32]; 3], ws: [&[f32]; 3], a_s: [Option<&[f32]>; MR]) -> [[f32; 3]; MR] {
-        let mut tot = [[_mm512_setzero_ps(); 3]; MR];
-        let mut tail = [[0f32; 3]; MR];
-        for kb in 0..blocks(k) {
-            let (k0, k1) = (kb * BLOCK, ((kb + 1) * BLOCK).min(k));
-            let vend = k0 + (k1 - k0) / 16 * 16;
-            let mut acc = [[_mm512_setzero_ps(); 3]; MR];
-            let mut j = k0;
-            while j < vend {
-                let x = [load16(w[0], j), load16(w[1], j), load16(w[2], j)];
-                for r in 0..MR {
-                    let v = load16(a, r * k + j);
-                    for c in 0..3 {
-                        acc[r][c] = _mm512_fmadd_ps(v, x[c], acc[r][c]);
-                    }
-                }
-                j += 16;
-            }
-            for r in 0..MR {
-                let s_a = match a_s[r] {
-                    Some(s) => s[kb],
-                    None => 1.0,
-                };
-                for c in 0..3 {
-                    let s = s_a * ws[c][kb] * 256.0;
-                    tot[r][c] = _mm512_fmadd_ps(acc[r][c], _mm512_set1_ps(s), tot[r][c]);
-                    if vend < k1 {
-                        let t: f32 = (vend..k1).map(|j| a[r * k + j] * w[c][j]).sum();
-                        tail[r][c] += t * s;
-                    }
+    fn outer<const NR: usize, const MV: usize>(x: &[f32], g: usize, k: usize, k0: usize, w: [&[f32]; NR]) -> [[__m512; MV]; NR] {
+        let kl = w[0].len();
+        let w: [&[f32]; NR] = std::array::from_fn(|i| &w[i][..kl]);
+        let xs: [&[f32]; MV] = std::array::from_fn(|v| &x[((g + v) * k + k0) * 16..((g + v) * k + k0 + kl) * 16]);
+        let mut acc = [[_mm512_setzero_ps(); MV]; NR];
+        for kk in 0..kl {
+            // SAFETY: every `xs[v]` holds `kl * 16` values and `kk < kl`, so the 16 read are in
+            // bounds; loadu has no alignment requirement.
+            let xv: [__m512; MV] = std::array::from_fn(|v| unsafe { _mm512_loadu_ps(xs[v].as_ptr().add(kk * 16)) });
+            for i in 0..NR {
+                // SAFETY: every `w[i]` was sliced to exactly `kl` values above and `kk < kl`.
+                let b = _mm512_set1_ps(unsafe { *w[i].get_unchecked(kk) });
+                for v in 0..MV {
+                    acc[i][v] = _mm512_fmadd_ps(b, xv[v], acc[i][v]);
                 }
             }
         }
-        let mut out = [[0f32; 3]; MR];
-        for r in 0..MR {
-            for c in 0..3 {
-                out[r][c] = _mm512_reduce_add_ps(tot[r][c]) + tail[r][c];
-            }
-        }
-        out
-    }
-
-    /// Widens a micro-kernel result to 4 rows (the extra rows are never read).
-    fn pad<const MR: usize>(v: [[f32; 3]; MR]) -> [[f32; 3]; 4] {
-        let mut out = [[0f32; 3]; 4];
-        out[..MR].copy_from_slice(&v);
-        out
+        acc
     }
 
     /// Stores 16 f32 into `x[i..i + 16]`.
