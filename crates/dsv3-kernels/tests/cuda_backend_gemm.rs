@@ -28,10 +28,26 @@ use dsv3_kernels::gemm::{GemmPath, GemmShape};
 use dsv3_kernels::{Backend, Cpu, Cuda};
 
 /// Every (N, K) of DeepSeek-V3's FP8 linears with an sm90 instantiation: fused q_a + kv_a,
-/// q_b, kv_b, o_proj, fused expert gate + up, expert down.
-const V3_SHAPES: &[(usize, usize)] = &[(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)];
+/// q_b, kv_b, o_proj, fused expert gate + up, expert down, and the unfused q_a, kv_a, gate / up
+/// and the dense layers' projections that the model calls.
+const V3_SHAPES: &[(usize, usize)] = &[
+    // DeepGEMM's shapes (q_a + kv_a and gate + up fused).
+    (2112, 7168),
+    (24576, 1536),
+    (32768, 512),
+    (7168, 16384),
+    (4096, 7168),
+    (7168, 2048),
+    // The unfused projections the model multiplies by: q_a, kv_a, expert and shared gate / up,
+    // and the dense layers' gate / up and down.
+    (1536, 7168),
+    (576, 7168),
+    (2048, 7168),
+    (18432, 7168),
+    (7168, 18432),
+];
 /// The expert shapes (grouped GEMMs).
-const EXPERT_SHAPES: &[(usize, usize)] = &[(4096, 7168), (7168, 2048)];
+const EXPERT_SHAPES: &[(usize, usize)] = &[(4096, 7168), (2048, 7168), (7168, 2048)];
 
 fn bm(rows: usize) -> usize {
     if rows <= 64 { 64 } else { 128 }
@@ -59,9 +75,8 @@ fn backend_gemm_routes_v3_shapes_to_sm90() {
 
 #[test]
 fn backend_gemm_routes_other_shapes_to_the_simple_kernel() {
-    // V3's unfused projections (q_a, kv_a, an expert's gate or up), the dense MLP, the
-    // backend harness's small shapes: no instantiation.
-    for (n, k) in [(1536, 7168), (576, 7168), (2048, 7168), (18432, 7168), (7168, 18432), (384, 256), (128, 256), (7168, 7168)] {
+    // The backend harness's small shapes and a square one: no instantiation.
+    for (n, k) in [(384, 256), (128, 256), (7168, 7168)] {
         for m in [1, 64, 4096] {
             let dense = Sm90Layout::Dense { m };
             assert_eq!(gemm_route(GemmPath::Fp8, n, k, 1, dense, true).unwrap(), GemmRoute::Fp8Simt(Sm90Fallback::Shape), "{n}x{k}");
@@ -98,7 +113,7 @@ fn backend_grouped_gemm_routes() {
         assert_eq!(r, GemmRoute::Fp8Simt(Sm90Fallback::Groups));
     }
     // A shape without an instantiation says so, whatever the weights.
-    assert_eq!(gemm_route(GemmPath::Fp8, 2048, 7168, 4, contiguous, false).unwrap(), GemmRoute::Fp8Simt(Sm90Fallback::Shape));
+    assert_eq!(gemm_route(GemmPath::Fp8, 7168, 7168, 4, contiguous, false).unwrap(), GemmRoute::Fp8Simt(Sm90Fallback::Shape));
     // Bad layouts are errors on the fp8 path (the GEMMs check them, with the CPU's errors, first).
     assert!(gemm_route(GemmPath::Fp8, 4096, 7168, 3, contiguous, true).is_err(), "offsets length");
     assert!(gemm_route(GemmPath::Fp8, 4096, 7168, 2, Sm90Layout::Masked { counts: &[3, 9], capacity: 8 }, true).is_err());

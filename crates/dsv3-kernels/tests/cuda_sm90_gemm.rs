@@ -21,7 +21,22 @@ use dsv3_kernels::gemm::{self, GemmShape};
 use proptest::prelude::*;
 
 /// Every (N, K) of DeepSeek-V3's FP8 linears that has an instantiation.
-const V3_SHAPES: &[(usize, usize)] = &[(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)];
+const V3_SHAPES: &[(usize, usize)] = &[
+    // DeepGEMM's shapes (q_a + kv_a and gate + up fused).
+    (2112, 7168),
+    (24576, 1536),
+    (32768, 512),
+    (7168, 16384),
+    (4096, 7168),
+    (7168, 2048),
+    // The unfused projections the model multiplies by: q_a, kv_a, expert and shared gate / up,
+    // and the dense layers' gate / up and down.
+    (1536, 7168),
+    (576, 7168),
+    (2048, 7168),
+    (18432, 7168),
+    (7168, 18432),
+];
 const MS: &[usize] = &[1, 7, 64, 128, 129, 4096];
 
 // ---------------------------------------------------------------------------------------------
@@ -60,8 +75,8 @@ fn sm90_grouped_plans_count_tiles_per_group() {
 #[test]
 fn sm90_falls_back_and_rejects_bad_shapes() {
     let fb = |n, k, g, l| sm90_gemm::plan(n, k, g, l).unwrap().route;
-    assert_eq!(fb(1536, 7168, 1, Sm90Layout::Dense { m: 9 }), Sm90Route::Fallback(Sm90Fallback::Shape));
-    assert_eq!(fb(576, 7168, 1, Sm90Layout::Dense { m: 4096 }), Sm90Route::Fallback(Sm90Fallback::Shape));
+    assert_eq!(fb(7168, 7168, 1, Sm90Layout::Dense { m: 9 }), Sm90Route::Fallback(Sm90Fallback::Shape));
+    assert_eq!(fb(384, 256, 1, Sm90Layout::Dense { m: 4096 }), Sm90Route::Fallback(Sm90Fallback::Shape));
     let counts = vec![1u32; 257];
     assert_eq!(fb(4096, 7168, 257, Sm90Layout::Masked { counts: &counts, capacity: 4 }), Sm90Route::Fallback(Sm90Fallback::Groups));
     // Errors, before any launch.
@@ -83,6 +98,11 @@ const SOURCES: &[(&str, &str)] = &[
     ("sm90_fp8_gemm_n7168_k16384.cu", include_str!("../../../cuda/gemm/sm90_fp8_gemm_n7168_k16384.cu")),
     ("sm90_fp8_gemm_n4096_k7168.cu", include_str!("../../../cuda/gemm/sm90_fp8_gemm_n4096_k7168.cu")),
     ("sm90_fp8_gemm_n7168_k2048.cu", include_str!("../../../cuda/gemm/sm90_fp8_gemm_n7168_k2048.cu")),
+    ("sm90_fp8_gemm_n2048_k7168.cu", include_str!("../../../cuda/gemm/sm90_fp8_gemm_n2048_k7168.cu")),
+    ("sm90_fp8_gemm_n1536_k7168.cu", include_str!("../../../cuda/gemm/sm90_fp8_gemm_n1536_k7168.cu")),
+    ("sm90_fp8_gemm_n576_k7168.cu", include_str!("../../../cuda/gemm/sm90_fp8_gemm_n576_k7168.cu")),
+    ("sm90_fp8_gemm_n18432_k7168.cu", include_str!("../../../cuda/gemm/sm90_fp8_gemm_n18432_k7168.cu")),
+    ("sm90_fp8_gemm_n7168_k18432.cu", include_str!("../../../cuda/gemm/sm90_fp8_gemm_n7168_k18432.cu")),
 ];
 
 /// The Rust table is what the `.cu` files instantiate: same kernels, block sizes and stages

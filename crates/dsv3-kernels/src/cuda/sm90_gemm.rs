@@ -93,6 +93,17 @@ pub const SM90_KERNELS: &[Sm90Kernel] = &[
     kern(4096, 7168, 128, 128, 7),
     kern(7168, 2048, 64, 56, 10),
     kern(7168, 2048, 128, 160, 6),
+    // The unfused projections as the checkpoint stores them (what the model multiplies by):
+    kern(2048, 7168, 64, 32, 10),
+    kern(2048, 7168, 128, 128, 7),
+    kern(1536, 7168, 64, 32, 10),
+    kern(1536, 7168, 128, 128, 7),
+    kern(576, 7168, 64, 32, 10),
+    kern(576, 7168, 128, 64, 7),
+    kern(18432, 7168, 64, 64, 10),
+    kern(18432, 7168, 128, 128, 7),
+    kern(7168, 18432, 64, 56, 10),
+    kern(7168, 18432, 128, 160, 6),
 ];
 
 /// How the rows of A (and of `out`) are laid out.
@@ -496,6 +507,16 @@ fn sm90_kernel(c: Sm90Kernel) -> Option<super::Kernel> {
         (4096, 7168, 128) => K::Sm90Fp8GemmN4096K7168Bm128,
         (7168, 2048, 64) => K::Sm90Fp8GemmN7168K2048Bm64,
         (7168, 2048, 128) => K::Sm90Fp8GemmN7168K2048Bm128,
+        (2048, 7168, 64) => K::Sm90Fp8GemmN2048K7168Bm64,
+        (2048, 7168, 128) => K::Sm90Fp8GemmN2048K7168Bm128,
+        (1536, 7168, 64) => K::Sm90Fp8GemmN1536K7168Bm64,
+        (1536, 7168, 128) => K::Sm90Fp8GemmN1536K7168Bm128,
+        (576, 7168, 64) => K::Sm90Fp8GemmN576K7168Bm64,
+        (576, 7168, 128) => K::Sm90Fp8GemmN576K7168Bm128,
+        (18432, 7168, 64) => K::Sm90Fp8GemmN18432K7168Bm64,
+        (18432, 7168, 128) => K::Sm90Fp8GemmN18432K7168Bm128,
+        (7168, 18432, 64) => K::Sm90Fp8GemmN7168K18432Bm64,
+        (7168, 18432, 128) => K::Sm90Fp8GemmN7168K18432Bm128,
         _ => return None,
     })
 }

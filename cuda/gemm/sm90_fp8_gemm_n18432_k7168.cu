@@ -1,0 +1,17 @@
+// sm90 FP8 GEMM for (N, K) = (18432, 7168): dense-layer gate / up (first_k_dense_replace layers), K = hidden.
+// Two instantiations of dsv3/sm90_fp8_gemm.cuh, chosen by the host (src/cuda/sm90_gemm.rs):
+// block M 64 (one consumer warpgroup, 256 threads) for groups of <= 64 rows, else block M 128
+// (two consumer warpgroups, 384 threads). Block N and stages are listed per kernel.
+#include "dsv3/sm90_fp8_gemm.cuh"
+
+// block 64 x 64 x 128, 10 stages of 16384 bytes.
+extern "C" __global__ void __launch_bounds__(256, 1)
+    dsv3_sm90_fp8_gemm_n18432_k7168_bm64(const __grid_constant__ dsv3_sm90_fp8_gemm_params p) {
+  dsv3::sm90::fp8_gemm<18432, 7168, 64, 64, 10>(p);
+}
+
+// block 128 x 128 x 128, 7 stages of 32768 bytes.
+extern "C" __global__ void __launch_bounds__(384, 1)
+    dsv3_sm90_fp8_gemm_n18432_k7168_bm128(const __grid_constant__ dsv3_sm90_fp8_gemm_params p) {
+  dsv3::sm90::fp8_gemm<18432, 7168, 128, 128, 7>(p);
+}
