@@ -161,22 +161,7 @@ fn run(dev: &CudaDevice) -> Result<()> {
     );
     let mut b = Bench { dev, flush: dev.zeros::<u8>(512 << 20)?, copy_gbs };
 
-    // DeepGEMM's six shapes, then the unfused projections the model calls (q_a, kv_a, expert
-    // gate / up, the dense layers' gate / up and down).
-    let shapes = [
-        (2112usize, 7168usize),
-        (24576, 1536),
-        (32768, 512),
-        (7168, 16384),
-        (4096, 7168),
-        (7168, 2048),
-        (1536, 7168),
-        (576, 7168),
-        (2048, 7168),
-        (18432, 7168),
-        (7168, 18432),
-    ];
-    for (n, k) in shapes {
+    for &(n, k) in dsv3_kernels::gemm::V3_SHAPES {
         for m in [1usize, 64, 128, 4096] {
             b.case(&format!("dense {n}x{k} m={m}"), n, k, Sm90Layout::Dense { m })?;
         }

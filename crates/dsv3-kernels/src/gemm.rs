@@ -19,6 +19,24 @@ use crate::error::{KernelError, Result, check_len, checked_mul, invalid, shape_e
 use crate::fp8::{self, ActQuantShape, BLOCK, Fp8WeightRef, ScaleFmt, blocks, decode_fast};
 use rayon::prelude::*;
 
+/// Every `(N, K)` of DeepSeek-V3's FP8 linears: DeepGEMM's six (q_a + kv_a and gate + up
+/// fused), then the unfused projections as the checkpoint stores them and the model multiplies
+/// by them (q_a, kv_a, expert and shared gate / up, the dense layers' gate / up and down).
+/// Tests and benchmarks run over this list; the CUDA backend has an sm90 instantiation for each.
+pub const V3_SHAPES: &[(usize, usize)] = &[
+    (2112, 7168),
+    (24576, 1536),
+    (32768, 512),
+    (7168, 16384),
+    (4096, 7168),
+    (7168, 2048),
+    (1536, 7168),
+    (576, 7168),
+    (2048, 7168),
+    (18432, 7168),
+    (7168, 18432),
+];
+
 /// `out[m, n] = Σ_k a[m, k] · w[n, k]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemmShape {

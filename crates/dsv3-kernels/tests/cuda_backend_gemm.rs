@@ -24,28 +24,9 @@ use cuda_common::{Rng, gpu};
 use dsv3_kernels::cuda::DeviceFp8Weight;
 use dsv3_kernels::cuda::sm90_gemm::{GemmRoute, SM90_KERNELS, Sm90Fallback, Sm90Layout, gemm_route};
 use dsv3_kernels::fp8::{Fp8Weight, Fp8WeightRef};
-use dsv3_kernels::gemm::{GemmPath, GemmShape};
+use dsv3_kernels::gemm::{GemmPath, GemmShape, V3_SHAPES};
 use dsv3_kernels::{Backend, Cpu, Cuda};
 
-/// Every (N, K) of DeepSeek-V3's FP8 linears with an sm90 instantiation: fused q_a + kv_a,
-/// q_b, kv_b, o_proj, fused expert gate + up, expert down, and the unfused q_a, kv_a, gate / up
-/// and the dense layers' projections that the model calls.
-const V3_SHAPES: &[(usize, usize)] = &[
-    // DeepGEMM's shapes (q_a + kv_a and gate + up fused).
-    (2112, 7168),
-    (24576, 1536),
-    (32768, 512),
-    (7168, 16384),
-    (4096, 7168),
-    (7168, 2048),
-    // The unfused projections the model multiplies by: q_a, kv_a, expert and shared gate / up,
-    // and the dense layers' gate / up and down.
-    (1536, 7168),
-    (576, 7168),
-    (2048, 7168),
-    (18432, 7168),
-    (7168, 18432),
-];
 /// The expert shapes (grouped GEMMs).
 const EXPERT_SHAPES: &[(usize, usize)] = &[(4096, 7168), (2048, 7168), (7168, 2048)];
 

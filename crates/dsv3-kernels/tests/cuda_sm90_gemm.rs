@@ -17,26 +17,9 @@ use cuda_common::{Rng, gpu, runner};
 use dsv3_kernels::cuda::CudaDevice;
 use dsv3_kernels::cuda::sm90_gemm::{self, SM90_KERNELS, Sm90Fallback, Sm90Layout, Sm90Out, Sm90Route};
 use dsv3_kernels::fp8::Fp8WeightRef;
-use dsv3_kernels::gemm::{self, GemmShape};
+use dsv3_kernels::gemm::{self, GemmShape, V3_SHAPES};
 use proptest::prelude::*;
 
-/// Every (N, K) of DeepSeek-V3's FP8 linears that has an instantiation.
-const V3_SHAPES: &[(usize, usize)] = &[
-    // DeepGEMM's shapes (q_a + kv_a and gate + up fused).
-    (2112, 7168),
-    (24576, 1536),
-    (32768, 512),
-    (7168, 16384),
-    (4096, 7168),
-    (7168, 2048),
-    // The unfused projections the model multiplies by: q_a, kv_a, expert and shared gate / up,
-    // and the dense layers' gate / up and down.
-    (1536, 7168),
-    (576, 7168),
-    (2048, 7168),
-    (18432, 7168),
-    (7168, 18432),
-];
 const MS: &[usize] = &[1, 7, 64, 128, 129, 4096];
 
 // ---------------------------------------------------------------------------------------------
