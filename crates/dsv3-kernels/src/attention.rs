@@ -646,6 +646,8 @@ fn axpy_body(acc: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
+dispatch!(fn axpy(acc: &mut [f32], a: f32, x: &[f32]) = axpy_body;);
+
 /// Rows per register tile of the head-batched matmuls (and padding of their row tiles).
 const RB: usize = HB;
 
@@ -1055,10 +1057,23 @@ dispatch!(fn pv_strip(b: &Block<'_>, c0: usize, s: &[[[f32; KB]; HB]], o: &mut [
 /// One key block for all query rows (a flash-attention step), ordered for cache reuse: scores
 /// panel by panel ([`qk_panel`]), the online softmax ([`softmax_rows`]), then `o += P·V` strip
 /// by strip ([`pv_strip`]); leftover columns (`dv % CT`) in scalar code. `kt` is a `[d][JT]`
-/// scratch.
+/// scratch. With AVX-512 the scores and `P·V` run on wider register tiles ([`avx512`]).
 fn attend_block(b: &Block<'_>, st: &mut State<'_>, kt: &mut [f32]) {
     let (rows, nk, dv) = (b.vis.len(), b.nk.min(KB), b.dv);
     let tiles = rows / HB;
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::isa_level() == crate::cpu::IsaLevel::Avx512 {
+        for jt in 0..nk.div_ceil(JT) {
+            // SAFETY: the CPU was checked at run time to have avx512f, avx512bw, avx2 and fma.
+            unsafe { avx512::qk_panel(b, jt, kt, &mut st.s[..tiles]) };
+        }
+        softmax_rows(b, st);
+        let c1 = dv - dv % avx512::PV_COLS;
+        // SAFETY: as above.
+        unsafe { avx512::pv(b, c1, &st.s[..tiles], st.o) };
+        attend_rest(b, st, c1);
+        return;
+    }
     for jt in 0..nk.div_ceil(JT) {
         qk_panel(b, jt, kt, &mut st.s[..tiles]);
     }
@@ -1068,6 +1083,12 @@ fn attend_block(b: &Block<'_>, st: &mut State<'_>, kt: &mut [f32]) {
         pv_strip(b, c0, &st.s[..tiles], st.o);
         c0 += CT;
     }
+    attend_rest(b, st, c0);
+}
+
+/// `o += P·V` for the columns `c0..dv` in scalar code.
+fn attend_rest(b: &Block<'_>, st: &mut State<'_>, c0: usize) {
+    let (rows, nk, dv) = (b.vis.len(), b.nk.min(KB), b.dv);
     for c in c0..dv {
         for r in 0..rows {
             let p = &st.s[r / HB][r % HB];
@@ -1077,6 +1098,176 @@ fn attend_block(b: &Block<'_>, st: &mut State<'_>, kt: &mut [f32]) {
             }
             st.o[r * dv + c] = a;
         }
+    }
+}
+
+/// The attention core's two products at 16 lanes, on the layouts of the portable phases:
+/// scores for four tiles (16 query rows) x one key panel of [`JT`] keys at a time (16
+/// accumulators, one broadcast query value per FMA), and `P·V` for one tile x 64 value
+/// columns (16 accumulators, four value loads and four broadcast probabilities per 16 FMAs).
+/// Every score and output element is one FMA chain in the order of the portable code's.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Block, HB, JT, KB, qk_tile, tile_live};
+    use std::arch::x86_64::*;
+
+    /// Value columns per `P·V` register tile.
+    pub(super) const PV_COLS: usize = 64;
+
+    /// [`super::qk_panel_body`] with the tiles taken four at a time.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    pub(super) fn qk_panel(b: &Block<'_>, jt: usize, kt: &mut [f32], s: &mut [[[f32; KB]; HB]]) {
+        let (j0, d2) = (jt * JT, b.d - b.d1);
+        let nj = JT.min(b.nk.saturating_sub(j0));
+        for (src, stride, width, c_off) in [(b.k1, b.k1_stride, b.d1, 0), (b.k2, b.k2_stride, d2, b.d1)] {
+            if width.is_multiple_of(16) {
+                // 16 x 16 blocks transposed in registers (keys past `nj` repeat key 0; their
+                // scores are masked by the softmax).
+                let rows: [&[f32]; JT] = std::array::from_fn(|j| {
+                    let j = if j < nj { j } else { 0 };
+                    &src[(j0 + j) * stride..(j0 + j) * stride + width]
+                });
+                for c0 in (0..width).step_by(16) {
+                    let t = transpose16(std::array::from_fn(|j| load16(&rows[j][c0..])));
+                    for (e, v) in t.iter().enumerate() {
+                        store16(&mut kt[(c_off + c0 + e) * JT..], *v);
+                    }
+                }
+            } else {
+                for j in 0..nj {
+                    let r = &src[(j0 + j) * stride..(j0 + j) * stride + width];
+                    for (c, &x) in r.iter().enumerate() {
+                        kt[(c_off + c) * JT + j] = x;
+                    }
+                }
+            }
+        }
+        let kt = &kt[..b.d * JT];
+        let tiles = s.len();
+        let mut g = 0;
+        while g + 4 <= tiles {
+            if (g..g + 4).any(|t| tile_live(b.vis, t)) {
+                let q = &b.qt[g * b.d * HB..(g + 4) * b.d * HB];
+                let acc = scores4(q, kt, b.d);
+                for (t, st) in s[g..g + 4].iter_mut().enumerate() {
+                    for r in 0..HB {
+                        store16(&mut st[r][jt * JT..jt * JT + JT], acc[t * HB + r]);
+                    }
+                }
+            }
+            g += 4;
+        }
+        for (t, st) in s.iter_mut().enumerate().skip(g) {
+            if tile_live(b.vis, t) {
+                qk_tile(&b.qt[t * b.d * HB..(t + 1) * b.d * HB], kt, jt, st);
+            }
+        }
+    }
+
+    /// `acc[t·4 + r][j] = Σ_c q[(t·d + c)·4 + r] · kt[c·16 + j]` for four tiles `t`.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    fn scores4(q: &[f32], kt: &[f32], d: usize) -> [__m512; 16] {
+        let mut acc = [_mm512_setzero_ps(); 16];
+        let qs = |t: usize| q[t * d * HB..(t + 1) * d * HB].chunks_exact(HB);
+        let rows = kt.chunks_exact(JT).zip(qs(0)).zip(qs(1)).zip(qs(2)).zip(qs(3));
+        for ((((k, q0), q1), q2), q3) in rows {
+            let kv = load16(k);
+            for (t, qc) in [q0, q1, q2, q3].into_iter().enumerate() {
+                for r in 0..HB {
+                    acc[t * HB + r] = _mm512_fmadd_ps(_mm512_set1_ps(qc[r]), kv, acc[t * HB + r]);
+                }
+            }
+        }
+        acc
+    }
+
+    /// `o += P·V` over the columns `0..c1` (`c1 % 64 == 0`) of every live tile.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    pub(super) fn pv(b: &Block<'_>, c1: usize, s: &[[[f32; KB]; HB]], o: &mut [f32]) {
+        let nk = b.nk.min(KB);
+        for c0 in (0..c1).step_by(PV_COLS) {
+            for ((g, p), og) in s.iter().enumerate().zip(o.chunks_exact_mut(HB * b.dv)) {
+                if !tile_live(b.vis, g) {
+                    continue;
+                }
+                let mut acc = [[_mm512_setzero_ps(); 4]; HB];
+                for r in 0..HB {
+                    for v in 0..4 {
+                        acc[r][v] = load16(&og[r * b.dv + c0 + 16 * v..]);
+                    }
+                }
+                for j in 0..nk {
+                    let Some(vj) = b.v.get(j * b.v_stride + c0..j * b.v_stride + c0 + PV_COLS) else { break };
+                    let x: [__m512; 4] = std::array::from_fn(|v| load16(&vj[16 * v..]));
+                    for r in 0..HB {
+                        let pr = _mm512_set1_ps(p[r][j]);
+                        for v in 0..4 {
+                            acc[r][v] = _mm512_fmadd_ps(pr, x[v], acc[r][v]);
+                        }
+                    }
+                }
+                for r in 0..HB {
+                    for v in 0..4 {
+                        store16(&mut og[r * b.dv + c0 + 16 * v..], acc[r][v]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `out[e][i] = r[i][e]`: a 16 x 16 transpose in three shuffle stages (pairs of rows
+    /// within 128-bit lanes, then quads, then the lanes themselves).
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+        // t[2a], t[2a+1]: rows 2a, 2a+1 interleaved (elements 4L, 4L+1 / 4L+2, 4L+3 of lane L).
+        let mut t = [_mm512_setzero_ps(); 16];
+        for a in 0..8 {
+            t[2 * a] = _mm512_unpacklo_ps(r[2 * a], r[2 * a + 1]);
+            t[2 * a + 1] = _mm512_unpackhi_ps(r[2 * a], r[2 * a + 1]);
+        }
+        // u[4b + k], lane L: element 4L + k of rows 4b..4b+4.
+        let mut u = [_mm512_setzero_ps(); 16];
+        for b in 0..4 {
+            u[4 * b] = _mm512_shuffle_ps::<0x44>(t[4 * b], t[4 * b + 2]);
+            u[4 * b + 1] = _mm512_shuffle_ps::<0xEE>(t[4 * b], t[4 * b + 2]);
+            u[4 * b + 2] = _mm512_shuffle_ps::<0x44>(t[4 * b + 1], t[4 * b + 3]);
+            u[4 * b + 3] = _mm512_shuffle_ps::<0xEE>(t[4 * b + 1], t[4 * b + 3]);
+        }
+        // out[4L + k] = lane L of u[k], u[4 + k], u[8 + k], u[12 + k].
+        let mut out = [_mm512_setzero_ps(); 16];
+        for k in 0..4 {
+            let x0 = _mm512_shuffle_f32x4::<0x44>(u[k], u[4 + k]);
+            let x1 = _mm512_shuffle_f32x4::<0xEE>(u[k], u[4 + k]);
+            let x2 = _mm512_shuffle_f32x4::<0x44>(u[8 + k], u[12 + k]);
+            let x3 = _mm512_shuffle_f32x4::<0xEE>(u[8 + k], u[12 + k]);
+            out[k] = _mm512_shuffle_f32x4::<0x88>(x0, x2);
+            out[4 + k] = _mm512_shuffle_f32x4::<0xDD>(x0, x2);
+            out[8 + k] = _mm512_shuffle_f32x4::<0x88>(x1, x3);
+            out[12 + k] = _mm512_shuffle_f32x4::<0xDD>(x1, x3);
+        }
+        out
+    }
+
+    /// The first 16 values of `x`.
+    #[target_feature(enable = "avx512f")]
+    fn load16(x: &[f32]) -> __m512 {
+        let c: &[f32; 16] = match x.first_chunk() {
+            Some(c) => c,
+            None => unreachable!("at least 16 values"),
+        };
+        // SAFETY: `c` is a reference to 16 initialised f32; loadu has no alignment requirement.
+        unsafe { _mm512_loadu_ps(c.as_ptr()) }
+    }
+
+    /// Stores 16 values at the start of `x`.
+    #[target_feature(enable = "avx512f")]
+    fn store16(x: &mut [f32], v: __m512) {
+        let c: &mut [f32; 16] = match x.first_chunk_mut() {
+            Some(c) => c,
+            None => unreachable!("at least 16 values"),
+        };
+        // SAFETY: `c` is an exclusive reference to 16 f32; storeu has no alignment requirement.
+        unsafe { _mm512_storeu_ps(c.as_mut_ptr(), v) }
     }
 }
 
@@ -1104,12 +1295,16 @@ struct Split {
     k1: usize,
 }
 
-/// Splits every row's keys into ranges so that the batch yields about 4 items per thread
-/// (flash-decoding); ranges are multiples of [`KB`] keys and at least 4 blocks long.
+/// Splits every row's keys into ranges so that the batch yields up to 4 items per thread
+/// (flash-decoding), each of at least about 4 blocks; when there are at least as many items as
+/// threads, their count is a multiple of the thread count, so the threads get equal shares
+/// (one 1,025-key row on 2 threads: 4 ranges of <= 272 keys, not 4 of 256 and one of 1).
 fn plan_splits(kv_lens: &[u32]) -> Vec<Split> {
     let total: usize = kv_lens.iter().map(|&l| l as usize).sum();
-    let target = 4 * crate::cpu::threads().max(1);
-    let per = total.div_ceil(target).next_multiple_of(KB).max(4 * KB);
+    let threads = crate::cpu::threads().max(1);
+    let items = total.div_ceil(4 * KB).clamp(1, 4 * threads);
+    let items = if items >= threads { items / threads * threads } else { items };
+    let per = total.div_ceil(items).next_multiple_of(JT);
     let mut out = Vec::new();
     for (b, &len) in kv_lens.iter().enumerate() {
         let len = len as usize;
@@ -1126,12 +1321,10 @@ fn plan_splits(kv_lens: &[u32]) -> Vec<Split> {
 /// Runs one split: all heads of query row `b` against keys `k0..k1`, leaving the unnormalised
 /// output in `o [Hp, dv]` and `(m, l)` per head in `ml [Hp, 2]` (`Hp` = heads padded to a
 /// multiple of [`HB`]).
-fn decode_split(q: &[f32], pool: &[f32], table: &[u32], p: &DecodeParams, sp: Split, o: &mut [f32], ml: &mut [f32]) {
+fn decode_split(qt: &[f32], pool: &[f32], table: &[u32], p: &DecodeParams, sp: Split, o: &mut [f32], ml: &mut [f32]) {
     let (w, dv, ps, h_n) = (p.pool.width(), p.pool.kv_lora, p.pool.page_size, p.heads);
     let hp = h_n.next_multiple_of(HB);
     let row = &table[sp.b * p.max_blocks..(sp.b + 1) * p.max_blocks];
-    let qb = &q[sp.b * h_n * w..(sp.b + 1) * h_n * w];
-    let qt = transpose_queries(h_n, w, |h| &qb[h * w..(h + 1) * w]);
     let mut m = vec![f32::NEG_INFINITY; hp];
     let mut l = vec![0f32; hp];
     let mut s = vec![[[0f32; KB]; HB]; hp / HB];
@@ -1146,7 +1339,7 @@ fn decode_split(q: &[f32], pool: &[f32], table: &[u32], p: &DecodeParams, sp: Sp
         let block = &pool[base..base + nk * w];
         vis[..h_n].fill(nk);
         let blk = Block {
-            qt: &qt,
+            qt,
             k1: block,
             k1_stride: w,
             d1: w,
@@ -1190,10 +1383,13 @@ pub fn decode(q: &[f32], pool: &[f32], table: &[u32], kv_lens: &[u32], p: &Decod
     let (h_n, dv) = (p.heads, p.pool.kv_lora);
     let hp = h_n.next_multiple_of(HB);
     let splits = plan_splits(kv_lens);
+    // Each row's queries transposed once, for all of its key ranges.
+    let w = p.pool.width();
+    let qts: Vec<Vec<f32>> = q.par_chunks(h_n * w).map(|qb| transpose_queries(h_n, w, |h| &qb[h * w..(h + 1) * w])).collect();
     let mut o_part = vec![0f32; splits.len() * hp * dv];
     let mut ml = vec![0f32; splits.len() * hp * 2];
     splits.par_iter().zip(o_part.par_chunks_mut(hp * dv)).zip(ml.par_chunks_mut(hp * 2)).for_each(|((&sp, o), ml)| {
-        decode_split(q, pool, table, p, sp, o, ml);
+        decode_split(&qts[sp.b], pool, table, p, sp, o, ml);
     });
     let mut first = vec![0usize; p.batch + 1];
     for sp in &splits {
@@ -1216,7 +1412,7 @@ pub fn decode(q: &[f32], pool: &[f32], table: &[u32], kv_lens: &[u32], p: &Decod
             for i in items.clone() {
                 let wgt = exp_fast(ml[(i * hp + h) * 2] - mx);
                 denom += wgt * ml[(i * hp + h) * 2 + 1];
-                axpy_body(o, wgt, &o_part[(i * hp + h) * dv..(i * hp + h + 1) * dv]);
+                axpy(o, wgt, &o_part[(i * hp + h) * dv..(i * hp + h + 1) * dv]);
             }
             let inv = 1.0 / denom;
             o.iter_mut().for_each(|x| *x *= inv);
