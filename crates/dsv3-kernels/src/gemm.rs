@@ -390,7 +390,13 @@ fn run_jobs(jobs: &[Job<'_>], n: usize, k: usize, out: &mut [f32]) {
         .iter()
         .enumerate()
         .flat_map(|(j, job)| {
-            let nc = if job.m <= mv_rows { n.div_ceil(threads * 4 * jobs.len()).next_multiple_of(NC).clamp(NC, 512) } else { NC };
+            let nc = if job.m <= mv_rows {
+                n.div_ceil(threads * 4 * jobs.len()).next_multiple_of(NC).clamp(NC, 512)
+            } else if transposed[j].is_some() && job.m >= MC {
+                AVX512_TILE_N
+            } else {
+                NC
+            };
             let mc = mc_of(job);
             (0..job.m.div_ceil(mc)).flat_map(move |i| (0..n.div_ceil(nc)).map(move |c| (j, i * mc, c * nc, ((c + 1) * nc).min(n))))
         })
@@ -438,6 +444,11 @@ fn core_tile(job: &Job<'_>, at: Option<&ATiles>, k: usize, m0: usize, m1: usize,
     }
     core_tile_body(job, k, m0, m1, n0, n1, tile)
 }
+
+/// Weight rows of one AVX-512 tile task when the job has at least [`MC`] rows: each 128-block
+/// of activations (64 rows, 32 KiB) is reused across this many weight rows while it sits in
+/// L1 (fewer rows keep [`NC`], measured faster there). Divides 128.
+const AVX512_TILE_N: usize = 64;
 
 /// Rows up to which an AVX-512 job runs on the matrix-vector path (in chunks of 4).
 const AVX512_MATVEC_ROWS: usize = 8;
@@ -903,37 +914,43 @@ mod avx512 {
     pub(super) fn tile(job: &Job<'_>, at: &ATiles, k: usize, m0: usize, m1: usize, n0: usize, n1: usize, tile: &mut [f32]) {
         let nw = n1 - n0;
         let kb_n = blocks(k);
-        let mut wt = vec![0f32; nw * k];
-        for (n, dst) in (n0..n1).zip(wt.chunks_exact_mut(k)) {
-            let src = &job.w.data()[n * k..(n + 1) * k];
-            let mut codes = src.chunks_exact(32);
-            for (c, d) in (&mut codes).zip(dst.chunks_exact_mut(32)) {
-                let c: &[u8; 32] = match c.try_into() {
-                    Ok(c) => c,
-                    Err(_) => unreachable!("chunks_exact(32)"),
-                };
-                let (lo, hi) = decode32_div256(c);
-                store16(d, 0, lo);
-                store16(d, 16, hi);
-            }
-            let done = k - codes.remainder().len();
-            for (d, &b) in dst[done..].iter_mut().zip(codes.remainder()) {
-                *d = decode_fast(b) * (1.0 / 256.0);
-            }
-        }
         let w_scales = job.w.scale_inv();
         // Row groups of 16 (m0 is a multiple of 16: MC is); totals `[nw][groups * 16]`.
         let (g0, g1) = (m0 / 16, m1.div_ceil(16));
         let rp = (g1 - g0) * 16;
         let mut tot = vec![0f32; nw * rp];
-        let mut g = g0;
-        while g < g1 {
-            let b = Blocks { at, wt: &wt, w_scales, k, kb_n, n0, nw, g0, g, rp };
-            g += match g1 - g {
-                1 => b.run::<8, 1>(&mut tot),
-                2 | 3 => b.run::<8, 2>(&mut tot),
-                _ => b.run::<4, 4>(&mut tot),
-            };
+        // One 128-block of the task's weight rows at a time, decoded (units of 2^-8) into
+        // `wt [nw][128]`, L1/L2-resident while every row group of the task runs over it.
+        let mut wt = vec![0f32; nw * BLOCK];
+        for kb in 0..kb_n {
+            let (k0, k1) = (kb * BLOCK, ((kb + 1) * BLOCK).min(k));
+            let kl = k1 - k0;
+            for (n, dst) in (n0..n1).zip(wt.chunks_exact_mut(BLOCK)) {
+                let src = &job.w.data()[n * k + k0..n * k + k1];
+                let mut codes = src.chunks_exact(32);
+                for (c, d) in (&mut codes).zip(dst.chunks_exact_mut(32)) {
+                    let c: &[u8; 32] = match c.try_into() {
+                        Ok(c) => c,
+                        Err(_) => unreachable!("chunks_exact(32)"),
+                    };
+                    let (lo, hi) = decode32_div256(c);
+                    store16(d, 0, lo);
+                    store16(d, 16, hi);
+                }
+                let done = kl - codes.remainder().len();
+                for (d, &b) in dst[done..kl].iter_mut().zip(codes.remainder()) {
+                    *d = decode_fast(b) * (1.0 / 256.0);
+                }
+            }
+            let mut g = g0;
+            while g < g1 {
+                let b = Blocks { at, wt: &wt, w_scales, k, kb_n, kb, kl, n0, nw, g0, g, rp };
+                g += match g1 - g {
+                    1 => b.run::<8, 1>(&mut tot),
+                    2 | 3 => b.run::<8, 2>(&mut tot),
+                    _ => b.run::<4, 4>(&mut tot),
+                };
+            }
         }
         let off = m0 - g0 * 16;
         for r in 0..m1 - m0 {
@@ -943,14 +960,17 @@ mod avx512 {
         }
     }
 
-    /// One pass of [`tile`] over all of K for the row groups `g..g + MV`: per 128-block and
-    /// group of `NR` weight rows, [`outer`] and the promotion into the totals `tot [nw][rp]`.
+    /// One 128-block `kb` of [`tile`] for the row groups `g..g + MV`: per group of `NR` weight
+    /// rows of `wt [nw][128]`, [`outer`] and the promotion into the totals `tot [nw][rp]`.
     struct Blocks<'a> {
         at: &'a ATiles,
         wt: &'a [f32],
         w_scales: &'a [f32],
         k: usize,
         kb_n: usize,
+        kb: usize,
+        /// Columns of K in the block (128, or fewer in a ragged last block).
+        kl: usize,
         n0: usize,
         nw: usize,
         g0: usize,
@@ -962,30 +982,27 @@ mod avx512 {
         /// Returns `MV`, the row groups done.
         #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
         fn run<const NR: usize, const MV: usize>(&self, tot: &mut [f32]) -> usize {
-            let (k, kb_n, g) = (self.k, self.kb_n, self.g);
-            for kb in 0..kb_n {
-                let (k0, k1) = (kb * BLOCK, ((kb + 1) * BLOCK).min(k));
-                let sv: [__m512; MV] = std::array::from_fn(|v| match &self.at.s {
-                    Some(sc) => load16(sc, ((g + v) * kb_n + kb) * 16),
-                    None => _mm512_set1_ps(1.0),
-                });
-                let mut c = 0;
-                while c < self.nw {
-                    // Fewer than NR weight rows left: the last one stands in; its sums are unused.
-                    let nr = (self.nw - c).min(NR);
-                    let row = |i: usize| c + i.min(nr - 1);
-                    let w: [&[f32]; NR] = std::array::from_fn(|i| &self.wt[row(i) * k + k0..row(i) * k + k1]);
-                    let acc = outer::<NR, MV>(&self.at.x, g, k, k0, w);
-                    for (i, acc) in acc.iter().enumerate().take(nr) {
-                        // x 256 undoes the decoder's 2^-8 (exact: a power of two).
-                        let ws = _mm512_set1_ps(self.w_scales[((self.n0 + row(i)) / BLOCK) * kb_n + kb] * 256.0);
-                        for v in 0..MV {
-                            let at = (c + i) * self.rp + (g - self.g0 + v) * 16;
-                            store16(tot, at, _mm512_fmadd_ps(acc[v], _mm512_mul_ps(sv[v], ws), load16(tot, at)));
-                        }
+            let (k, kb_n, kb, g) = (self.k, self.kb_n, self.kb, self.g);
+            let sv: [__m512; MV] = std::array::from_fn(|v| match &self.at.s {
+                Some(sc) => load16(sc, ((g + v) * kb_n + kb) * 16),
+                None => _mm512_set1_ps(1.0),
+            });
+            let mut c = 0;
+            while c < self.nw {
+                // Fewer than NR weight rows left: the last one stands in; its sums are unused.
+                let nr = (self.nw - c).min(NR);
+                let row = |i: usize| c + i.min(nr - 1);
+                let w: [&[f32]; NR] = std::array::from_fn(|i| &self.wt[row(i) * BLOCK..row(i) * BLOCK + self.kl]);
+                let acc = outer::<NR, MV>(&self.at.x, g, k, kb * BLOCK, w);
+                for (i, acc) in acc.iter().enumerate().take(nr) {
+                    // x 256 undoes the decoder's 2^-8 (exact: a power of two).
+                    let ws = _mm512_set1_ps(self.w_scales[((self.n0 + row(i)) / BLOCK) * kb_n + kb] * 256.0);
+                    for v in 0..MV {
+                        let at = (c + i) * self.rp + (g - self.g0 + v) * 16;
+                        store16(tot, at, _mm512_fmadd_ps(acc[v], _mm512_mul_ps(sv[v], ws), load16(tot, at)));
                     }
-                    c += nr;
                 }
+                c += nr;
             }
             MV
         }
