@@ -478,9 +478,18 @@ impl ATiles {
         let groups = m.div_ceil(16);
         let mut x = vec![0f32; groups * k * 16];
         x.par_chunks_mut(k * 16).enumerate().for_each(|(g, dst)| {
-            for r in 0..(m - 16 * g).min(16) {
-                let row = &job.a.x[(16 * g + r) * k..(16 * g + r + 1) * k];
-                for (j, &v) in row.iter().enumerate() {
+            let rows: Vec<&[f32]> = (16 * g..m.min(16 * g + 16)).map(|r| &job.a.x[r * k..(r + 1) * k]).collect();
+            let done = k - k % 16;
+            // SAFETY: ATiles are only built for the AVX-512 tile path (`avx512_tiles`), on a
+            // CPU checked at run time to have avx512f.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                crate::simd::avx512::interleave16(&rows, done, dst)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let done = 0;
+            for (r, row) in rows.iter().enumerate() {
+                for (j, &v) in row.iter().enumerate().skip(done) {
                     dst[j * 16 + r] = v;
                 }
             }

@@ -24,6 +24,7 @@ pub mod cpu;
 pub mod error;
 pub mod machine;
 pub mod mmap;
+mod simd;
 
 pub mod dense;
 pub mod fp8;
