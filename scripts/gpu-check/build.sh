@@ -2,8 +2,9 @@
 # Prepares the GPU check (design.md, "The GPU machine"): builds the `cuda`-feature test
 # binaries (dsv3-kernels, and the layer / model tests of dsv3-mla, dsv3-moe, dsv3-runtime) and
 # the GPU benchmarks here, strips them and gathers them with run.sh and ptxas' kernel report
-# into gpu-check/ (git-ignored, a few MB). Copy that folder to the GPU machine (no Rust, no
-# network, CUDA 13 driver) and run `gpu-check/run.sh` there; it writes its report to $OUT.
+# into gpu-check/ (git-ignored; the binaries gzipped, about 20 MB). Copy that folder to the
+# GPU machine (no Rust, no network, CUDA 13 driver) and run `gpu-check/run.sh` there; it
+# unpacks the binaries and writes its report to $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -50,4 +51,8 @@ cp "$report" "$DEST/kernel-report.txt"
 cp scripts/gpu-check/run.sh "$DEST/run.sh"
 chmod +x "$DEST/run.sh"
 ls "$DEST/bin" "$DEST/bench"
+# Every binary embeds all the cubins: about 60 MB unpacked, more than what travels to the GPU
+# machine comfortably (64 MiB in all). Gzipped they are about 19 MB; run.sh unpacks them.
+tar -C "$DEST" -czf "$DEST/payload.tar.gz" bin bench
+rm -rf "$DEST/bin" "$DEST/bench"
 du -sh "$DEST"

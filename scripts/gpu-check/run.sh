@@ -7,6 +7,10 @@
 # failure. Usage: gpu-check/run.sh [per-test timeout in seconds, default 300]
 set -uo pipefail
 cd "$(dirname "$0")"
+# build.sh ships the binaries gzipped; unpack them next to this script once.
+if [ ! -d bin ] && [ -f payload.tar.gz ]; then
+  tar -xzf payload.tar.gz || { echo "gpu-check: cannot unpack payload.tar.gz" >&2; exit 2; }
+fi
 OUT=${OUT:-$PWD/out}
 LIMIT=${1:-300}
 mkdir -p "$OUT/logs"
