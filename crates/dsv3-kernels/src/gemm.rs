@@ -910,14 +910,15 @@ mod avx512 {
         out
     }
 
-    /// The tile path at 16 lanes (more than 4 activation rows, or a ragged K), in outer-product
-    /// form: the task's weight rows are decoded over all of K once (units of 2^-8, row-major,
-    /// L2), the activation rows come transposed in groups of 16 ([`ATiles`]), and a register
-    /// tile of 8 weight rows x (16 or 32) activation rows accumulates one 128-block of K at a
-    /// time: per K step, one or two vector loads of activations and 8 broadcast weights feed
-    /// 8 or 16 FMAs. Each block's sums are promoted into f32 totals with the two scales (per
-    /// 128), as the reference does; every (row, column) sum runs in K order in its own lane, so
-    /// a row's result does not depend on the other rows of the call.
+    /// The tile path at 16 lanes (more than [`super::AVX512_MATVEC_ROWS`] activation rows, or a
+    /// ragged K), in outer-product form. Per 128-block of K, the task's weight rows are decoded
+    /// (units of 2^-8, row-major, 8-32 KiB) and every group of 16 activation rows
+    /// ([`ATiles`]: transposed, one vector per K index) runs over them in register tiles of 4
+    /// weight rows x 64 activation rows (4 vector loads and 4 broadcast weights feed 16 FMAs
+    /// per K step; 8 x 32 or 8 x 16 for the last groups). Each block's sums are promoted into
+    /// f32 totals with the two scales, as the reference does; every (row, column) sum runs in
+    /// K order in its own lane, so a row's result does not depend on the other rows of the
+    /// call.
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)] // the tile's rectangle is four plain indices
     pub(super) fn tile(job: &Job<'_>, at: &ATiles, k: usize, m0: usize, m1: usize, n0: usize, n1: usize, tile: &mut [f32]) {
