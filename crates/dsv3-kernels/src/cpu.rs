@@ -1,7 +1,7 @@
 //! Run-time CPU feature dispatch for the fast CPU kernels.
 //!
 //! Kernels are written once in plain, auto-vectorisable Rust as `#[inline(always)]` bodies.
-//! [`dispatch!`] compiles each body twice: for the baseline target and for AVX2 + FMA + F16C,
+//! `dispatch!` compiles each body twice: for the baseline target and for AVX2 + FMA + F16C,
 //! and picks at run time. Binaries built here therefore run on any x86-64 machine (the GPU
 //! machine included) and still use the wide units where the CPU has them.
 

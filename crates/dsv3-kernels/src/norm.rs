@@ -4,7 +4,7 @@
 //! Numerics (design.md "Numerics", spec §3.2): the mean of squares and the reciprocal square
 //! root are computed in f32, and the output is formed as `w * (x * inv_rms)` (normalise first,
 //! then scale by the weight, the HF order). The fast version sums the squares in f32 over
-//! [`LANES`] independent lanes; the [`reference`] sums them in f64 (the exact oracle) and
+//! [`LANES`] independent lanes; the [`reference`](mod@reference) sums them in f64 (the exact oracle) and
 //! rounds the sum to f32 once, so the two differ only by the fast summation error: relative
 //! error of the sum at most about `(cols / LANES + log2(LANES) + 1) · 2⁻²⁴`, of which the
 //! output sees half (rsqrt), plus 3 roundings of the final products. On sums that are exact in

@@ -160,7 +160,7 @@ impl ModelConfig {
         crate::config_check::validate(self, file)
     }
 
-    /// The hub-format `config.json` of this config (what [`crate::init_random`] writes).
+    /// The hub-format `config.json` of this config (what [`crate::init_random()`] writes).
     pub fn to_json(&self) -> Value {
         let arch = match self.model_type {
             ModelType::DeepseekV2 => "DeepseekV2ForCausalLM",

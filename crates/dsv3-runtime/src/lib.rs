@@ -5,7 +5,7 @@
 //! * [`checkpoint`] / [`tensor_file`]: safetensors files and shard indexes, typed tensor reads.
 //! * [`plan`]: every tensor a config implies; checkpoint validation against it.
 //! * [`tokenizer`] / [`chat`]: `tokenizer.json`, the chat template, streaming detokenisation.
-//! * [`init_random`] / [`presets`] / [`writer`]: random models in the real checkpoint format.
+//! * [`init_random`](mod@init_random) / [`presets`] / [`writer`]: random models in the real checkpoint format.
 #![forbid(unsafe_code)]
 
 pub mod chat;

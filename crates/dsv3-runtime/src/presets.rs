@@ -1,4 +1,4 @@
-//! Built-in model shapes for random models ([`crate::init_random`]).
+//! Built-in model shapes for random models ([`crate::init_random()`]).
 //!
 //! | preset | what | size |
 //! |---|---|---|
