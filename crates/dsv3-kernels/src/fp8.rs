@@ -59,6 +59,18 @@ pub static E4M3_TABLE: [f32; 256] = {
     t
 };
 
+/// DeepGEMM's `calc_diff`, the similarity measure its FP8 tests (and ours) bound:
+/// `1 - 2<a,b> / (<a,a> + <b,b>)` in f64; 0 for identical inputs (two zero vectors included).
+pub fn calc_diff(a: &[f32], b: &[f32]) -> f64 {
+    let (mut xy, mut xx, mut yy) = (0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        xy += x as f64 * y as f64;
+        xx += x as f64 * x as f64;
+        yy += y as f64 * y as f64;
+    }
+    if xx + yy == 0.0 { 0.0 } else { 1.0 - 2.0 * xy / (xx + yy) }
+}
+
 /// True for the two NaN codes.
 #[inline(always)]
 pub fn is_nan_code(b: u8) -> bool {

@@ -8,11 +8,12 @@
 mod common;
 mod cuda_common;
 
-use common::{calc_diff, max_abs_diff};
+use common::max_abs_diff;
 use cuda_common::gpu;
 use dsv3_kernels::attention::{CacheWriteShape, DecodeParams, GatherShape, LatentPool, MlaDims, PrefillInputs, PrefillParams};
 use dsv3_kernels::dense::Bf16Weight;
 use dsv3_kernels::embed::EmbedShape;
+use dsv3_kernels::fp8::calc_diff;
 use dsv3_kernels::fp8::{ActQuantShape, Fp8Weight, ScaleFmt};
 use dsv3_kernels::gating::RouteCfg;
 use dsv3_kernels::gemm::{GemmPath, GemmShape};

@@ -19,10 +19,10 @@
 mod common;
 mod cuda_common;
 
-use common::calc_diff;
-use cuda_common::{Rng, gpu};
+use cuda_common::{Rng, check_close, gpu};
 use dsv3_kernels::cuda::DeviceFp8Weight;
 use dsv3_kernels::cuda::sm90_gemm::{GemmRoute, SM90_KERNELS, Sm90Fallback, Sm90Layout, gemm_route};
+use dsv3_kernels::fp8::calc_diff;
 use dsv3_kernels::fp8::{Fp8Weight, Fp8WeightRef};
 use dsv3_kernels::gemm::{GemmPath, GemmShape, V3_SHAPES};
 use dsv3_kernels::{Backend, Cpu, Cuda};
@@ -145,16 +145,6 @@ fn cpu_rows(a: &[f32], k: usize, rows: &[usize], w: &Fp8Weight) -> Vec<f32> {
     let mut out = vec![0f32; rows.len() * n];
     Cpu.gemm(&gather(a, k, rows), w, GemmShape { m: rows.len(), n, k }, GemmPath::Fp8, &mut out).unwrap();
     out
-}
-
-fn check_close(what: &str, gpu: &[f32], cpu: &[f32]) {
-    assert_eq!(gpu.len(), cpu.len(), "{what}: lengths");
-    if let Some(i) = gpu.iter().position(|x| !x.is_finite()) {
-        panic!("{what}: element {i} is {} (cpu {})", gpu[i], cpu[i]);
-    }
-    let d = calc_diff(gpu, cpu);
-    assert!(d < 1e-3, "{what}: calc_diff = {d}");
-    println!("{what}: calc_diff = {d:.3e}");
 }
 
 fn same_bits(what: &str, a: &[f32], b: &[f32]) {

@@ -12,8 +12,7 @@
 mod common;
 mod cuda_common;
 
-use common::calc_diff;
-use cuda_common::{Rng, gpu, runner};
+use cuda_common::{Rng, check_close, gpu, runner};
 use dsv3_kernels::cuda::CudaDevice;
 use dsv3_kernels::cuda::sm90_gemm::{self, SM90_KERNELS, Sm90Fallback, Sm90Layout, Sm90Out, Sm90Route};
 use dsv3_kernels::fp8::Fp8WeightRef;
@@ -168,16 +167,6 @@ fn sample_rows(m: usize) -> Vec<usize> {
         v.push(m - 1);
     }
     v
-}
-
-fn check_close(what: &str, gpu: &[f32], cpu: &[f32]) {
-    assert_eq!(gpu.len(), cpu.len(), "{what}: lengths");
-    if let Some(i) = gpu.iter().position(|x| !x.is_finite()) {
-        panic!("{what}: element {i} is {} (cpu {})", gpu[i], cpu[i]);
-    }
-    let d = calc_diff(gpu, cpu);
-    assert!(d < 1e-3, "{what}: calc_diff = {d}");
-    println!("{what}: calc_diff = {d:.3e}");
 }
 
 fn gather(out: &[f32], n: usize, rows: &[usize]) -> Vec<f32> {

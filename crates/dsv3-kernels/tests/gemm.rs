@@ -6,6 +6,7 @@ mod common;
 use common::*;
 use dsv3_kernels::KernelError;
 use dsv3_kernels::fp8::Fp8Weight;
+use dsv3_kernels::fp8::calc_diff;
 use dsv3_kernels::gemm::{self, GemmPath, GemmShape, reference};
 use proptest::prelude::*;
 

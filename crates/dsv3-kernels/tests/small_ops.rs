@@ -15,6 +15,7 @@ use common::*;
 use dsv3_kernels::KernelError;
 use dsv3_kernels::act::{self, EXP_FAST_MAX_REL_ERR, exp_fast};
 use dsv3_kernels::embed::{self, EmbedShape};
+use dsv3_kernels::fp8::calc_diff;
 use dsv3_kernels::norm::{self, RowsShape};
 use half::bf16;
 use proptest::prelude::*;

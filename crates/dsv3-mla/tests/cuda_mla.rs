@@ -12,6 +12,7 @@
 mod common;
 
 use common::{inputs, max_abs, max_abs_diff, small_cfg, v3_widths_cfg};
+use dsv3_kernels::fp8::calc_diff;
 use dsv3_kernels::gemm::GemmPath;
 use dsv3_kernels::{Backend, Cpu, Cuda};
 use dsv3_mla::*;
@@ -60,13 +61,7 @@ fn compare(gpu: &[f32], cpu: &[f32], path: GemmPath, what: &str) {
             assert!(err <= 1e-4 * scale, "{what}: max |gpu - cpu| {err} > 1e-4 · {scale}");
         }
         GemmPath::Fp8 => {
-            let (mut xy, mut xx, mut yy) = (0f64, 0f64, 0f64);
-            for (&a, &b) in gpu.iter().zip(cpu) {
-                xy += a as f64 * b as f64;
-                xx += a as f64 * a as f64;
-                yy += b as f64 * b as f64;
-            }
-            let diff = if xx + yy == 0.0 { 0.0 } else { 1.0 - 2.0 * xy / (xx + yy) };
+            let diff = calc_diff(gpu, cpu);
             assert!(diff < 1e-5, "{what}: calc_diff {diff}");
         }
     }

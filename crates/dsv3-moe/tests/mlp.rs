@@ -9,19 +9,10 @@ mod common;
 
 use common::*;
 use dsv3_kernels::backend::Cpu;
+use dsv3_kernels::fp8::calc_diff;
 use dsv3_kernels::gemm::GemmPath;
 use dsv3_moe::{DenseMlp, DenseMlpConfig, MlpWeights};
 use proptest::prelude::*;
-
-fn calc_diff(a: &[f32], b: &[f32]) -> f64 {
-    let (mut xy, mut xx, mut yy) = (0f64, 0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        xy += x as f64 * y as f64;
-        xx += x as f64 * x as f64;
-        yy += y as f64 * y as f64;
-    }
-    if xx + yy == 0.0 { 0.0 } else { 1.0 - 2.0 * xy / (xx + yy) }
-}
 
 /// Widths around the 128 blocks (any width on the reference path; multiples of 128 on fp8).
 fn widths(path: GemmPath) -> BoxedStrategy<usize> {

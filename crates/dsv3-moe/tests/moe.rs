@@ -22,20 +22,11 @@ mod common;
 
 use common::*;
 use dsv3_kernels::backend::{Backend, Cpu};
+use dsv3_kernels::fp8::calc_diff;
 use dsv3_kernels::gemm::GemmPath;
 use dsv3_moe::{GroupedLayout, LoadStats, MoeLayer, MoeWeights, Routing};
 use proptest::prelude::*;
 use std::sync::Arc;
-
-fn calc_diff(a: &[f32], b: &[f32]) -> f64 {
-    let (mut xy, mut xx, mut yy) = (0f64, 0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        xy += x as f64 * y as f64;
-        xx += x as f64 * x as f64;
-        yy += y as f64 * y as f64;
-    }
-    if xx + yy == 0.0 { 0.0 } else { 1.0 - 2.0 * xy / (xx + yy) }
-}
 
 /// Asserts the tolerance of the module docs for `path`.
 fn assert_close(got: &[f32], want: &[f32], path: GemmPath, what: &str) {

@@ -8,6 +8,10 @@
 //! Ignored, and reported `SKIPPED` without a GPU (`DSV3_REQUIRE_GPU` turns that into a
 //! failure); build it for a GPU with `--features dsv3-kernels/cuda`.
 
+mod common;
+
+use common::argmax_rows;
+use dsv3_kernels::fp8::calc_diff;
 use dsv3_kernels::gemm::GemmPath;
 use dsv3_kernels::{Backend, Cpu, Cuda};
 use dsv3_runtime::model::Model;
@@ -38,20 +42,6 @@ fn logits<B: Backend>(b: &B, m: &Model<B>, ids: &[u32], chunks: &[usize]) -> Vec
         at += c;
     }
     out
-}
-
-fn argmax_rows(l: &[f32], vocab: usize) -> Vec<usize> {
-    l.chunks(vocab).map(|r| r.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0).collect()
-}
-
-fn calc_diff(a: &[f32], b: &[f32]) -> f64 {
-    let (mut xy, mut xx, mut yy) = (0f64, 0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        xy += x as f64 * y as f64;
-        xx += x as f64 * x as f64;
-        yy += y as f64 * y as f64;
-    }
-    if xx + yy == 0.0 { 0.0 } else { 1.0 - 2.0 * xy / (xx + yy) }
 }
 
 /// Every preset and path on `gpu` against the CPU.

@@ -14,8 +14,9 @@
 
 mod common;
 
-use common::{argmax_rows, calc_diff, load_model, load_model_mtp, logits_in_chunks, rel_max_diff};
+use common::{argmax_rows, load_model, load_model_mtp, logits_in_chunks, rel_max_diff};
 use dsv3_kernels::Cpu;
+use dsv3_kernels::fp8::calc_diff;
 use dsv3_kernels::gemm::GemmPath;
 use dsv3_runtime::model::Model;
 use std::path::PathBuf;

@@ -5,8 +5,9 @@
 
 mod common;
 
-use common::{argmax_rows, calc_diff, load_model, logits_in_chunks, rel_max_diff};
+use common::{argmax_rows, load_model, logits_in_chunks, rel_max_diff};
 use dsv3_kernels::Cpu;
+use dsv3_kernels::fp8::calc_diff;
 use dsv3_kernels::gemm::GemmPath;
 use dsv3_runtime::generate::{Request, SamplingParams, generate};
 use dsv3_runtime::model::Model;

@@ -39,17 +39,6 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
-/// DeepGEMM's calc_diff: 1 - 2<x,y>/(<x,x>+<y,y>), in f64. 0 means identical.
-pub fn calc_diff(a: &[f32], b: &[f32]) -> f64 {
-    let (mut xy, mut xx, mut yy) = (0f64, 0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        xy += x as f64 * y as f64;
-        xx += x as f64 * x as f64;
-        yy += y as f64 * y as f64;
-    }
-    if xx + yy == 0.0 { 0.0 } else { 1.0 - 2.0 * xy / (xx + yy) }
-}
-
 // ----- MLA attention tests (CPU and GPU) -----
 
 /// xorshift64 test data.

@@ -119,14 +119,3 @@ pub fn rel_max_diff(a: &[f32], want: &[f32]) -> f32 {
 pub fn argmax_rows(l: &[f32], vocab: usize) -> Vec<usize> {
     l.chunks(vocab).map(|r| r.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0).collect()
 }
-
-/// DeepGEMM's calc_diff: 1 - 2<x,y>/(<x,x>+<y,y>), in f64.
-pub fn calc_diff(a: &[f32], b: &[f32]) -> f64 {
-    let (mut xy, mut xx, mut yy) = (0f64, 0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        xy += x as f64 * y as f64;
-        xx += x as f64 * x as f64;
-        yy += y as f64 * y as f64;
-    }
-    1.0 - 2.0 * xy / (xx + yy)
-}
