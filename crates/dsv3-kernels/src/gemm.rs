@@ -799,6 +799,7 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{ATiles, BLOCK, Job, blocks, decode_fast};
+    use crate::simd::avx512::{load16, store16};
     use std::arch::x86_64::*;
 
     /// Bytes ahead of the current weight block that the matrix-vector path prefetches.
@@ -812,16 +813,6 @@ mod avx512 {
         let x = _mm512_cvtepu8_epi16(raw);
         let h = _mm512_and_si512(_mm512_srai_epi16::<1>(_mm512_slli_epi16::<8>(x)), _mm512_set1_epi16(0xBF80u16 as i16));
         (_mm512_cvtph_ps(_mm512_castsi512_si256(h)), _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(h)))
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-    fn load16(x: &[f32], i: usize) -> __m512 {
-        let c: &[f32; 16] = match x[i..i + 16].try_into() {
-            Ok(c) => c,
-            Err(_) => unreachable!("a slice of length 16"),
-        };
-        // SAFETY: `c` is a reference to 16 initialised f32; loadu has no alignment requirement.
-        unsafe { _mm512_loadu_ps(c.as_ptr()) }
     }
 
     /// Rows `m0..m1` (at most 4) of the activation against weight rows `n0..n1`.
@@ -884,8 +875,8 @@ mod avx512 {
                     };
                     let (w0, w1) = decode32_div256(quad);
                     for r in 0..MR {
-                        acc[r][c][0] = _mm512_fmadd_ps(load16(a[r], j0 + q * 32), w0, acc[r][c][0]);
-                        acc[r][c][1] = _mm512_fmadd_ps(load16(a[r], j0 + q * 32 + 16), w1, acc[r][c][1]);
+                        acc[r][c][0] = _mm512_fmadd_ps(load16(&a[r][j0 + q * 32..]), w0, acc[r][c][0]);
+                        acc[r][c][1] = _mm512_fmadd_ps(load16(&a[r][j0 + q * 32 + 16..]), w1, acc[r][c][1]);
                     }
                 }
             }
@@ -944,8 +935,8 @@ mod avx512 {
                         Err(_) => unreachable!("chunks_exact(32)"),
                     };
                     let (lo, hi) = decode32_div256(c);
-                    store16(d, 0, lo);
-                    store16(d, 16, hi);
+                    store16(d, lo);
+                    store16(&mut d[16..], hi);
                 }
                 let done = kl - codes.remainder().len();
                 for (d, &b) in dst[done..kl].iter_mut().zip(codes.remainder()) {
@@ -994,7 +985,7 @@ mod avx512 {
         fn run<const NR: usize, const MV: usize>(&self, tot: &mut [f32]) -> usize {
             let (k, kb_n, kb, g) = (self.k, self.kb_n, self.kb, self.g);
             let sv: [__m512; MV] = std::array::from_fn(|v| match &self.at.s {
-                Some(sc) => load16(sc, ((g + v) * kb_n + kb) * 16),
+                Some(sc) => load16(&sc[((g + v) * kb_n + kb) * 16..]),
                 None => _mm512_set1_ps(1.0),
             });
             let mut c = 0;
@@ -1009,7 +1000,8 @@ mod avx512 {
                     let ws = _mm512_set1_ps(self.w_scales[((self.n0 + row(i)) / BLOCK) * kb_n + kb] * 256.0);
                     for v in 0..MV {
                         let at = (c + i) * self.rp + (g - self.g0 + v) * 16;
-                        store16(tot, at, _mm512_fmadd_ps(acc[v], _mm512_mul_ps(sv[v], ws), load16(tot, at)));
+                        let t = _mm512_fmadd_ps(acc[v], _mm512_mul_ps(sv[v], ws), load16(&tot[at..]));
+                        store16(&mut tot[at..], t);
                     }
                 }
                 c += nr;
@@ -1039,16 +1031,5 @@ mod avx512 {
             }
         }
         acc
-    }
-
-    /// Stores 16 f32 into `x[i..i + 16]`.
-    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-    fn store16(x: &mut [f32], i: usize, v: __m512) {
-        let c: &mut [f32; 16] = match (&mut x[i..i + 16]).try_into() {
-            Ok(c) => c,
-            Err(_) => unreachable!("a slice of length 16"),
-        };
-        // SAFETY: `c` is an exclusive reference to 16 f32; storeu has no alignment requirement.
-        unsafe { _mm512_storeu_ps(c.as_mut_ptr(), v) }
     }
 }

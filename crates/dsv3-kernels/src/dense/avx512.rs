@@ -4,6 +4,7 @@
 //! (`bf16 << 16`). This is what `lm_head` and the router run on at decode; the autovectorised
 //! AVX2 body reached about 56% of the read bandwidth on `lm_head` (see benches/results).
 
+use crate::simd::avx512::{load16, store16};
 use half::bf16;
 use std::arch::x86_64::*;
 
@@ -17,16 +18,6 @@ fn widen32(w: &[bf16; 32]) -> (__m512, __m512) {
     let (lo, hi) = unsafe { (_mm256_loadu_si256(w.as_ptr().cast()), _mm256_loadu_si256(w.as_ptr().add(16).cast())) };
     let f = |h: __m256i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
     (f(lo), f(hi))
-}
-
-#[target_feature(enable = "avx512f")]
-fn load16(x: &[f32], i: usize) -> __m512 {
-    let c: &[f32; 16] = match x[i..i + 16].try_into() {
-        Ok(c) => c,
-        Err(_) => unreachable!("a slice of length 16"),
-    };
-    // SAFETY: `c` is a reference to 16 initialised f32; loadu has no alignment requirement.
-    unsafe { _mm512_loadu_ps(c.as_ptr()) }
 }
 
 /// `out[i * stride + r] = a[r] · w[n0 + i]` for the `rows` weight rows starting at `n0` (each
@@ -65,8 +56,8 @@ fn dots<const MR: usize, const R: usize>(a: &[&[f32]; MR], w: &[bf16], k: usize,
             _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast::<u8>().wrapping_add(PREFETCH_AHEAD).cast());
             let (w0, w1) = widen32(line);
             for r in 0..MR {
-                acc[r][c][0] = _mm512_fmadd_ps(load16(a[r], j), w0, acc[r][c][0]);
-                acc[r][c][1] = _mm512_fmadd_ps(load16(a[r], j + 16), w1, acc[r][c][1]);
+                acc[r][c][0] = _mm512_fmadd_ps(load16(&a[r][j..]), w0, acc[r][c][0]);
+                acc[r][c][1] = _mm512_fmadd_ps(load16(&a[r][j + 16..]), w1, acc[r][c][1]);
             }
         }
     }
@@ -136,13 +127,8 @@ fn vecmat_tile<const MR: usize, const NV: usize>(
         }
     }
     for r in 0..MR {
-        for (v, o) in out[r][c0..c0 + 16 * NV].chunks_exact_mut(16).enumerate() {
-            let o: &mut [f32; 16] = match o.try_into() {
-                Ok(o) => o,
-                Err(_) => unreachable!("16 values"),
-            };
-            // SAFETY: `o` is a reference to 16 writable f32; storeu has no alignment requirement.
-            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), acc[r][v]) };
+        for v in 0..NV {
+            store16(&mut out[r][c0 + 16 * v..], acc[r][v]);
         }
     }
 }
