@@ -142,13 +142,8 @@ pub fn gemm_bf16(a: &[f32], w: Bf16WeightRef<'_>, s: GemmShape, out: &mut [f32])
             let (n0, nr) = (c * ROWS_PER_TASK, chunk.len() / s.m);
             for (g, r) in rows.chunks(4).enumerate() {
                 let o = &mut chunk[4 * g..];
-                // SAFETY (all arms): the CPU was checked at run time to have avx512f and avx512bw.
-                match r.len() {
-                    1 => unsafe { avx512::matvec::<1>([r[0]], w.data, s.k, n0, nr, s.m, o) },
-                    2 => unsafe { avx512::matvec::<2>([r[0], r[1]], w.data, s.k, n0, nr, s.m, o) },
-                    3 => unsafe { avx512::matvec::<3>([r[0], r[1], r[2]], w.data, s.k, n0, nr, s.m, o) },
-                    _ => unsafe { avx512::matvec::<4>([r[0], r[1], r[2], r[3]], w.data, s.k, n0, nr, s.m, o) },
-                }
+                // SAFETY: the CPU was checked at run time to have avx512f and avx512bw.
+                unsafe { avx512::matvec_rows(r, w.data, s.k, n0, nr, s.m, o) };
             }
         });
         transpose_into(&out_t, s, out);
@@ -189,13 +184,8 @@ pub(crate) mod rows {
             for (g, r) in a.chunks(4).enumerate() {
                 let mr = r.len();
                 let o = &mut t[..n * mr];
-                // SAFETY (all arms): the CPU was checked at run time to have avx512f and avx512bw.
-                match mr {
-                    1 => unsafe { avx512::matvec::<1>([r[0]], w, k, 0, n, 1, o) },
-                    2 => unsafe { avx512::matvec::<2>([r[0], r[1]], w, k, 0, n, 2, o) },
-                    3 => unsafe { avx512::matvec::<3>([r[0], r[1], r[2]], w, k, 0, n, 3, o) },
-                    _ => unsafe { avx512::matvec::<4>([r[0], r[1], r[2], r[3]], w, k, 0, n, 4, o) },
-                }
+                // SAFETY: the CPU was checked at run time to have avx512f and avx512bw.
+                unsafe { avx512::matvec_rows(r, w, k, 0, n, mr, o) };
                 for (i, col) in o.chunks_exact(mr).enumerate() {
                     for (j, &v) in col.iter().enumerate() {
                         out[(4 * g + j) * n + i] = v;

@@ -23,7 +23,7 @@ fn widen32(w: &[bf16; 32]) -> (__m512, __m512) {
 /// `out[i * stride + r] = a[r] · w[n0 + i]` for the `rows` weight rows starting at `n0` (each
 /// `k` long, `k % 32 == 0`), with `MR` activation rows `a[r]`.
 #[target_feature(enable = "avx512f,avx512bw")]
-pub(super) fn matvec<const MR: usize>(a: [&[f32]; MR], w: &[bf16], k: usize, n0: usize, rows: usize, stride: usize, out: &mut [f32]) {
+fn matvec<const MR: usize>(a: [&[f32]; MR], w: &[bf16], k: usize, n0: usize, rows: usize, stride: usize, out: &mut [f32]) {
     let half = rows.div_ceil(2);
     for i in 0..half {
         let (p, q) = (n0 + i, n0 + i + half);
@@ -39,6 +39,18 @@ pub(super) fn matvec<const MR: usize>(a: [&[f32]; MR], w: &[bf16], k: usize, n0:
                 out[i * stride + r] = s[r][0];
             }
         }
+    }
+}
+
+/// [`matvec`] for 1 to 4 activation rows `a` (more are not read).
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) fn matvec_rows(a: &[&[f32]], w: &[bf16], k: usize, n0: usize, rows: usize, stride: usize, out: &mut [f32]) {
+    match a {
+        [a0] => matvec::<1>([a0], w, k, n0, rows, stride, out),
+        [a0, a1] => matvec::<2>([a0, a1], w, k, n0, rows, stride, out),
+        [a0, a1, a2] => matvec::<3>([a0, a1, a2], w, k, n0, rows, stride, out),
+        [a0, a1, a2, a3, ..] => matvec::<4>([a0, a1, a2, a3], w, k, n0, rows, stride, out),
+        [] => {}
     }
 }
 
