@@ -5,8 +5,11 @@
 //! rows in the same order, every kernel works row by row, and the combine adds the same
 //! products in the same order), so without shared experts the outputs are compared exactly.
 //! The shared experts run on T/R tokens per rank instead of T, and the CPU GEMM sums a block
-//! of <= 4 rows (matrix-vector kernel) in another order than a larger block (tiled kernel):
-//! with shared experts the bound is float reassociation, 1e-5 of max |y| (observed up to 4e-7).
+//! of <= 8 rows (matrix-vector kernel) in another order than a larger block (tiled kernel):
+//! with shared experts the bound is the MoE layer's against its reference (`assert_close`,
+//! stated in tests/moe.rs): float reassociation, 1e-5 of max |y|, on the reference path
+//! (observed up to 4e-7); on the fp8 path a last-bit difference can also flip the E4M3
+//! re-quantisation of one intermediate value (seen: 1.2e-4 of max |y| at 9 tokens on 2 ranks).
 
 mod common;
 
@@ -46,8 +49,7 @@ proptest! {
             if n_shared == 0 {
                 prop_assert!(y == single.y, "R={n}: routed output differs from one rank");
             } else {
-                let err = max_abs_diff(&y, &single.y) / max_abs(&single.y).max(1e-30);
-                prop_assert!(err <= 1e-5, "R={n}: max err {err:e} of max |y|");
+                assert_close(&y, &single.y, path, &format!("R={n}"));
             }
             prop_assert_eq!(stats.per_expert(), single.stats.per_expert());
             prop_assert_eq!(stats.tokens(), tokens);

@@ -28,19 +28,6 @@ use dsv3_moe::{GroupedLayout, LoadStats, MoeLayer, MoeWeights, Routing};
 use proptest::prelude::*;
 use std::sync::Arc;
 
-/// Asserts the tolerance of the module docs for `path`.
-fn assert_close(got: &[f32], want: &[f32], path: GemmPath, what: &str) {
-    let scale = max_abs(want).max(1e-30);
-    let err = max_abs_diff(got, want) / scale;
-    match path {
-        GemmPath::Reference => assert!(err <= 1e-5, "{what}: max err {err:e} of max |y|"),
-        GemmPath::Fp8 => {
-            let d = calc_diff(got, want);
-            assert!(err <= 5e-2 && d <= 1e-4, "{what}: max err {err:e} of max |y|, calc_diff {d:e}");
-        }
-    }
-}
-
 fn family() -> impl Strategy<Value = Family> {
     prop_oneof![Just(Family::V3), Just(Family::V2Lite), Just(Family::Moonlight)]
 }
