@@ -12,6 +12,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod config;
 mod config_check;
+pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod generate;

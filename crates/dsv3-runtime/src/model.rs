@@ -46,6 +46,10 @@ pub enum AttnForm {
     /// row-independent), which speculative verification relies on: accepting a draft gives
     /// the bits plain decoding gives.
     Absorbed,
+    /// The expanded form for any number of new tokens, as a prefill computes them: each row
+    /// exactly as a one-shot prefill of its sequence computes it (the serving engine runs
+    /// prompt chunks this way, one-token chunks included).
+    Expanded,
 }
 
 /// A loaded model on backend `B`.
@@ -234,7 +238,11 @@ impl<B: Backend> Model<B> {
         let sizes: Vec<(SeqId, usize)> = batch.iter().map(|(s, toks)| (*s, toks.len())).collect();
         let x = self.embed(b, &ids)?;
         let plan = cache.plan(b, &sizes)?;
-        let absorbed = form == AttnForm::Absorbed || batch.iter().all(|(_, toks)| toks.len() == 1);
+        let absorbed = match form {
+            AttnForm::Auto => batch.iter().all(|(_, toks)| toks.len() == 1),
+            AttnForm::Absorbed => true,
+            AttnForm::Expanded => false,
+        };
         self.stack().run(b, cache, &plan, x, absorbed)
     }
 

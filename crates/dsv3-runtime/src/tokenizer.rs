@@ -20,6 +20,7 @@ use crate::json::{Obj, read_json_file};
 use serde_json::Value;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tokenizers::decoders::DecoderWrapper;
 
 /// Largest `tokenizer.json` read (the DeepSeek one is ~8 MB).
@@ -208,7 +209,13 @@ impl Tokenizer {
 
     /// A streaming detokeniser for a model of `vocab_size` ids.
     pub fn stream(&self, vocab_size: usize) -> StreamDecoder<'_> {
-        StreamDecoder { tok: self, vocab_size: vocab_size.max(self.token_count), pending: Vec::new(), ids: Vec::new(), emitted: 0 }
+        StreamDecoder::new(TokRef::Borrowed(self), vocab_size)
+    }
+
+    /// [`Tokenizer::stream`] holding a share of the tokenizer instead of a borrow, for state
+    /// that outlives the caller's scope (the serving engine keeps one per sequence).
+    pub fn stream_shared(self: &Arc<Self>, vocab_size: usize) -> StreamDecoder<'static> {
+        StreamDecoder::new(TokRef::Shared(self.clone()), vocab_size)
     }
 
     /// The chat template of `tokenizer_config.json`, if it has one.
@@ -239,9 +246,25 @@ fn unicode_to_byte() -> std::collections::HashMap<char, u8> {
     bs.into_iter().zip(cs).filter_map(|(b, c)| char::from_u32(c).map(|c| (c, b as u8))).collect()
 }
 
+/// The tokenizer a [`StreamDecoder`] reads: borrowed, or shared.
+enum TokRef<'a> {
+    Borrowed(&'a Tokenizer),
+    Shared(Arc<Tokenizer>),
+}
+
+impl std::ops::Deref for TokRef<'_> {
+    type Target = Tokenizer;
+    fn deref(&self) -> &Tokenizer {
+        match self {
+            TokRef::Borrowed(t) => t,
+            TokRef::Shared(t) => t,
+        }
+    }
+}
+
 /// Turns ids into text piece by piece without ever emitting a broken UTF-8 sequence.
 pub struct StreamDecoder<'a> {
-    tok: &'a Tokenizer,
+    tok: TokRef<'a>,
     vocab_size: usize,
     /// Byte-level: bytes not emitted yet (an incomplete trailing character).
     pending: Vec<u8>,
@@ -250,7 +273,18 @@ pub struct StreamDecoder<'a> {
     emitted: usize,
 }
 
-impl StreamDecoder<'_> {
+impl std::fmt::Debug for StreamDecoder<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamDecoder").field("vocab_size", &self.vocab_size).field("pending", &self.pending.len()).finish_non_exhaustive()
+    }
+}
+
+impl<'a> StreamDecoder<'a> {
+    fn new(tok: TokRef<'a>, vocab_size: usize) -> Self {
+        let vocab_size = vocab_size.max(tok.token_count);
+        StreamDecoder { tok, vocab_size, pending: Vec::new(), ids: Vec::new(), emitted: 0 }
+    }
+
     /// Adds one id; returns the text it completes (often empty).
     pub fn push(&mut self, id: u32) -> Result<String> {
         if id as usize >= self.vocab_size {
