@@ -11,4 +11,4 @@ else
   echo "(tokenizer unavailable: using token ids)" >&2
   prompt=(--prompt-ids 0,19923,3,223)
 fi
-exec cargo run --quiet --release -p dsv3-runtime --bin dsv3 -- generate --preset tiny "${prompt[@]}" --max-tokens 24 --json "$@"
+exec cargo run --quiet --release -p dsv3-cli --bin dsv3 -- generate --preset tiny "${prompt[@]}" --max-tokens 24 --json "$@"

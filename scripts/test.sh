@@ -27,5 +27,21 @@ scripts/install-cuda-toolchain.sh
 cargo clippy -p dsv3-kernels --features cuda --all-targets --profile test-opt -- -D warnings
 cargo nextest run -p dsv3-kernels --features cuda --cargo-profile test-opt --test 'cuda_*' --no-fail-fast
 
+echo "== a GPU-capable dsv3 (--features cuda) still runs without a GPU; --device cuda is one line"
+cargo build --quiet --profile test-opt -p dsv3-cli --features cuda
+mkdir -p target/cuda-cli && cp target/test-opt/dsv3 target/cuda-cli/dsv3
+cuda_dsv3=target/cuda-cli/dsv3
+DSV3_TOKENIZER_DIR=/nonexistent "$cuda_dsv3" generate --preset tiny --prompt-ids 1,2,3 --max-tokens 4
+if DSV3_TOKENIZER_DIR=/nonexistent "$cuda_dsv3" generate --preset tiny --prompt-ids 1 --device cuda 2> target/cuda-cli/err.txt; then
+  echo "--device cuda succeeded on a machine without a GPU?" >&2; exit 1
+fi
+cat target/cuda-cli/err.txt
+if [[ $(wc -l < target/cuda-cli/err.txt) -ne 1 ]] || ! grep -q "^error: --device cuda:0: CUDA is unavailable" target/cuda-cli/err.txt; then
+  echo "--device cuda without a GPU must be one line: error: --device cuda:0: CUDA is unavailable: ..." >&2; exit 1
+fi
+
+echo "== dsv3 serve end to end: the openai client, a bounded load test, SIGTERM"
+scripts/serve-check.sh test-opt
+
 echo "== benchmarks compile"
 cargo bench --workspace --no-run

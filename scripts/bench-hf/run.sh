@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=$(scripts/fixtures/venv.sh)
-cargo build --quiet --release -p dsv3-runtime --bin dsv3
+cargo build --quiet --release -p dsv3-cli --bin dsv3
 if [ "${1:-}" = "--preset" ]; then
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT

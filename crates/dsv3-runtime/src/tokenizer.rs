@@ -173,6 +173,17 @@ impl Tokenizer {
     pub fn eos_token(&self) -> Option<&str> {
         self.eos.as_ref().map(|e| e.1.as_str())
     }
+    /// The bytes token `id` stands for: its exact bytes under a byte-level decoder (possibly a
+    /// part of a UTF-8 character), its decoded text otherwise; `None` for ids the tokenizer
+    /// does not know.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        match &self.id_bytes {
+            Some(table) => table.get(id as usize)?.as_ref().map(|b| b.to_vec()),
+            None if (id as usize) < self.token_count => self.inner.decode(&[id], false).ok().map(String::into_bytes),
+            None => None,
+        }
+    }
+
     /// The id of a token string (special tokens included).
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

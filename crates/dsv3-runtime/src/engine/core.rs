@@ -165,10 +165,11 @@ impl<B: Backend> Engine<B> {
         let vocab = mcfg.vocab_size;
         let allowed = tok.as_ref().map_or(vocab, |t| t.token_count().min(vocab));
         let cache = model.new_cache(&b, cfg.cache_tokens)?;
+        let tok = tok.map(Arc::new);
         let limits = Limits { max_context: cfg.max_context, vocab_size: vocab, has_tokenizer: tok.is_some(), max_waiting: cfg.max_waiting };
-        let shared = Shared::new(limits);
+        let shared = Shared::new(limits, tok.clone());
         shared.metrics.pages_total.store(cache.total_pages() as u64, Relaxed);
-        Ok(Engine { b, model, tok: tok.map(Arc::new), cache, cfg, eos, allowed, waiting: Vec::new(), admitted: Vec::new(), shared })
+        Ok(Engine { b, model, tok, cache, cfg, eos, allowed, waiting: Vec::new(), admitted: Vec::new(), shared })
     }
 
     pub(crate) fn shared(&self) -> Arc<Shared> {

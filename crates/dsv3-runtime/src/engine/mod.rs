@@ -261,6 +261,7 @@ impl Limits {
 pub(crate) struct Shared {
     pub metrics: EngineMetrics,
     pub limits: Limits,
+    pub tokenizer: Option<Arc<Tokenizer>>,
     next_id: AtomicU64,
     /// Requests submitted and not yet admitted to the cache (in the channel or the queue).
     pub queued: AtomicU64,
@@ -268,10 +269,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(limits: Limits) -> Arc<Shared> {
+    pub(crate) fn new(limits: Limits, tokenizer: Option<Arc<Tokenizer>>) -> Arc<Shared> {
         Arc::new(Shared {
             metrics: EngineMetrics::default(),
             limits,
+            tokenizer,
             next_id: AtomicU64::new(0),
             queued: AtomicU64::new(0),
             accepting: AtomicBool::new(true),
@@ -343,6 +345,11 @@ impl EngineHandle {
 
     pub fn limits(&self) -> Limits {
         self.shared.limits
+    }
+
+    /// The model's tokenizer (shared with the engine), if it has one.
+    pub fn tokenizer(&self) -> Option<Arc<Tokenizer>> {
+        self.shared.tokenizer.clone()
     }
 
     /// Whether new requests are accepted.

@@ -67,9 +67,42 @@ fn typed_errors_exit_1_and_name_the_problem() {
     }
 }
 
+/// Without a usable GPU (here: a build without the `cuda` feature, or no driver, or no GPU),
+/// `--device cuda` is one line naming the cause, exit 1, for every command that takes it.
+#[test]
+fn an_unavailable_gpu_is_a_one_line_error() {
+    for cmd in ["generate", "logits", "bench", "eval", "serve"] {
+        let mut args = vec![cmd, "--preset", "tiny", "--device", "cuda:0"];
+        match cmd {
+            "generate" => args.extend(["--prompt-ids", "1"]),
+            "logits" => args.extend(["--ids", "1", "--out", "/nonexistent-dir/l.safetensors"]),
+            "eval" => args.extend(["--text", "/dev/null"]),
+            _ => {}
+        }
+        let o = dsv3(&args);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {e}");
+        assert!(e.starts_with("error: --device cuda:0: CUDA is unavailable"), "{args:?}: {e}");
+        assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+    }
+}
+
+#[test]
+fn serve_refuses_mtp_with_a_reason() {
+    let o = dsv3(&["serve", "--preset", "tiny", "--mtp", "--port", "0"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("MTP speculative decoding is not batched in the server"), "{}", stderr(&o));
+}
+
 #[test]
 fn usage_errors_exit_2() {
-    for args in [&["generate", "--temperature"][..], &["no-such-command"], &["generate", "--max-tokens", "many"]] {
+    for args in [
+        &["generate", "--temperature"][..],
+        &["no-such-command"],
+        &["generate", "--max-tokens", "many"],
+        &["generate", "--preset", "tiny", "--device", "gpu"],
+        &["serve", "--preset", "tiny", "--host", "localhost:80"],
+    ] {
         let o = dsv3(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
     }

@@ -1,0 +1,160 @@
+//! `dsv3 bench`: prefill and decode speed of one sequence (decode GB/s against the measured
+//! read bandwidth), the cost of an MTP verify step, and batched decode at `--batch` sizes.
+
+use crate::args::{ModelArgs, OnDevice, WithMtp, load};
+use dsv3_kernels::Backend;
+use dsv3_runtime::Result;
+use dsv3_runtime::generate::{Request, SamplingParams, generate, generate_mtp};
+use dsv3_runtime::model::{AttnForm, Model};
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value_t = 64)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 16)]
+    pub decode_tokens: usize,
+    /// Batch sizes for the batched-decode part (comma-separated), e.g. `1,8,64`: that many
+    /// sequences prefilled together, then decoded one token each per step.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub batch: Vec<usize>,
+}
+
+impl OnDevice for BenchArgs {
+    fn run<B: Backend + 'static>(self, b: B) -> Result<()> {
+        let a = self;
+        let l = load(b, &a.model, WithMtp::IfPresent)?;
+        let (b, m) = (&l.b, &l.model);
+        let cfg = m.config();
+        eprintln!("measuring this machine's memory bandwidth ...");
+        let limits = dsv3_kernels::machine::Limits::measure();
+        println!("{}", limits.describe());
+        let prompt = bench_prompt(cfg.vocab_size, a.prompt_tokens.max(1), 0);
+        let params = SamplingParams::default();
+        // Warm-up (page in the weights), then the measured run; EOS is ignored so every step runs.
+        let warm = Request { prompt: &prompt[..1], max_tokens: 2, sampling: params, eos: &[], allowed: cfg.vocab_size };
+        generate(b, m, &warm, |_| Ok(()))?;
+        let t = Instant::now();
+        let req = Request { prompt: &prompt, max_tokens: a.decode_tokens + 1, sampling: params, eos: &[], allowed: cfg.vocab_size };
+        let g = generate(b, m, &req, |_| Ok(()))?;
+        let bytes = m.decode_weight_bytes() as f64;
+        let decode = g.decode_tokens_per_s();
+        let gbs = bytes * decode / 1e9;
+        let (one, two) = step_times(b, m, &prompt, a.decode_tokens.clamp(3, 9))?;
+        let mut report = serde_json::json!({
+            "device": b.name(),
+            "prompt_tokens": g.prompt_tokens,
+            "prefill_tokens_per_s": g.prefill_tokens_per_s(),
+            "decode_tokens": g.ids.len().saturating_sub(1),
+            "decode_tokens_per_s": decode,
+            "decode_weight_bytes_per_token": bytes,
+            "decode_gb_per_s": gbs,
+            "decode_ratio_to_read_bandwidth": gbs * 1e9 / limits.read_bytes_per_s,
+            "gemm": format!("{:?}", m.gemm_path()).to_lowercase(),
+            "verify_step": {
+                "one_token_step_s": one,
+                "two_token_step_s": two,
+                "cost_ratio": two / one,
+                "mtp_speedup_bound_at_85pct_acceptance": 1.85 / (two / one),
+                "note": "a speculative step verifies [next, draft] in one absorbed two-token step; with acceptance a it yields 1 + a tokens for cost_ratio one-token steps (plus the MTP block, about 1/num_hidden_layers of a step for V3)",
+            },
+        });
+        let mut batches = Vec::new();
+        for &n in a.batch.iter().filter(|&&n| n > 0) {
+            batches.push(batched(b, m, n, a.prompt_tokens.max(1), a.decode_tokens.max(1))?);
+        }
+        if let Some(obj) = report.as_object_mut() {
+            obj.insert("batches".into(), batches.into());
+            if let Some(mtp) = &l.mtp {
+                let s = generate_mtp(b, m, mtp, &req, |_| Ok(()))?;
+                let stats = s.mtp.clone().unwrap_or_default();
+                obj.insert(
+                    "mtp".into(),
+                    serde_json::json!({
+                        "decode_tokens_per_s": s.decode_tokens_per_s(),
+                        "speedup": s.decode_tokens_per_s() / decode,
+                        "acceptance": stats.acceptance(),
+                        "same_tokens_as_without": s.ids == g.ids,
+                        "note": "random weights: the MTP module was not trained to agree with the main model, so acceptance (and speedup) are far below a real checkpoint's",
+                    }),
+                );
+            }
+            obj.insert("wall_s".into(), t.elapsed().as_secs_f64().into());
+        }
+        println!("{report}");
+        Ok(())
+    }
+}
+
+/// A deterministic prompt of `n` ids (sequence `k` of a batch gets its own).
+fn bench_prompt(vocab: usize, n: usize, k: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7919 + k * 104_729) % vocab.min(100_000)) as u32).collect()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median seconds of a one-token and of a two-token absorbed decode step after `prompt`, each
+/// rolled back after timing so every sample runs at the same position.
+fn step_times<B: Backend>(b: &B, m: &Model<B>, prompt: &[u32], samples: usize) -> Result<(f64, f64)> {
+    let mut cache = m.new_cache(b, prompt.len() + 4)?;
+    let seq = cache.add_sequence();
+    m.forward_hidden(b, &mut cache, &[(seq, prompt)])?;
+    let n = prompt.len();
+    let (mut one, mut two) = (Vec::new(), Vec::new());
+    for i in 0..samples {
+        let a = (i * 131 + 17) as u32 % m.config().vocab_size as u32;
+        for (times, toks) in [(&mut one, &[a][..]), (&mut two, &[a, a ^ 1][..])] {
+            let t = Instant::now();
+            m.forward_hidden_with(b, &mut cache, &[(seq, toks)], AttnForm::Absorbed)?;
+            times.push(t.elapsed().as_secs_f64());
+            cache.truncate(seq, n)?;
+        }
+    }
+    Ok((median(&mut one), median(&mut two)))
+}
+
+/// `n` sequences of `prompt` tokens prefilled in one step, then `steps` decode steps of all
+/// of them (greedy, logits included, as a server's step): tokens/s of both.
+fn batched<B: Backend>(b: &B, m: &Model<B>, n: usize, prompt: usize, steps: usize) -> Result<serde_json::Value> {
+    let vocab = m.config().vocab_size;
+    let mut cache = m.new_cache(b, n * (prompt + steps + 1))?;
+    let seqs: Vec<_> = (0..n).map(|_| cache.add_sequence()).collect();
+    let prompts: Vec<Vec<u32>> = (0..n).map(|k| bench_prompt(vocab, prompt, k)).collect();
+    let batch: Vec<_> = seqs.iter().zip(&prompts).map(|(&s, p)| (s, &p[..])).collect();
+    let t = Instant::now();
+    let h = m.forward_hidden(b, &mut cache, &batch)?;
+    let last: Vec<usize> = (0..n).map(|k| (k + 1) * prompt - 1).collect();
+    let mut next = argmax_rows(&m.logits(b, &h, &last)?, vocab);
+    let prefill = t.elapsed().as_secs_f64();
+    let mut times = Vec::with_capacity(steps);
+    let rows: Vec<usize> = (0..n).collect();
+    for _ in 0..steps {
+        let t = Instant::now();
+        let toks: Vec<[u32; 1]> = next.iter().map(|&id| [id]).collect();
+        let batch: Vec<_> = seqs.iter().zip(&toks).map(|(&s, t)| (s, &t[..])).collect();
+        let h = m.forward_hidden(b, &mut cache, &batch)?;
+        next = argmax_rows(&m.logits(b, &h, &rows)?, vocab);
+        times.push(t.elapsed().as_secs_f64());
+    }
+    let step = median(&mut times);
+    Ok(serde_json::json!({
+        "batch": n,
+        "prompt_tokens": prompt,
+        "prefill_tokens_per_s": (n * prompt) as f64 / prefill,
+        "decode_steps": steps,
+        "decode_step_s": step,
+        "decode_tokens_per_s": n as f64 / step,
+    }))
+}
+
+fn argmax_rows(logits: &[f32], vocab: usize) -> Vec<u32> {
+    logits
+        .chunks_exact(vocab)
+        .map(|r| r.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0 as u32)
+        .collect()
+}
