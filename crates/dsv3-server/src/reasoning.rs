@@ -5,6 +5,8 @@
 //! starts inside the reasoning; other models may open with `<think>` themselves. Text arrives
 //! in pieces: a piece that could be the start of a tag is held back until the next decides.
 
+use dsv3_runtime::engine::partial_suffix;
+
 const OPEN: &str = "<think>";
 const CLOSE: &str = "</think>";
 
@@ -92,7 +94,7 @@ impl Splitter {
                         self.state = State::Content;
                     }
                     None => {
-                        let keep = partial_tag(&self.held, CLOSE);
+                        let keep = partial_suffix(&self.held, CLOSE);
                         let cut = self.held.len() - keep;
                         out.reasoning.push_str(&self.held[..cut]);
                         self.held.drain(..cut);
@@ -115,14 +117,6 @@ impl Splitter {
             State::Start | State::Content => Split { reasoning: String::new(), content: held },
         }
     }
-}
-
-/// Bytes of the longest suffix of `text` that is a proper prefix of `tag`.
-fn partial_tag(text: &str, tag: &str) -> usize {
-    (1..tag.len().min(text.len() + 1))
-        .rev()
-        .find(|&n| text.is_char_boundary(text.len() - n) && tag.starts_with(&text[text.len() - n..]))
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ mod text;
 
 pub use self::core::{Engine, StepReport};
 pub use metrics::{EngineMetrics, FinishReason, Histogram, LATENCY_BUCKETS, MetricsSnapshot};
+pub use text::partial_suffix;
 
 use crate::error::{Result, RuntimeError};
 use crate::generate::{Sampler, SamplingParams};

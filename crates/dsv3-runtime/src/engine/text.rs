@@ -73,8 +73,8 @@ impl TextState {
 }
 
 /// The length in bytes of the longest suffix of `text` that is a proper prefix of `stop`
-/// (always on a character boundary of `text`).
-fn partial_suffix(text: &str, stop: &str) -> usize {
+/// (always on a character boundary of `text`): what a streaming matcher must hold back.
+pub fn partial_suffix(text: &str, stop: &str) -> usize {
     let max = (stop.len() - 1).min(text.len());
     (1..=max).rev().find(|&n| text.is_char_boundary(text.len() - n) && stop.starts_with(&text[text.len() - n..])).unwrap_or(0)
 }
