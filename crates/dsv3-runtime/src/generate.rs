@@ -1,22 +1,27 @@
 //! Sampling and the generation loop: prefill the prompt, then decode one token per step on
 //! the paged latent cache until EOS or the token budget.
 //!
-//! Sampling: temperature 0 is greedy (argmax, lowest id on ties). Otherwise the logits are
-//! divided by the temperature, restricted to the `top_k` largest (if set) and to the smallest
-//! set whose probability reaches `top_p` (if < 1), renormalised, and drawn with a seeded
-//! generator, so the same seed gives the same tokens. Ids at or beyond `allowed` (the
-//! tokenizer's size: the padding rows of the embedding) are never sampled.
+//! Sampling is `dsv3_kernels::sample` (the rule: temperature 0 is greedy; otherwise the
+//! logits are scaled by the temperature without overflow, restricted to the `top_k` largest
+//! and to the smallest prefix whose probability reaches `top_p`, renormalised, and drawn);
+//! [`Sampler`] adds a seeded uniform stream, so the same seed gives the same tokens. Ids at
+//! or beyond `allowed` (the tokenizer's size: the padding rows of the embedding) are never
+//! sampled.
 
 use crate::error::{Result, RuntimeError};
 use crate::model::{AttnForm, Model, select_rows};
 use crate::mtp::Mtp;
-use dsv3_kernels::Backend;
+use dsv3_kernels::sample::{self, SampleParams};
+use dsv3_kernels::{Backend, KernelError};
 use dsv3_mla::{PagedLatentCache, SeqId};
 use std::time::{Duration, Instant};
+
+pub use dsv3_kernels::sample::{Dist, Verdict};
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingParams {
+    /// 0: greedy; otherwise any finite value > 0 (see `dsv3_kernels::sample`).
     pub temperature: f32,
     /// Keep only the `top_k` most likely tokens (0: all).
     pub top_k: usize,
@@ -32,18 +37,23 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// Checks the parameters (`dsv3_kernels::sample::SampleParams::validate`); the error
+    /// names the command-line flag (`--temperature`, `--top-p`).
     pub fn validate(&self) -> Result<()> {
-        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(RuntimeError::Request(format!("--temperature must be finite and >= 0, got {}", self.temperature)));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(RuntimeError::Request(format!("--top-p must be in (0, 1], got {}", self.top_p)));
-        }
-        Ok(())
+        self.kernel().validate().map_err(|e| match e {
+            KernelError::Invalid { what, detail, .. } => RuntimeError::Request(format!("--{} {detail}", what.replace('_', "-"))),
+            other => RuntimeError::Kernel(other),
+        })
+    }
+
+    /// The kernel-layer parameters (without the seed).
+    pub fn kernel(&self) -> SampleParams {
+        SampleParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p }
     }
 }
 
-/// A seeded sampler (splitmix64: small, fast, reproducible everywhere).
+/// A seeded sampler: `dsv3_kernels::sample` with a splitmix64 uniform stream (small, fast,
+/// reproducible everywhere).
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
@@ -66,58 +76,24 @@ impl Sampler {
     }
 
     /// The distribution a token is drawn from: `logits[..allowed]` after temperature, top-k
-    /// and top-p (module docs). Temperature 0 gives all mass to the argmax.
+    /// and top-p ([`Dist::new`]). Temperature 0 gives all mass to the argmax.
     pub fn dist(&self, logits: &[f32], allowed: usize) -> Result<Dist> {
-        let n = allowed.min(logits.len());
-        let logits = &logits[..n];
-        if let Some(i) = logits.iter().position(|v| v.is_nan()) {
+        let row = &logits[..allowed.min(logits.len())];
+        if let Some(i) = row.iter().position(|v| v.is_nan()) {
             return Err(RuntimeError::Request(format!("the model produced a NaN logit (token {i})")));
         }
-        if n == 0 {
+        if row.is_empty() {
             return Err(RuntimeError::Request("no token can be sampled (empty vocabulary)".into()));
         }
-        if self.params.temperature == 0.0 {
-            let argmax =
-                logits.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0;
-            return Ok(Dist(vec![(argmax as u32, 1.0)]));
-        }
-        let t = self.params.temperature;
-        let mut cand: Vec<(usize, f32)> = logits.iter().map(|&v| v / t).enumerate().collect();
-        // Descending by logit, ties by id: deterministic.
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if self.params.top_k > 0 {
-            cand.truncate(self.params.top_k);
-        }
-        let max = cand[0].1;
-        let mut probs: Vec<f64> = cand.iter().map(|&(_, v)| ((v - max) as f64).exp()).collect();
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
-        if self.params.top_p < 1.0 {
-            let mut acc = 0.0;
-            let keep = probs.iter().position(|&p| {
-                acc += p;
-                acc >= self.params.top_p as f64
-            });
-            probs.truncate(keep.map_or(probs.len(), |i| i + 1));
-            let total: f64 = probs.iter().sum();
-            probs.iter_mut().for_each(|p| *p /= total);
-        }
-        Ok(Dist(cand.iter().zip(probs).map(|(&(id, _), p)| (id as u32, p)).collect()))
+        Ok(Dist::new(row, &self.params.kernel())?)
     }
 
     /// Draws from `d` (one uniform when sampling; none when greedy).
     pub fn draw(&mut self, d: &Dist) -> u32 {
         if self.params.temperature == 0.0 {
-            return d.0[0].0;
+            return d.top();
         }
-        let mut u = self.uniform();
-        for &(id, p) in &d.0 {
-            if u < p {
-                return id;
-            }
-            u -= p;
-        }
-        d.0[d.0.len() - 1].0
+        d.draw(self.uniform())
     }
 
     /// Picks a token from `logits[..allowed]`.
@@ -126,50 +102,13 @@ impl Sampler {
         Ok(self.draw(&d))
     }
 
-    /// Speculative sampling (Leviathan et al. 2023, Chen et al. 2023): `draft` was drawn from
-    /// `q`, the target distribution is `p`. Accepts with probability `min(1, p(d) / q(d))`;
-    /// otherwise returns a replacement drawn from `max(0, p - q)` renormalised. The token that
-    /// results (draft or replacement) is distributed exactly as `p`. Greedy (temperature 0):
-    /// accepted iff the draft is the argmax of `p`, else the argmax replaces it.
+    /// Speculative sampling ([`dsv3_kernels::sample::verify`]): `draft` was drawn from `q`,
+    /// the target distribution is `p`; the token that results (draft or replacement) is
+    /// distributed exactly as `p`. Greedy: accepted iff the draft is the argmax of `p`, else
+    /// the argmax replaces it.
     pub fn verify(&mut self, p: &Dist, q: &Dist, draft: u32) -> Verdict {
-        if self.params.temperature == 0.0 {
-            return if p.0[0].0 == draft { Verdict::Accepted } else { Verdict::Rejected(p.0[0].0) };
-        }
-        let (pd, qd) = (p.prob(draft), q.prob(draft));
-        if qd > 0.0 && self.uniform() < pd / qd {
-            return Verdict::Accepted;
-        }
-        let residual: Vec<(u32, f64)> = p.0.iter().map(|&(id, pi)| (id, (pi - q.prob(id)).max(0.0))).filter(|x| x.1 > 0.0).collect();
-        let total: f64 = residual.iter().map(|x| x.1).sum();
-        if total <= 0.0 {
-            // p == q up to rounding: the rejection had probability ~0; draw from p.
-            return Verdict::Rejected(self.draw(p));
-        }
-        let r = Dist(residual.into_iter().map(|(id, x)| (id, x / total)).collect());
-        Verdict::Rejected(self.draw(&r))
+        sample::verify(p, q, draft, || self.uniform())
     }
-}
-
-/// A token distribution: `(id, probability)`, most likely first, probabilities summing to 1.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Dist(Vec<(u32, f64)>);
-
-impl Dist {
-    /// The probability of `id` (0 when outside the support).
-    pub fn prob(&self, id: u32) -> f64 {
-        self.0.iter().find(|x| x.0 == id).map_or(0.0, |x| x.1)
-    }
-    pub fn support(&self) -> &[(u32, f64)] {
-        &self.0
-    }
-}
-
-/// The outcome of [`Sampler::verify`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    Accepted,
-    /// Rejected, with the token that replaces the draft.
-    Rejected(u32),
 }
 
 /// What one generation produced, with its timings.
