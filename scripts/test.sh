@@ -8,11 +8,17 @@ cd "$(dirname "$0")/.."
 echo "== format"
 cargo fmt --all --check
 
-echo "== lints"
+echo "== lints (every unsafe block has a SAFETY comment: [workspace.lints] in Cargo.toml)"
 cargo clippy --workspace --all-targets --profile test-opt -- -D warnings
+echo "== no unwrap in library, program and example code (tests may unwrap)"
+cargo clippy --workspace --lib --bins --examples --profile test-opt -- -D warnings -D clippy::unwrap_used
 
 echo "== tests (optimised profile, so property tests stay fast on 2 cores)"
 cargo nextest run --workspace --cargo-profile test-opt --no-fail-fast
+
+echo "== doctests (nextest does not run them), and the API docs build without warnings"
+cargo test --doc --workspace --profile test-opt
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --profile test-opt
 
 echo "== kernel tests again on the narrower code paths (AVX2 only, then portable)"
 # The fast kernels dispatch at run time to AVX-512, AVX2 or portable code; DSV3_ISA caps the
@@ -25,6 +31,7 @@ echo "== CUDA feature: pinned toolchain from PyPI, every kernel built for sm_90a
 echo "   spills), lints, and the tests that need no GPU (the GPU ones are ignored: reported skipped)"
 scripts/install-cuda-toolchain.sh
 cargo clippy -p dsv3-kernels --features cuda --all-targets --profile test-opt -- -D warnings
+cargo clippy -p dsv3-kernels --features cuda --lib --profile test-opt -- -D warnings -D clippy::unwrap_used
 cargo nextest run -p dsv3-kernels --features cuda --cargo-profile test-opt --test 'cuda_*' --no-fail-fast
 
 echo "== a GPU-capable dsv3 (--features cuda) still runs without a GPU; --device cuda is one line"

@@ -25,7 +25,7 @@ fn bench(c: &mut Criterion) {
         let mut g = c.benchmark_group(format!("dense_{name}"));
         g.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
         for m in [1usize, 2] {
-            let a = rng.vec_f32(m * k);
+            let a = rng.vec(m * k, 1.0);
             let mut out = vec![0f32; m * n];
             let mut i = 0;
             let mut step = || {

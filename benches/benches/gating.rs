@@ -11,11 +11,11 @@ fn bench(c: &mut Criterion) {
     let mut rng = Rng::new(3);
     let cfg = RouteCfg::deepseek_v3();
     let (n, k) = (cfg.n_experts, cfg.top_k);
-    let bias: Vec<f32> = rng.vec_f32(n).iter().map(|v| 0.05 * v).collect();
+    let bias: Vec<f32> = rng.vec(n, 1.0).iter().map(|v| 0.05 * v).collect();
     let mut g = c.benchmark_group("gating_noaux_tc");
     g.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
     for tokens in [1usize, 64, 4096] {
-        let logits: Vec<f32> = rng.vec_f32(tokens * n).iter().map(|v| 4.0 * v).collect();
+        let logits: Vec<f32> = rng.vec(tokens * n, 1.0).iter().map(|v| 4.0 * v).collect();
         let (mut idx, mut w) = (vec![0u32; tokens * k], vec![0f32; tokens * k]);
         let mut step = || gating::route(&cfg, tokens, &logits, Some(&bias), &mut idx, &mut w).expect("route");
         g.bench_function(format!("t{tokens}"), |b| b.iter(&mut step));

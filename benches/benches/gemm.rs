@@ -18,7 +18,7 @@ const WORKING_SET: usize = 768 << 20;
 
 fn random_fp8(rng: &mut Rng, n: usize, k: usize) -> Fp8Weight {
     // Random codes (no NaN) and scales directly: quantising 768 MiB of f32 would dominate.
-    let data = (0..n * k).map(|_| (rng.next_u64() as u8) & 0xF7).collect();
+    let data = (0..n * k).map(|_| (rng.u64() as u8) & 0xF7).collect();
     let scales = (0..n.div_ceil(128) * k.div_ceil(128)).map(|_| 1e-3 * (1.5 + rng.f32())).collect();
     Fp8Weight::new(n, k, data, scales).expect("valid random weight")
 }
@@ -38,7 +38,7 @@ fn bench(c: &mut Criterion) {
         // DSV3_BENCH_M=1 runs only the matrix-vector cases.
         let only_m: Option<usize> = std::env::var("DSV3_BENCH_M").ok().and_then(|v| v.parse().ok());
         for m in [1usize, 8, 64].into_iter().filter(|m| only_m.is_none_or(|o| o == *m)) {
-            let a = rng.vec_f32(m * k);
+            let a = rng.vec(m * k, 1.0);
             let mut out = vec![0f32; m * n];
             for path in [GemmPath::Reference, GemmPath::Fp8] {
                 let name = format!("m{m}_{path:?}").to_lowercase();

@@ -53,7 +53,7 @@ fn bench(c: &mut Criterion) {
         }
         // One decode step: one new token per sequence, re-run in place (the same slots).
         let plan = cache.plan(&b, &seqs.iter().map(|&s| (s, 1)).collect::<Vec<_>>()).expect("plan");
-        let x: Vec<f32> = rng.vec_f32(batch * cfg.hidden);
+        let x: Vec<f32> = rng.vec(batch * cfg.hidden, 1.0);
         let mut out = vec![0f32; batch * cfg.hidden];
         let mut i = 0;
         let mut step = || {

@@ -59,7 +59,7 @@ fn bench(c: &mut Criterion) {
     for tokens in [1usize, 16, 256] {
         let mut batches = Vec::new();
         while batches.len() < BATCHES {
-            let x = rng.vec_f32(tokens * cfg.hidden);
+            let x = rng.vec(tokens * cfg.hidden, 1.0);
             let s = stats_of(&x, tokens);
             let sets: BTreeSet<usize> = active(&s).map(|e| e % DISTINCT).collect();
             if tokens > 1 || sets.len() == s.active_experts() {

@@ -21,7 +21,7 @@ fn random_ids(rng: &mut Rng, tokens: usize) -> Vec<u32> {
     for _ in 0..tokens {
         let start = ids.len();
         while ids.len() < start + TOP_K {
-            let e = (rng.next_u64() % EXPERTS as u64) as u32;
+            let e = (rng.u64() % EXPERTS as u64) as u32;
             if !ids[start..].contains(&e) {
                 ids.push(e);
             }
@@ -39,8 +39,8 @@ fn bench(c: &mut Criterion) {
         let pairs = tokens * TOP_K;
         let shape = PlanShape { tokens, top_k: TOP_K, n_experts: EXPERTS };
         let ids = random_ids(&mut rng, tokens);
-        let x = rng.vec_f32(tokens * HIDDEN);
-        let w = rng.vec_f32(pairs);
+        let x = rng.vec(tokens * HIDDEN, 1.0);
+        let w = rng.vec(pairs, 1.0);
         let plan = DispatchPlan::build(shape, &ids).expect("plan");
         let mut p = vec![0f32; pairs * HIDDEN];
         let mut out = vec![0f32; tokens * HIDDEN];

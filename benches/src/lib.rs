@@ -58,27 +58,6 @@ pub fn report(name: &str, work: Work, time: Duration) -> f64 {
     bw_ratio
 }
 
-/// A deterministic xorshift generator, so benchmark inputs need no extra dependency.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    /// Uniform in [-1, 1).
-    pub fn f32(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-    pub fn vec_f32(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.f32()).collect()
-    }
-}
+/// The deterministic generator of the tests (`dsv3-testutil`), so benchmark inputs are the
+/// same everywhere and need no extra dependency.
+pub use dsv3_testutil::Rng;

@@ -210,13 +210,16 @@ pub(crate) mod rows {
             && out.iter().all(|o| o.len() == cols)
         {
             for (r, o) in a.chunks(4).zip(out.chunks_mut(4)) {
-                // SAFETY (all arms): the CPU was checked at run time to have avx512f and avx512bw.
-                match o {
-                    [o0] => unsafe { avx512::vecmat::<1, 16>([r[0]], w, cols, [o0]) },
-                    [o0, o1] => unsafe { avx512::vecmat::<2, 8>([r[0], r[1]], w, cols, [o0, o1]) },
-                    [o0, o1, o2] => unsafe { avx512::vecmat::<3, 4>([r[0], r[1], r[2]], w, cols, [o0, o1, o2]) },
-                    [o0, o1, o2, o3] => unsafe { avx512::vecmat::<4, 4>([r[0], r[1], r[2], r[3]], w, cols, [o0, o1, o2, o3]) },
-                    _ => unreachable!("chunks of 1 to 4"),
+                // SAFETY: the CPU was checked at run time to have avx512f and avx512bw; the
+                // lengths `vecmat` reads and writes were checked above.
+                unsafe {
+                    match o {
+                        [o0] => avx512::vecmat::<1, 16>([r[0]], w, cols, [o0]),
+                        [o0, o1] => avx512::vecmat::<2, 8>([r[0], r[1]], w, cols, [o0, o1]),
+                        [o0, o1, o2] => avx512::vecmat::<3, 4>([r[0], r[1], r[2]], w, cols, [o0, o1, o2]),
+                        [o0, o1, o2, o3] => avx512::vecmat::<4, 4>([r[0], r[1], r[2], r[3]], w, cols, [o0, o1, o2, o3]),
+                        _ => unreachable!("chunks of 1 to 4"),
+                    }
                 }
             }
             return true;

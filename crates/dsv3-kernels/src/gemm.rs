@@ -429,13 +429,15 @@ fn core_tile(job: &Job<'_>, at: Option<&ATiles>, k: usize, m0: usize, m1: usize,
     {
         let level = isa_level();
         if level == IsaLevel::Avx512 {
-            // SAFETY (both): the CPU was checked at run time to have avx512f, avx512bw, avx2,
-            // fma and f16c; `at` is the job's transposed activation whenever the tile path runs
+            // SAFETY: the CPU was checked at run time to have avx512f, avx512bw, avx2, fma and
+            // f16c; `at` is the job's transposed activation whenever the tile path runs
             // (`avx512_tiles`).
-            match at {
-                Some(at) => return unsafe { avx512::tile(job, at, k, m0, m1, n0, n1, tile) },
-                None => return unsafe { avx512::matvec(job, k, m0, m1, n0, n1, tile) },
-            }
+            return unsafe {
+                match at {
+                    Some(at) => avx512::tile(job, at, k, m0, m1, n0, n1, tile),
+                    None => avx512::matvec(job, k, m0, m1, n0, n1, tile),
+                }
+            };
         }
         if level >= IsaLevel::Avx2Fma {
             // SAFETY: `avx2::core_tile` needs avx2 + fma + f16c, which the CPU was checked to have.

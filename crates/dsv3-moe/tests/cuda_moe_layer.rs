@@ -49,7 +49,7 @@ fn sweep<G: Backend>(gpu: &G, tokens_list: &[usize]) -> u64 {
                     let w = test_weights(&cfg, case);
                     let (lg, lc) = (MoeLayer::new(gpu, cfg, &w).unwrap(), MoeLayer::new(&Cpu, cfg, &w).unwrap());
                     for &tokens in tokens_list {
-                        let mut rng = XorShift::new(case * 100 + tokens as u64);
+                        let mut rng = Rng::new(case * 100 + tokens as u64);
                         let x = grid_x(&mut rng, tokens * cfg.hidden);
                         let what = format!("{family:?} E={n_experts} shared={n_shared} {path:?} {layout:?} T={tokens}");
                         let xg = gpu.upload(&x).unwrap();

@@ -5,7 +5,7 @@
 //! bf16 as the backend holds them) and the plain-loop reference kernels for the projections,
 //! norms and RoPE. The cache, the per-head up-projection of every key, the scores, the softmax
 //! and the weighted sums are its own, in f64.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)] // each test crate uses a part of these
 
 use dsv3_kernels::Cpu;
 use dsv3_kernels::gemm::{GemmPath, GemmShape, reference as gemm_ref};
@@ -42,34 +42,20 @@ pub fn v3_widths_cfg() -> MlaConfig {
     MlaConfig { hidden: 512, n_heads: 2, ..MlaConfig::deepseek_v3() }
 }
 
+pub use dsv3_testutil::{max_abs, max_abs_diff};
+
 /// Deterministic inputs in [-1, 1) (the layer input is RMS-normalised in the model; any
 /// scale of order 1 exercises the same code).
 pub fn inputs(seed: u64, n: usize) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
+    dsv3_testutil::uniform_vec(seed, n)
 }
 
-pub fn max_abs(a: &[f32]) -> f32 {
-    a.iter().fold(0f32, |m, v| m.max(v.abs()))
-}
-
-pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
-/// `max |got - want| <= rel · max |want|`, with a message naming the comparison.
+/// `max |got - want| <= rel · max |want|`, with a message naming the comparison; `want` must
+/// not be all zeros (a comparison against nothing proves nothing).
+#[track_caller]
 pub fn assert_close(got: &[f32], want: &[f32], rel: f32, what: &str) {
-    let (err, scale) = (max_abs_diff(got, want), max_abs(want));
-    assert!(scale > 0.0, "{what}: reference is all zeros");
-    assert!(err <= rel * scale, "{what}: max |diff| {err} > {rel} · max |ref| {scale}");
+    assert!(max_abs(want) > 0.0, "{what}: reference is all zeros");
+    dsv3_testutil::assert_close(got, want, rel, what);
 }
 
 /// The relative tolerance of every f32 comparison of the MLA tests.

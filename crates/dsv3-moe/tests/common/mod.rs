@@ -1,7 +1,7 @@
 //! Shared pieces of the MoE tests: small configs of the three routing families, inputs on a
 //! grid that makes the router exact, and the token-by-token reference built only from the
 //! `reference` functions of dsv3-kernels.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)] // each test crate uses a part of these
 
 use dsv3_kernels::act;
 use dsv3_kernels::dense::{self, Bf16Weight};
@@ -12,28 +12,7 @@ use dsv3_kernels::norm::RowsShape;
 use dsv3_moe::{GroupedLayout, MlpWeights, MoeConfig, MoeWeights};
 use half::bf16;
 
-/// xorshift64 for test data.
-pub struct XorShift(pub u64);
-
-impl XorShift {
-    pub fn new(seed: u64) -> XorShift {
-        XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    /// Uniform integer in `-m..=m`.
-    pub fn int(&mut self, m: i32) -> i32 {
-        (self.next_u64() % (2 * m as u64 + 1)) as i32 - m
-    }
-    /// Uniform in [-1, 1).
-    pub fn f32(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-}
+pub use dsv3_testutil::{Rng, max_abs, max_abs_diff, uniform_vec as rand_x};
 
 /// Routing families at test size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +44,7 @@ pub fn small_cfg(family: Family, hidden: usize, inter: usize, n_experts: usize, 
 }
 
 /// Activations on the grid `i / 64`, `|i| <= 127` (|x| < 2).
-pub fn grid_x(rng: &mut XorShift, n: usize) -> Vec<f32> {
+pub fn grid_x(rng: &mut Rng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.int(127) as f32 / 64.0).collect()
 }
 
@@ -74,7 +53,7 @@ pub fn grid_x(rng: &mut XorShift, n: usize) -> Vec<f32> {
 /// hidden <= 512 every partial sum of a logit is exact in f32: the fast and the reference
 /// router GEMMs give identical logits whatever their summation order, and the routing
 /// compared in the tests cannot flip on a near-tie.
-pub fn grid_router(rng: &mut XorShift, n: usize, hidden: usize) -> Bf16Weight {
+pub fn grid_router(rng: &mut Rng, n: usize, hidden: usize) -> Bf16Weight {
     assert!(hidden <= 512, "the exactness argument needs hidden <= 512");
     Bf16Weight::new(n, hidden, (0..n * hidden).map(|_| bf16::from_f32(rng.int(255) as f32 / 1024.0)).collect()).unwrap()
 }
@@ -82,7 +61,7 @@ pub fn grid_router(rng: &mut XorShift, n: usize, hidden: usize) -> Bf16Weight {
 /// Random weights with a grid router (see [`grid_router`]).
 pub fn test_weights(cfg: &MoeConfig, seed: u64) -> MoeWeights {
     let w = MoeWeights::random(cfg, seed).unwrap();
-    let mut rng = XorShift::new(seed ^ 0xabc);
+    let mut rng = Rng::new(seed ^ 0xabc);
     w.with_router(cfg, grid_router(&mut rng, cfg.n_routed_experts, cfg.hidden)).unwrap()
 }
 
@@ -137,17 +116,6 @@ pub fn ref_moe(cfg: &MoeConfig, w: &MoeWeights, x: &[f32], tokens: usize) -> (Ve
     (y, ids, wts)
 }
 
-/// Max |a - b|.
-pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
-/// Max |v|.
-pub fn max_abs(a: &[f32]) -> f32 {
-    a.iter().fold(0.0, |m, v| m.max(v.abs()))
-}
-
 /// Per-expert counts computed directly from ids.
 pub fn count_ids(ids: &[u32], n_experts: usize) -> Vec<u64> {
     let mut c = vec![0u64; n_experts];
@@ -155,12 +123,6 @@ pub fn count_ids(ids: &[u32], n_experts: usize) -> Vec<u64> {
         c[e as usize] += 1;
     }
     c
-}
-
-/// `n` values uniform in [-1, 1).
-pub fn rand_x(seed: u64, n: usize) -> Vec<f32> {
-    let mut r = XorShift::new(seed);
-    (0..n).map(|_| r.f32()).collect()
 }
 
 /// Asserts the MoE layer's tolerance against the reference for `path` (tests/moe.rs states

@@ -1,6 +1,6 @@
 //! Helpers shared by the integration tests: writing random models and rewriting safetensors
 //! files tensor by tensor.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)] // each test crate uses a part of these
 
 use dsv3_runtime::tensor_file::{Dtype, TensorFile, TensorSpec, write_file};
 use dsv3_runtime::{InitOptions, InitReport, Preset, Progress, init_random_preset};
@@ -109,13 +109,4 @@ pub fn logits_in_chunks(m: &Model<Cpu>, ids: &[u32], chunks: &[usize]) -> Vec<f3
     out
 }
 
-/// max |a - want| / max |want|.
-pub fn rel_max_diff(a: &[f32], want: &[f32]) -> f32 {
-    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    a.iter().zip(want).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
-}
-
-/// The argmax of each `vocab`-wide row (lowest index on ties).
-pub fn argmax_rows(l: &[f32], vocab: usize) -> Vec<usize> {
-    l.chunks(vocab).map(|r| r.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0).collect()
-}
+pub use dsv3_testutil::{argmax_rows, rel_max_diff};
