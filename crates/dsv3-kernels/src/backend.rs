@@ -7,7 +7,7 @@
 //! CPU backend.
 
 use crate::attention::{self, CacheWriteShape, DecodeParams, GatherShape, MlaDims, PrefillInputs, PrefillParams};
-use crate::dense::{self, Bf16Weight, Bf16WeightRef};
+use crate::bf16_gemm::{self, Bf16Weight, Bf16WeightRef};
 use crate::embed::EmbedShape;
 use crate::error::Result;
 use crate::fp8::{ActQuantShape, Fp8Weight, Fp8WeightRef, ScaleFmt};
@@ -304,7 +304,7 @@ impl Backend for Cpu {
         gemm::gemm(a, w.view(), shape, path, out)
     }
     fn gemm_dense(&self, a: &Vec<f32>, w: &Bf16Weight, shape: GemmShape, out: &mut Vec<f32>) -> Result<()> {
-        dense::gemm_bf16(a, w.view(), shape, out)
+        bf16_gemm::gemm_bf16(a, w.view(), shape, out)
     }
     fn grouped_gemm_contiguous(
         &self,

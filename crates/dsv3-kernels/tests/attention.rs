@@ -14,7 +14,7 @@ use dsv3_kernels::KernelError;
 use dsv3_kernels::attention::{
     self, CacheWriteShape, DecodeParams, GatherShape, LatentPool, MlaDims, PrefillInputs, PrefillParams, reference,
 };
-use dsv3_kernels::dense::{Bf16Weight, reference as dense_ref};
+use dsv3_kernels::bf16_gemm::{Bf16Weight, reference as bf16_ref};
 use dsv3_kernels::gemm::GemmShape;
 use proptest::prelude::*;
 
@@ -244,8 +244,8 @@ fn absorbed_equals_expanded_kernels() {
         attention::gather(&pool_data, &table, &[s as u32], gs, &mut c, &mut k_pe).unwrap();
         let mut k_nope = vec![0f32; s * heads * nope];
         let mut vv = vec![0f32; s * heads * v];
-        dense_ref::gemm_bf16(&c, w_uk.view(), GemmShape { m: s, n: heads * nope, k: kv_lora }, &mut k_nope).unwrap();
-        dense_ref::gemm_bf16(&c, w_uv.view(), GemmShape { m: s, n: heads * v, k: kv_lora }, &mut vv).unwrap();
+        bf16_ref::gemm_bf16(&c, w_uk.view(), GemmShape { m: s, n: heads * nope, k: kv_lora }, &mut k_nope).unwrap();
+        bf16_ref::gemm_bf16(&c, w_uv.view(), GemmShape { m: s, n: heads * v, k: kv_lora }, &mut vv).unwrap();
         let (cu_q, cu_k) = ([0u32, t as u32], [0u32, s as u32]);
         let x = PrefillInputs {
             q: &q[..],

@@ -4,7 +4,7 @@
 //! of a range releases its pages while another handle still reads the same bytes.
 
 use dsv3_kernels::backend::{Backend, Cpu};
-use dsv3_kernels::dense::Bf16Weight;
+use dsv3_kernels::bf16_gemm::Bf16Weight;
 use dsv3_kernels::fp8::{Fp8Weight, encode_e4m3};
 use dsv3_kernels::mmap::{MapError, MappedFile, Storage};
 use half::bf16;

@@ -15,7 +15,7 @@
 use crate::config::MlaConfig;
 use crate::error::{MlaError, Result};
 use dsv3_kernels::Backend;
-use dsv3_kernels::dense::Bf16WeightRef;
+use dsv3_kernels::bf16_gemm::Bf16WeightRef;
 use dsv3_kernels::fp8::Fp8Weight;
 use half::bf16;
 use rayon::prelude::*;

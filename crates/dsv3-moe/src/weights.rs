@@ -9,7 +9,7 @@
 
 use crate::config::{DenseMlpConfig, MoeConfig};
 use crate::error::{Result, config, weight};
-use dsv3_kernels::dense::Bf16Weight;
+use dsv3_kernels::bf16_gemm::Bf16Weight;
 use dsv3_kernels::fp8::{AMAX_FLOOR, BLOCK, E4M3_MAX, Fp8Weight, blocks, encode_e4m3};
 use dsv3_kernels::gating::RouteMethod;
 use half::bf16;

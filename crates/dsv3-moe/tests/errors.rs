@@ -7,7 +7,7 @@ use common::*;
 use dsv3_kernels::KernelError;
 use dsv3_kernels::a2a::EpLayout;
 use dsv3_kernels::backend::Cpu;
-use dsv3_kernels::dense::Bf16Weight;
+use dsv3_kernels::bf16_gemm::Bf16Weight;
 use dsv3_kernels::fp8::Fp8Weight;
 use dsv3_kernels::gemm::GemmPath;
 use dsv3_moe::{DenseMlp, DenseMlpConfig, LoadStats, MlpWeights, MoeConfig, MoeError, MoeLayer, MoeWeights, Routing};

@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use dsv3_kernels::Cpu;
 use dsv3_kernels::backend::Backend;
-use dsv3_kernels::dense::Bf16Weight;
+use dsv3_kernels::bf16_gemm::Bf16Weight;
 use dsv3_kernels::fp8::Fp8Weight;
 use dsv3_kernels::gemm::GemmPath;
 use dsv3_runtime::checkpoint::SINGLE_FILE;

@@ -94,7 +94,10 @@ impl Device {
         }
         let mut funcs = Vec::with_capacity(Kernel::ALL.len());
         for (i, k) in Kernel::ALL.iter().enumerate() {
-            debug_assert_eq!(*k as usize, i);
+            // `launch` indexes `funcs` by the enum's value: the generated order must match.
+            if *k as usize != i {
+                return Err(KernelError::Cuda(format!("kernel table out of order: {k:?} = {} at {i}", *k as usize)));
+            }
             let module = modules
                 .iter()
                 .find(|(m, _)| *m == k.module())

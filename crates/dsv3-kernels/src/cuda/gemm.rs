@@ -46,7 +46,8 @@ pub struct DeviceFp8Weight {
 impl DeviceFp8Weight {
     /// Entry `index` of `stack` (`index < stack.groups`, which the callers guarantee).
     pub(super) fn entry(stack: Arc<DeviceFp8Stack>, index: usize) -> DeviceFp8Weight {
-        debug_assert!(index < stack.groups);
+        // The launches' SAFETY arguments rely on it (offsets inside the stack's buffers).
+        assert!(index < stack.groups, "stack entry {index} of {}", stack.groups);
         DeviceFp8Weight { stack, index }
     }
     /// `(rows, cols)`.
@@ -166,7 +167,9 @@ impl CudaDevice {
         let (asa, _gas) = self.imp.addr(&a_s.imp);
         let ((wa, _gw), (wsa, _gws)) = w.addrs(self);
         let (oa, _go) = self.imp.addr_mut(&mut out.imp);
-        debug_assert_eq!(w.stack.scale_inv.len(), w.stack.groups * blocks(s.n) * blocks(s.k));
+        if w.stack.scale_inv.len() != w.stack.groups * blocks(s.n) * blocks(s.k) {
+            return Err(crate::error::shape_err(OP, "the weight's scales do not match its stack"));
+        }
         let p = GemmFp8SimtParams { a: aa, a_s: asa, w: wa, w_s: wsa, out: oa, m, n, k, pad: 0 };
         // SAFETY: a_q is m·k, the weight n·k codes with ceil(n/128)·k/128 scales (validated
         // when it was built; entry `index` < groups of its stack, so they lie at its offsets

@@ -104,7 +104,9 @@ impl CudaDevice {
         let pairs = u32_of(op, "pairs", shape.pairs())?;
         let buckets = u32_of(op, "n_experts", shape.n_experts)?;
         let top_k = u32_of(op, "top_k", shape.top_k)?;
-        debug_assert!(id_div >= 1 && ids.len() == pairs as usize);
+        if id_div == 0 || ids.len() != pairs as usize {
+            return Err(crate::error::shape_err(op, format!("{} ids for {pairs} pairs, id_div {id_div}", ids.len())));
+        }
         let mut counts = self.zeros::<u32>(shape.n_experts)?;
         let mut offsets = self.zeros::<u32>(shape.n_experts + 1)?;
         let mut cursor = self.zeros::<u32>(shape.n_experts)?;

@@ -444,8 +444,9 @@ impl CudaDevice {
         check_len(OP, "a_q", a_q.len(), checked_mul(OP, "a_q", plan.rows, w.k)?)?;
         check_len(OP, "a_s", a_s.len(), plan.rows * (w.k / BLOCK))?;
         check_len(OP, "out", out.len(), checked_mul(OP, "out", plan.rows, w.n)?)?;
-        debug_assert_eq!(w.data.len(), w.groups * w.n * w.k);
-        debug_assert_eq!(w.scale_inv.len(), w.groups * blocks(w.n) * blocks(w.k));
+        // The launch's SAFETY argument relies on the stack's sizes (upload_fp8_stack makes them).
+        check_len(OP, "stack data", w.data.len(), checked_mul(OP, "stack data", w.groups * w.n, w.k)?)?;
+        check_len(OP, "stack scale_inv", w.scale_inv.len(), w.groups * blocks(w.n) * blocks(w.k))?;
         let w = StackRange::all(w);
         if plan.rows == 0 {
             return Ok(plan.route);

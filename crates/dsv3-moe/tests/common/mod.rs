@@ -4,7 +4,7 @@
 #![allow(dead_code, unused_imports)] // each test crate uses a part of these
 
 use dsv3_kernels::act;
-use dsv3_kernels::dense::{self, Bf16Weight};
+use dsv3_kernels::bf16_gemm::{self, Bf16Weight};
 use dsv3_kernels::fp8::{Fp8Weight, calc_diff};
 use dsv3_kernels::gating::{self, RouteCfg, RouteMethod};
 use dsv3_kernels::gemm::{GemmPath, GemmShape, reference as gemm_ref};
@@ -92,7 +92,7 @@ pub fn ref_mlp(w: &MlpWeights, x: &[f32], path: GemmPath) -> Vec<f32> {
 pub fn ref_moe(cfg: &MoeConfig, w: &MoeWeights, x: &[f32], tokens: usize) -> (Vec<f32>, Vec<u32>, Vec<f32>) {
     let (n, k, h) = (cfg.n_routed_experts, cfg.route.top_k, cfg.hidden);
     let mut logits = vec![0f32; tokens * n];
-    dense::reference::gemm_bf16(x, w.router().view(), GemmShape { m: tokens, n, k: h }, &mut logits).unwrap();
+    bf16_gemm::reference::gemm_bf16(x, w.router().view(), GemmShape { m: tokens, n, k: h }, &mut logits).unwrap();
     let (mut ids, mut wts) = (vec![0u32; tokens * k], vec![0f32; tokens * k]);
     let bias = if cfg.route.method == RouteMethod::NoauxTc { w.bias() } else { None };
     gating::reference::route(&cfg.route, tokens, &logits, bias, &mut ids, &mut wts).unwrap();

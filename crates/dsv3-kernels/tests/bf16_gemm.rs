@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use dsv3_kernels::KernelError;
-use dsv3_kernels::dense::{self, Bf16Weight};
+use dsv3_kernels::bf16_gemm::{self, Bf16Weight};
 use dsv3_kernels::gemm::GemmShape;
 use proptest::prelude::*;
 
@@ -29,13 +29,13 @@ proptest! {
         let a = data(seed ^ 0xABCD, m * k);
         let s = GemmShape { m, n, k };
         let (mut fast, mut slow) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
-        dense::gemm_bf16(&a, w.view(), s, &mut fast).unwrap();
-        dense::reference::gemm_bf16(&a, w.view(), s, &mut slow).unwrap();
+        bf16_gemm::gemm_bf16(&a, w.view(), s, &mut fast).unwrap();
+        bf16_gemm::reference::gemm_bf16(&a, w.view(), s, &mut slow).unwrap();
         // Reassociation error is bounded by the sum of |a·w| terms, not by |out| (a single
         // output can cancel to near zero: m = n = 1, k = 277 did).
         let mut abs = vec![0f32; m * n];
         let (aa, wa): (Vec<f32>, Vec<f32>) = (a.iter().map(|v| v.abs()).collect(), w.view().data().iter().map(|v| v.to_f32().abs()).collect());
-        dense::reference::gemm_bf16(&aa, Bf16Weight::new(n, k, wa.iter().map(|&v| half::bf16::from_f32(v)).collect()).unwrap().view(), s, &mut abs).unwrap();
+        bf16_gemm::reference::gemm_bf16(&aa, Bf16Weight::new(n, k, wa.iter().map(|&v| half::bf16::from_f32(v)).collect()).unwrap().view(), s, &mut abs).unwrap();
         for (i, ((f, r), b)) in fast.iter().zip(&slow).zip(&abs).enumerate() {
             prop_assert!((f - r).abs() <= 1e-5 * b.max(1e-30), "out[{i}]: fast {f}, reference {r}, sum |a·w| {b}");
         }
@@ -47,8 +47,8 @@ proptest! {
         let a: Vec<f32> = data(seed ^ 1, m * k).iter().map(|v| (v * 4.0).round()).collect();
         let s = GemmShape { m, n, k };
         let (mut fast, mut slow) = (vec![0f32; m * n], vec![0f32; m * n]);
-        dense::gemm_bf16(&a, w.view(), s, &mut fast).unwrap();
-        dense::reference::gemm_bf16(&a, w.view(), s, &mut slow).unwrap();
+        bf16_gemm::gemm_bf16(&a, w.view(), s, &mut fast).unwrap();
+        bf16_gemm::reference::gemm_bf16(&a, w.view(), s, &mut slow).unwrap();
         prop_assert_eq!(fast, slow);
     }
 }
@@ -59,13 +59,13 @@ fn router_shape_and_errors() {
     let w = Bf16Weight::from_f32(256, 7168, &data(3, 256 * 7168)).unwrap();
     let a = data(4, 2 * 7168);
     let (mut fast, mut slow) = (vec![0f32; 512], vec![0f32; 512]);
-    dense::gemm_bf16(&a, w.view(), GemmShape { m: 2, n: 256, k: 7168 }, &mut fast).unwrap();
-    dense::reference::gemm_bf16(&a, w.view(), GemmShape { m: 2, n: 256, k: 7168 }, &mut slow).unwrap();
+    bf16_gemm::gemm_bf16(&a, w.view(), GemmShape { m: 2, n: 256, k: 7168 }, &mut fast).unwrap();
+    bf16_gemm::reference::gemm_bf16(&a, w.view(), GemmShape { m: 2, n: 256, k: 7168 }, &mut slow).unwrap();
     let scale = slow.iter().fold(0f32, |x, v| x.max(v.abs()));
     assert!(max_abs_diff(&fast, &slow) <= 2e-5 * scale, "{} vs {scale}", max_abs_diff(&fast, &slow));
-    let r = dense::gemm_bf16(&a, w.view(), GemmShape { m: 2, n: 255, k: 7168 }, &mut fast);
+    let r = bf16_gemm::gemm_bf16(&a, w.view(), GemmShape { m: 2, n: 255, k: 7168 }, &mut fast);
     assert!(matches!(r, Err(KernelError::Shape { .. })), "{r:?}");
-    let r = dense::gemm_bf16(&a[1..], w.view(), GemmShape { m: 2, n: 256, k: 7168 }, &mut fast);
+    let r = bf16_gemm::gemm_bf16(&a[1..], w.view(), GemmShape { m: 2, n: 256, k: 7168 }, &mut fast);
     assert!(matches!(r, Err(KernelError::Length { what: "a", .. })), "{r:?}");
     assert!(Bf16Weight::new(2, 2, vec![half::bf16::ZERO; 3]).is_err());
 }
@@ -82,12 +82,12 @@ fn rows_are_computed_independently_of_the_batch() {
         let mut single = Vec::new();
         for r in 0..9 {
             let mut o = vec![0f32; n];
-            dense::gemm_bf16(&a[r * k..(r + 1) * k], w.view(), GemmShape { m: 1, n, k }, &mut o).unwrap();
+            bf16_gemm::gemm_bf16(&a[r * k..(r + 1) * k], w.view(), GemmShape { m: 1, n, k }, &mut o).unwrap();
             single.push(o);
         }
         for m in 2..=9 {
             let mut o = vec![0f32; m * n];
-            dense::gemm_bf16(&a[..m * k], w.view(), GemmShape { m, n, k }, &mut o).unwrap();
+            bf16_gemm::gemm_bf16(&a[..m * k], w.view(), GemmShape { m, n, k }, &mut o).unwrap();
             for r in 0..m {
                 assert!(o[r * n..(r + 1) * n] == single[r][..], "n {n} k {k}: row {r} of a batch of {m} differs from it alone");
             }

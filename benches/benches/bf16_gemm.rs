@@ -6,7 +6,7 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use dsv3_benches::{Rng, Work, limits, median_time, report};
-use dsv3_kernels::dense::{self, Bf16Weight};
+use dsv3_kernels::bf16_gemm::{self, Bf16Weight};
 use dsv3_kernels::gemm::GemmShape;
 use half::bf16;
 use std::time::Duration;
@@ -22,7 +22,7 @@ fn bench(c: &mut Criterion) {
         let ws: Vec<Bf16Weight> = (0..copies)
             .map(|_| Bf16Weight::new(n, k, (0..n * k).map(|_| bf16::from_f32(rng.f32() * 0.05)).collect()).expect("weight"))
             .collect();
-        let mut g = c.benchmark_group(format!("dense_{name}"));
+        let mut g = c.benchmark_group(format!("bf16_gemm_{name}"));
         g.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
         for m in [1usize, 2] {
             let a = rng.vec(m * k, 1.0);
@@ -31,12 +31,12 @@ fn bench(c: &mut Criterion) {
             let mut step = || {
                 let w = &ws[i % copies];
                 i += 1;
-                dense::gemm_bf16(&a, w.view(), GemmShape { m, n, k }, &mut out).expect("gemm_bf16");
+                bf16_gemm::gemm_bf16(&a, w.view(), GemmShape { m, n, k }, &mut out).expect("gemm_bf16");
             };
             g.bench_function(format!("m{m}"), |b| b.iter(&mut step));
             let t = median_time((5 * copies).max(5), &mut step);
             let work = Work { bytes: (2 * n * k + 4 * (m * k + m * n)) as f64, flops: 2.0 * (m * n * k) as f64 };
-            report(&format!("dense {name} {n}x{k} m{m}"), work, t);
+            report(&format!("bf16_gemm {name} {n}x{k} m{m}"), work, t);
         }
         g.finish();
     }

@@ -1,0 +1,197 @@
+//! The fast CPU GEMMs: each call becomes jobs (one weight against a run of activation rows),
+//! jobs become tiles (row chunk x weight-row chunk), and the tiles run in parallel.
+
+use super::tile::{ATiles, AVX512_MATVEC_ROWS, AVX512_TILE_N, avx512_matvec, avx512_tiles, core_tile};
+use super::{GemmPath, GemmShape, GroupedShape, shapes};
+use crate::error::{KernelError, Result, check_len, invalid, shape_err};
+use crate::fp8::{self, ActQuantShape, BLOCK, Fp8WeightRef, ScaleFmt, decode_fast};
+use rayon::prelude::*;
+
+/// Rows of W one task owns (decoded per 128-block into an L1-resident tile).
+pub(super) const NC: usize = 16;
+/// Rows of A one task owns.
+pub(super) const MC: usize = 64;
+
+/// The activation side of the core: f32 values and, on the fp8 path, their tile scales.
+#[derive(Clone, Copy)]
+pub(super) struct ASide<'a> {
+    /// `[rows, k]`: f32 activations (reference path) or decoded FP8 codes (fp8 path).
+    pub(super) x: &'a [f32],
+    /// `[rows, k/128]` tile scales (fp8 path only).
+    pub(super) scales: Option<&'a [f32]>,
+}
+
+/// One GEMM of the grouped or dense drivers: rows `r0..r1` of the activation against one weight.
+#[derive(Clone, Copy)]
+pub(super) struct Job<'a> {
+    pub(super) a: ASide<'a>,
+    pub(super) w: Fp8WeightRef<'a>,
+    /// First output row in the caller's output buffer.
+    pub(super) out_row: usize,
+    pub(super) m: usize,
+}
+
+/// Dense GEMM on either path. `a` is `[m, k]` f32, `out` is `[m, n]`.
+pub fn gemm(a: &[f32], w: Fp8WeightRef<'_>, s: GemmShape, path: GemmPath, out: &mut [f32]) -> Result<()> {
+    s.validate("gemm", path, a.len(), &w, out.len())?;
+    let prepared = prepare_a("gemm", a, s.m, s.k, path)?;
+    let job = Job { a: prepared.side(a), w, out_row: 0, m: s.m };
+    run_jobs(&[job], s.n, s.k, out);
+    Ok(())
+}
+
+/// The fp8 path on an activation that is already quantised (codes + 1x128 scales).
+pub fn gemm_fp8_quantized(a_q: &[u8], a_s: &[f32], w: Fp8WeightRef<'_>, s: GemmShape, out: &mut [f32]) -> Result<()> {
+    const OP: &str = "gemm_fp8_quantized";
+    s.validate(OP, GemmPath::Fp8, a_q.len(), &w, out.len())?;
+    check_len(OP, "a_s", a_s.len(), s.m * (s.k / BLOCK))?;
+    let x = decode_codes(a_q);
+    let job = Job { a: ASide { x: &x, scales: Some(a_s) }, w, out_row: 0, m: s.m };
+    run_jobs(&[job], s.n, s.k, out);
+    Ok(())
+}
+
+/// Grouped GEMM, contiguous layout (see [`reference::grouped_contiguous`]).
+pub fn grouped_contiguous(a: &[f32], offsets: &[u32], w: &[Fp8WeightRef<'_>], path: GemmPath, out: &mut [f32]) -> Result<()> {
+    const OP: &str = "grouped_contiguous";
+    let g = GroupedShape::contiguous(OP, a.len(), offsets, &shapes(w), out.len())?;
+    let rows = offsets[w.len()] as usize;
+    if path == GemmPath::Fp8 && !g.k.is_multiple_of(BLOCK) {
+        return Err(shape_err(OP, format!("the fp8 path needs k % 128 == 0, got k = {}", g.k)));
+    }
+    let prepared = prepare_a(OP, a, rows, g.k, path)?;
+    let side = prepared.side(a);
+    let jobs: Vec<Job<'_>> = (0..w.len())
+        .filter(|&e| offsets[e + 1] > offsets[e])
+        .map(|e| {
+            let (r0, r1) = (offsets[e] as usize, offsets[e + 1] as usize);
+            Job { a: side.rows(r0, r1, g.k), w: w[e], out_row: r0, m: r1 - r0 }
+        })
+        .collect();
+    run_jobs(&jobs, g.n, g.k, out);
+    Ok(())
+}
+
+/// Grouped GEMM, masked layout (see [`reference::grouped_masked`]).
+pub fn grouped_masked(a: &[f32], counts: &[u32], capacity: usize, w: &[Fp8WeightRef<'_>], path: GemmPath, out: &mut [f32]) -> Result<()> {
+    const OP: &str = "grouped_masked";
+    let g = GroupedShape::masked(OP, a.len(), counts, capacity, &shapes(w), out.len())?;
+    if path == GemmPath::Fp8 && !g.k.is_multiple_of(BLOCK) {
+        return Err(shape_err(OP, format!("the fp8 path needs k % 128 == 0, got k = {}", g.k)));
+    }
+    // Only the live rows are quantised: pack them contiguously first (cheap next to the GEMM).
+    let mut offsets = vec![0u32; w.len() + 1];
+    for e in 0..w.len() {
+        offsets[e + 1] = offsets[e] + counts[e];
+    }
+    let live = offsets[w.len()] as usize;
+    let mut packed = Vec::with_capacity(live * g.k);
+    for e in 0..w.len() {
+        let a0 = e * capacity * g.k;
+        packed.extend_from_slice(&a[a0..a0 + counts[e] as usize * g.k]);
+    }
+    let mut packed_out = vec![0f32; live * g.n];
+    grouped_contiguous(&packed, &offsets, w, path, &mut packed_out)?;
+    out.par_chunks_mut(capacity.max(1) * g.n).enumerate().for_each(|(e, o)| {
+        let (p0, p1) = (offsets[e] as usize * g.n, offsets[e + 1] as usize * g.n);
+        o[..p1 - p0].copy_from_slice(&packed_out[p0..p1]);
+        o[p1 - p0..].fill(0.0);
+    });
+    Ok(())
+}
+
+/// On the fp8 path, the activation quantised and decoded back to f32 codes (exact small
+/// values) plus its scales; on the reference path nothing.
+struct Prepared {
+    x: Vec<f32>,
+    scales: Vec<f32>,
+    fp8: bool,
+}
+
+impl Prepared {
+    fn side<'a>(&'a self, a: &'a [f32]) -> ASide<'a> {
+        if self.fp8 { ASide { x: &self.x, scales: Some(&self.scales) } } else { ASide { x: a, scales: None } }
+    }
+}
+
+impl<'a> ASide<'a> {
+    fn rows(self, r0: usize, r1: usize, k: usize) -> ASide<'a> {
+        let kb = k / BLOCK;
+        ASide { x: &self.x[r0 * k..r1 * k], scales: self.scales.map(|s| &s[r0 * kb..r1 * kb]) }
+    }
+}
+
+fn prepare_a(op: &'static str, a: &[f32], m: usize, k: usize, path: GemmPath) -> Result<Prepared> {
+    if path == GemmPath::Reference || m == 0 {
+        return Ok(Prepared { x: Vec::new(), scales: Vec::new(), fp8: path == GemmPath::Fp8 });
+    }
+    let shape = ActQuantShape { rows: m, cols: k };
+    let mut q = vec![0u8; a.len()];
+    let mut scales = vec![0f32; m * shape.tiles()];
+    fp8::act_quant(a, shape, ScaleFmt::Float, &mut q, &mut scales).map_err(|e| match e {
+        KernelError::Invalid { detail, .. } => invalid(op, "a", detail),
+        other => other,
+    })?;
+    let x = decode_codes(&q);
+    Ok(Prepared { x, scales, fp8: true })
+}
+
+/// FP8 codes to f32 values (unscaled); in parallel only when large enough to pay for waking
+/// the thread pool.
+fn decode_codes(q: &[u8]) -> Vec<f32> {
+    const CHUNK: usize = 1 << 16;
+    let mut x = vec![0f32; q.len()];
+    let body = |(x, q): (&mut [f32], &[u8])| x.iter_mut().zip(q).for_each(|(o, &b)| *o = decode_fast(b));
+    if q.len() <= CHUNK {
+        body((&mut x, q));
+    } else {
+        x.par_chunks_mut(CHUNK).zip(q.par_chunks(CHUNK)).for_each(body);
+    }
+    x
+}
+
+/// Splits every job into (row chunk, column chunk) tiles, runs them in parallel, and writes
+/// each tile into `out` (`[total rows, n]`). Jobs of at most 4 rows (the matrix-vector path)
+/// get column chunks of a few hundred rows, so each thread streams long runs of weight bytes;
+/// larger jobs get [`NC`]-row chunks, whose decoded weights stay in L2.
+fn run_jobs(jobs: &[Job<'_>], n: usize, k: usize, out: &mut [f32]) {
+    let threads = crate::cpu::threads().max(1);
+    // The AVX-512 tile path reads each job's activations transposed; built once per job.
+    let transposed: Vec<Option<ATiles>> = jobs.iter().map(|job| avx512_tiles(job, k).then(|| ATiles::new(job, k))).collect();
+    // Matrix-vector jobs run in row chunks of 4 (AVX-512: up to 8 rows, as two chunks, which
+    // beats the tile kernel's half-empty 16-row groups).
+    let mv_rows = if avx512_matvec(k) { AVX512_MATVEC_ROWS } else { 4 };
+    let mc_of = |job: &Job<'_>| if job.m <= mv_rows { 4 } else { MC };
+    let tiles: Vec<(usize, usize, usize, usize)> = jobs
+        .iter()
+        .enumerate()
+        .flat_map(|(j, job)| {
+            let nc = if job.m <= mv_rows {
+                n.div_ceil(threads * 4 * jobs.len()).next_multiple_of(NC).clamp(NC, 512)
+            } else if transposed[j].is_some() && job.m >= MC {
+                AVX512_TILE_N
+            } else {
+                NC
+            };
+            let mc = mc_of(job);
+            (0..job.m.div_ceil(mc)).flat_map(move |i| (0..n.div_ceil(nc)).map(move |c| (j, i * mc, c * nc, ((c + 1) * nc).min(n))))
+        })
+        .collect();
+    let results: Vec<Vec<f32>> = tiles
+        .par_iter()
+        .map(|&(j, m0, n0, n1)| {
+            let job = &jobs[j];
+            let m1 = (m0 + mc_of(job)).min(job.m);
+            let mut tile = vec![0f32; (m1 - m0) * (n1 - n0)];
+            core_tile(job, transposed[j].as_ref(), k, m0, m1, n0, n1, &mut tile);
+            tile
+        })
+        .collect();
+    // Scatter the tiles (disjoint rectangles of `out`).
+    for (&(j, m0, n0, n1), tile) in tiles.iter().zip(&results) {
+        let row0 = jobs[j].out_row + m0;
+        for (i, row) in tile.chunks_exact(n1 - n0).enumerate() {
+            out[(row0 + i) * n + n0..(row0 + i) * n + n1].copy_from_slice(row);
+        }
+    }
+}
