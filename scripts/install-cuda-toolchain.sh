@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs the pinned CUDA 13.0 compiler toolchain from PyPI into `.venv-cuda/` (design.md,
-# decision 3): nvcc, ptxas, cicc (nvvm), the CUDA headers and the crt headers. No GPU and no
+# Installs the pinned CUDA 13.0 compiler toolchain from PyPI into `.venv-cuda/` (docs/architecture.md,
+# "CUDA"): nvcc, ptxas, cicc (nvvm), the CUDA headers and the crt headers. No GPU and no
 # driver are needed; this is only what `build.rs` of dsv3-kernels (feature `cuda`) calls.
 # Idempotent: a venv that already has the pinned versions is left alone.
 #

@@ -1,11 +1,18 @@
-//! Compiles the CUDA kernels, only with the `cuda` feature (design.md, decision 2).
+//! Compiles the CUDA kernels, only with the `cuda` feature (ahead of time, so a missing kernel
+//! is a build failure; `docs/architecture.md`, "CUDA").
 //!
-//! Every `cuda/**/*.cu` becomes one `sm_90a` cubin in `OUT_DIR`, compiled with `-Xptxas -v`.
+//! The sm90 FP8 GEMM instantiations are generated first, from the one list of them
+//! (`SM90_KERNELS` in `src/cuda/sm90_gemm/catalog.rs`, included below): one `.cu` per (N, K)
+//! and the wgmma wrappers for their tile widths, under `OUT_DIR/cuda-gen`.
+//!
+//! Every `cuda/**/*.cu` and generated `.cu` becomes one `sm_90a` cubin in `OUT_DIR`, compiled
+//! with `-Xptxas -v`.
 //! ptxas' report gives registers, stack and spills per function: any spill fails the build,
 //! and one line per kernel is printed as a cargo warning and kept in `kernel-report.txt`.
 //! Entry points (`extern "C" __global__ void dsv3_*`) are parsed from the sources, checked to
 //! be function symbols of their cubin (a missing one fails the build), and written to
-//! `kernels.rs` as the `Kernel` enum that `src/cuda/` includes.
+//! `kernels.rs` as the `Kernel` enum that `src/cuda/` includes (with `Kernel::from_symbol`, how
+//! the host finds a catalog entry's kernel).
 //!
 //! nvcc: `$DSV3_NVCC`, else the workspace's `.venv-cuda` (`scripts/install-cuda-toolchain.sh`).
 //! Without the feature this script does nothing and needs no CUDA.
@@ -16,8 +23,15 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The sm90 kernel list and its generators, shared with the crate.
+#[allow(dead_code)] // the crate uses more of it than the build does
+mod catalog {
+    include!("src/cuda/sm90_gemm/catalog.rs");
+}
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=src/cuda/sm90_gemm/catalog.rs");
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -29,7 +43,9 @@ fn main() {
 
 /// One `.cu` file and what came of it.
 struct Unit {
+    /// The path relative to `cuda/` (generated units: as if they were there).
     rel: String,
+    generated: bool,
     cubin: PathBuf,
     kernels: Vec<String>,
     report: Vec<Func>,
@@ -61,35 +77,43 @@ fn build() -> Result<(), String> {
     if sources.is_empty() {
         return Err(format!("no .cu files under {}", cuda.display()));
     }
+    let generated = generate_sm90(&out.join("cuda-gen"))?;
+    let mut units: Vec<(PathBuf, String, bool)> = Vec::new();
+    for src in sources {
+        println!("cargo:rerun-if-changed={}", src.display());
+        let rel = src.strip_prefix(&cuda).unwrap_or(&src).to_string_lossy().replace('\\', "/");
+        units.push((src, rel, false));
+    }
+    units.extend(generated.into_iter().map(|(src, rel)| (src, rel, true)));
     // Compile all units at once (nvcc is single-threaded; there are few units).
     let mut jobs = Vec::new();
-    for src in &sources {
-        println!("cargo:rerun-if-changed={}", src.display());
-        let rel = src.strip_prefix(&cuda).unwrap_or(src).to_string_lossy().replace('\\', "/");
+    for (src, rel, generated) in units {
         let cubin = out.join(format!("{}.cubin", rel.trim_end_matches(".cu").replace('/', "_")));
         let child = Command::new(&nvcc)
             .args(["-cubin", "-gencode=arch=compute_90a,code=sm_90a", "-O3", "-std=c++17", "-lineinfo"])
             .args(["-Werror", "all-warnings", "-Xptxas", "-v"])
             .arg("-I")
             .arg(cuda.join("include"))
+            .arg("-I")
+            .arg(out.join("cuda-gen/include"))
             .arg("-o")
             .arg(&cubin)
-            .arg(src)
+            .arg(&src)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", nvcc.display()))?;
-        jobs.push((src.clone(), rel, cubin, child));
+        jobs.push((src, rel, generated, cubin, child));
     }
     let mut units = Vec::new();
-    for (src, rel, cubin, child) in jobs {
+    for (src, rel, generated, cubin, child) in jobs {
         let o = child.wait_with_output().map_err(|e| e.to_string())?;
         let log = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
         if !o.status.success() {
             return Err(format!("nvcc failed on {rel}:\n{log}"));
         }
         let text = fs::read_to_string(&src).map_err(|e| format!("{rel}: {e}"))?;
-        units.push(Unit { kernels: entry_points(&text), report: parse_ptxas(&log), rel, cubin });
+        units.push(Unit { kernels: entry_points(&text), report: parse_ptxas(&log), rel, generated, cubin });
     }
 
     let mut report = String::from("kernel                          unit                      regs  stack  spill st/ld  smem\n");
@@ -124,6 +148,31 @@ fn build() -> Result<(), String> {
         return Err(format!("register spills (not allowed):\n{}", spills.join("\n")));
     }
     fs::write(out.join("kernels.rs"), generate(&units)).map_err(|e| e.to_string())
+}
+
+/// Writes the sm90 GEMM instantiations of the catalog (one `.cu` per (N, K)) and the wgmma
+/// header for their tile widths under `dir`; returns the sources with their names relative to
+/// `cuda/` as if they were there (`gemm/sm90_fp8_gemm_n{N}_k{K}.cu`).
+fn generate_sm90(dir: &Path) -> Result<Vec<(PathBuf, String)>, String> {
+    let write = |p: &Path, text: String| -> Result<(), String> {
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        }
+        // Unchanged files keep their time stamps, so nothing is rebuilt for nothing.
+        if fs::read_to_string(p).ok().as_deref() != Some(text.as_str()) {
+            fs::write(p, text).map_err(|e| format!("{}: {e}", p.display()))?;
+        }
+        Ok(())
+    };
+    write(&dir.join("include/dsv3/sm90_wgmma_fp8.cuh"), catalog::wgmma_header())?;
+    let mut out = Vec::new();
+    for (n, k) in catalog::sm90_shapes() {
+        let rel = format!("gemm/{}", catalog::source_name(n, k));
+        let path = dir.join(&rel);
+        write(&path, catalog::cuda_source(n, k))?;
+        out.push((path, rel));
+    }
+    Ok(out)
 }
 
 /// `$DSV3_NVCC`, or nvcc in the workspace's `.venv-cuda`.
@@ -258,7 +307,8 @@ fn generate(units: &[Unit]) -> String {
     let _ = writeln!(s, "/// A compiled `sm_90a` cubin, one per `.cu` file of `cuda/`.");
     let _ = writeln!(s, "#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]\npub enum Module {{");
     for u in units {
-        let _ = writeln!(s, "    /// `cuda/{}`\n    {},", u.rel, variant(&u.rel));
+        let doc = if u.generated { format!("`{}`, generated from `SM90_KERNELS`", u.rel) } else { format!("`cuda/{}`", u.rel) };
+        let _ = writeln!(s, "    /// {doc}\n    {},", variant(&u.rel));
     }
     let _ = writeln!(s, "}}\n\nimpl Module {{\n    /// Every module.\n    pub const ALL: &'static [Module] = &[");
     for u in units {
@@ -266,7 +316,7 @@ fn generate(units: &[Unit]) -> String {
     }
     let _ = writeln!(
         s,
-        "    ];\n    /// The source file, relative to `cuda/`.\n    pub const fn source(self) -> &'static str {{\n        match self {{"
+        "    ];\n    /// The source file, relative to `cuda/` (a generated one as if it were there).\n    pub const fn source(self) -> &'static str {{\n        match self {{"
     );
     for u in units {
         let _ = writeln!(s, "            Module::{} => {:?},", variant(&u.rel), u.rel);
@@ -303,8 +353,16 @@ fn generate(units: &[Unit]) -> String {
     }
     let _ = writeln!(
         s,
-        "        }}\n    }}\n    /// The module that holds it.\n    pub const fn module(self) -> Module {{\n        match self {{"
+        "        }}\n    }}\n    /// The kernel with this symbol, if any.\n    pub fn from_symbol(symbol: &str) -> Option<Kernel> {{"
     );
+    let _ = writeln!(s, "        Some(match symbol {{");
+    for u in units {
+        for k in &u.kernels {
+            let _ = writeln!(s, "            {k:?} => Kernel::{},", variant(k));
+        }
+    }
+    let _ = writeln!(s, "            _ => return None,\n        }})");
+    let _ = writeln!(s, "    }}\n    /// The module that holds it.\n    pub const fn module(self) -> Module {{\n        match self {{");
     for u in units {
         for k in &u.kernels {
             let _ = writeln!(s, "            Kernel::{} => Module::{},", variant(k), variant(&u.rel));

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepares the GPU check (design.md, "The GPU machine"): builds the `cuda`-feature test
+# Prepares the GPU check (docs/testing.md, "GPU"): builds the `cuda`-feature test
 # binaries (dsv3-kernels, and the layer / model tests of dsv3-mla, dsv3-moe, dsv3-runtime) and
 # the GPU benchmarks here, strips them and gathers them with run.sh and ptxas' kernel report
 # into gpu-check/ (git-ignored; the binaries gzipped, about 20 MB). Copy that folder to the

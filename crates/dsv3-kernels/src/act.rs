@@ -1,5 +1,5 @@
-//! Elementwise activations and row softmax: SwiGLU's `silu(gate) ⊙ up` (model-spec §3.8) and
-//! the f32 softmax used by attention (§3.3 step 5) and softmax routing (V2-Lite).
+//! Elementwise activations and row softmax: SwiGLU's `silu(gate) ⊙ up` (docs/model.md §3.8) and
+//! the f32 softmax used by attention (docs/model.md §3.3 step 4) and softmax routing (V2-Lite).
 //!
 //! # Layouts
 //!

@@ -1,4 +1,4 @@
-//! Token embedding (model-spec §3.1 step 1): a plain row gather `out[t] = table[ids[t]]`, no
+//! Token embedding (docs/model.md §3.1): a plain row gather `out[t] = table[ids[t]]`, no
 //! scaling, upcast to f32. The table is `[vocab, dim]` row-major in f32 or in bf16 (the
 //! checkpoint's dtype, converted exactly: bf16 is the top half of an f32).
 //!

@@ -1,5 +1,5 @@
 //! FP8 E4M3 ("e4m3fn"): the codec, block-scaled weights and per-token activation quantisation
-//! (model-spec §4).
+//! (docs/model.md §4).
 //!
 //! * Decoding is exact for all 256 codes; 0x7F and 0xFF are NaN (the format has no infinity).
 //! * Encoding rounds to nearest, ties to even, and **saturates** at ±448: a finite value beyond
@@ -7,7 +7,7 @@
 //!   one the GPU kernels use; the activation scale (amax / 448) keeps every quantised value in
 //!   range anyway. NaN encodes as NaN (0x7F / 0xFF); ±inf saturates to ±448.
 //! * A weight is `[rows, cols]` codes with an f32 `scale_inv` of `[ceil(rows/128), ceil(cols/128)]`
-//!   that **multiplies** the decoded value (§2.3); partial edge blocks just use `floor`.
+//!   that **multiplies** the decoded value (docs/model.md §2); partial edge blocks just use `floor`.
 //! * Activations are quantised per row in 1x128 tiles with scale = max(amax, 1e-4) / 448,
 //!   optionally rounded up to a power of two ("ue8m0", V3.1 and later).
 
@@ -25,7 +25,7 @@ pub const AMAX_FLOOR: f32 = 1e-4;
 /// Inputs up to this many elements are quantised on the calling thread.
 const PAR_MIN_ELEMS: usize = 64 * 1024;
 
-/// Decodes one E4M3 byte exactly, following the definition of the format (§4.1).
+/// Decodes one E4M3 byte exactly, following the definition of the format (docs/model.md §4.1).
 pub const fn decode_e4m3(b: u8) -> f32 {
     let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
     let e = ((b >> 3) & 0xF) as i32;
@@ -200,7 +200,7 @@ impl<'a> Fp8WeightRef<'a> {
     pub fn scale_at(&self, r: usize, c: usize) -> f32 {
         self.scale_inv[(r / BLOCK) * blocks(self.cols) + c / BLOCK]
     }
-    /// The dequantised weight, row-major f32 (§4.2), computed in parallel.
+    /// The dequantised weight, row-major f32 (docs/model.md §4.2), computed in parallel.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
         out.par_chunks_mut(self.cols).enumerate().for_each(|(r, row)| {
@@ -317,7 +317,7 @@ fn non_finite_err(op: &'static str, shape: ActQuantShape, tile_index: usize) -> 
 pub mod reference {
     use super::*;
 
-    /// Per-token 1x128 quantisation (§4.3). A tile holding NaN or ±inf is an error (a plain
+    /// Per-token 1x128 quantisation (docs/model.md §4.3). A tile holding NaN or ±inf is an error (a plain
     /// `f32::max` would silently drop a NaN).
     pub fn act_quant(x: &[f32], shape: ActQuantShape, fmt: ScaleFmt, q: &mut [u8], scales: &mut [f32]) -> Result<()> {
         const OP: &str = "act_quant (reference)";

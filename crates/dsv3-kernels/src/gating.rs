@@ -1,4 +1,4 @@
-//! MoE top-k routing (model-spec §3.9): from the gate logits of each token to the `top_k`
+//! MoE top-k routing (docs/model.md §3.9): from the gate logits of each token to the `top_k`
 //! experts it is sent to and their combine weights.
 //!
 //! Three methods, chosen by the config ([`RouteMethod`]):
@@ -195,7 +195,7 @@ pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
-/// Plain-loop routing that reads like model-spec §3.9; the oracle for [`route`].
+/// Plain-loop routing that reads like docs/model.md §3.9; the oracle for [`route`].
 pub mod reference {
     use super::*;
     use std::cmp::Ordering;

@@ -1,7 +1,7 @@
-//! RMSNorm (model-spec §3.2): `y = w ⊙ x / sqrt(mean(x²) + eps)` per row, and the fused
+//! RMSNorm (docs/model.md §3.2): `y = w ⊙ x / sqrt(mean(x²) + eps)` per row, and the fused
 //! residual-add form engines use between sublayers.
 //!
-//! Numerics (design.md "Numerics", spec §3.2): the mean of squares and the reciprocal square
+//! Numerics (docs/model.md §3.2 and §7): the mean of squares and the reciprocal square
 //! root are computed in f32, and the output is formed as `w * (x * inv_rms)` (normalise first,
 //! then scale by the weight, the HF order). The fast version sums the squares in f32 over
 //! [`LANES`] independent lanes; the [`reference`](mod@reference) sums them in f64 (the exact oracle) and
@@ -178,7 +178,7 @@ pub fn add_rms_norm(x: &[f32], residual: &mut [f32], w: &[f32], shape: RowsShape
     Ok(())
 }
 
-/// Naive RMSNorm, written like spec §3.2: the oracle for the fast functions.
+/// Naive RMSNorm, written like docs/model.md §3.2: the oracle for the fast functions.
 ///
 /// The sum of squares is accumulated in f64 (exact for any realistic row) and rounded to f32
 /// once; the mean, `+ eps`, the square root and the reciprocal are then f32, as the spec asks.

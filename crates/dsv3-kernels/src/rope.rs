@@ -1,12 +1,12 @@
-//! Rotary position embedding with YaRN, exactly as model-spec §3.4–3.6 and the official
+//! Rotary position embedding with YaRN, exactly as docs/model.md §3.4–3.6 and the official
 //! DeepSeek `model.py` compute it.
 //!
-//! * **Layout** (§3.4): the `rope_head_dim` values form adjacent pairs `(u[2i], u[2i+1])`,
+//! * **Layout** (docs/model.md §3.4): the `rope_head_dim` values form adjacent pairs `(u[2i], u[2i+1])`,
 //!   rotated in place: `u'[2i] = u[2i]·cos φ_i − u[2i+1]·sin φ_i`,
 //!   `u'[2i+1] = u[2i]·sin φ_i + u[2i+1]·cos φ_i` (the official complex multiply). HF's
 //!   de-interleave + rotate-half gives the same numbers permuted (evens first, then odds);
 //!   never apply rotate-half to the un-permuted vector.
-//! * **Frequencies** (§3.5, [`inv_freq`]): θ_i = 1 / b^(2i/d) in f32; with YaRN,
+//! * **Frequencies** (docs/model.md §3.5, [`inv_freq`]): θ_i = 1 / b^(2i/d) in f32; with YaRN,
 //!   `θ'_i = (θ_i / s)·(1 − smooth_i) + θ_i·smooth_i` in f32 with `smooth = 1 − ramp`, the
 //!   official code's form (equal to the spec's `θ(1−ramp) + (θ/s)·ramp` up to f32 rounding).
 //!   The correction range is computed in f64 (Python floats in the reference).
@@ -15,8 +15,8 @@
 //!   for V3 and V2-Lite, so the official code, which never scales, agrees). [`RopeTable`]
 //!   precomputes exactly these f32 values, so the table-driven [`apply_rope`] equals
 //!   [`reference::apply_rope`] (which forms the angle on the fly) bit for bit.
-//! * **Softmax scale** (§3.6, [`softmax_scale`]): `qk_head_dim^-1/2 · mscale(s, mscale_all_dim)²`
-//!   in f64, YaRN always applied when configured (§8 item 2), rounded to f32 once.
+//! * **Softmax scale** (docs/model.md §3.6, [`softmax_scale`]): `qk_head_dim^-1/2 · mscale(s, mscale_all_dim)²`
+//!   in f64, YaRN always applied when configured (docs/model.md §8 item 2), rounded to f32 once.
 
 use rayon::prelude::*;
 
@@ -112,7 +112,7 @@ impl RopeCfg {
     }
 }
 
-/// `mscale(s, m) = 1` if `s ≤ 1`, else `0.1 · m · ln s + 1` (§3.5 item 7), in f64.
+/// `mscale(s, m) = 1` if `s ≤ 1`, else `0.1 · m · ln s + 1` (docs/model.md §3.5 item 4), in f64.
 pub fn yarn_mscale(s: f64, m: f64) -> f64 {
     if s <= 1.0 { 1.0 } else { 0.1 * m * s.ln() + 1.0 }
 }
@@ -134,7 +134,7 @@ pub fn correction_range(cfg: &RopeCfg) -> Result<Option<(i64, i64)>> {
     }))
 }
 
-/// The inverse frequencies θ'_i, i = 0..d/2, of §3.5 (see the module docs for the exact f32
+/// The inverse frequencies θ'_i, i = 0..d/2, of docs/model.md §3.5 (see the module docs for the exact f32
 /// operation order). Errors: an invalid `cfg`.
 pub fn inv_freq(cfg: &RopeCfg) -> Result<Vec<f32>> {
     let range = correction_range(cfg)?;
@@ -159,7 +159,7 @@ pub fn attn_factor(yarn: Option<&Yarn>) -> f32 {
     yarn.map_or(1.0, |y| (yarn_mscale(y.factor, y.mscale) / yarn_mscale(y.factor, y.mscale_all_dim)) as f32)
 }
 
-/// `qk_head_dim^(-1/2) · mscale(s, mscale_all_dim)²` in f64 (§3.6; 0.1352337789 for V3).
+/// `qk_head_dim^(-1/2) · mscale(s, mscale_all_dim)²` in f64 (docs/model.md §3.6; 0.1352337789 for V3).
 /// Errors: `qk_head_dim == 0` or a non-finite result.
 pub fn softmax_scale_f64(qk_head_dim: usize, yarn: Option<&Yarn>) -> Result<f64> {
     if qk_head_dim == 0 {

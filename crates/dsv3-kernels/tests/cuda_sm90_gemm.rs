@@ -1,8 +1,8 @@
 //! `sm90_fp8_gemm` (TMA + wgmma FP8 GEMM, dense and grouped) against the CPU fp8 path
 //! (`gemm::gemm_fp8_quantized`: per-128 block sums promoted with both scales), and its routing.
 //!
-//! The host-side tests (routing heuristic, validation, the instantiation table against the
-//! `.cu` sources) run everywhere. The GPU tests are ignored without a GPU; they check every
+//! The host-side tests (routing heuristic, validation, the sources generated from the kernel
+//! catalog) run everywhere. The GPU tests are ignored without a GPU; they check every
 //! DeepSeek-V3 (N, K) at M in {1, 7, 64, 128, 129, 4096}, random grouped layouts (contiguous
 //! and masked), bf16 output, and the fallback to the simple kernel: DeepGEMM's calc_diff
 //! < 1e-3 against the CPU, no NaN or inf, zeros where the masked layout has no data, and the
@@ -73,42 +73,22 @@ fn sm90_falls_back_and_rejects_bad_shapes() {
 
 /// The instantiation sources, embedded at compile time (so this also runs where only the test
 /// binary is, as on the GPU machine).
-const SOURCES: &[(&str, &str)] = &[
-    ("sm90_fp8_gemm_n2112_k7168.cu", include_str!("../../../cuda/gemm/sm90_fp8_gemm_n2112_k7168.cu")),
-    ("sm90_fp8_gemm_n24576_k1536.cu", include_str!("../../../cuda/gemm/sm90_fp8_gemm_n24576_k1536.cu")),
-    ("sm90_fp8_gemm_n32768_k512.cu", include_str!("../../../cuda/gemm/sm90_fp8_gemm_n32768_k512.cu")),
-    ("sm90_fp8_gemm_n7168_k16384.cu", include_str!("../../../cuda/gemm/sm90_fp8_gemm_n7168_k16384.cu")),
-    ("sm90_fp8_gemm_n4096_k7168.cu", include_str!("../../../cuda/gemm/sm90_fp8_gemm_n4096_k7168.cu")),
-    ("sm90_fp8_gemm_n7168_k2048.cu", include_str!("../../../cuda/gemm/sm90_fp8_gemm_n7168_k2048.cu")),
-    ("sm90_fp8_gemm_n2048_k7168.cu", include_str!("../../../cuda/gemm/sm90_fp8_gemm_n2048_k7168.cu")),
-    ("sm90_fp8_gemm_n1536_k7168.cu", include_str!("../../../cuda/gemm/sm90_fp8_gemm_n1536_k7168.cu")),
-    ("sm90_fp8_gemm_n576_k7168.cu", include_str!("../../../cuda/gemm/sm90_fp8_gemm_n576_k7168.cu")),
-    ("sm90_fp8_gemm_n18432_k7168.cu", include_str!("../../../cuda/gemm/sm90_fp8_gemm_n18432_k7168.cu")),
-    ("sm90_fp8_gemm_n7168_k18432.cu", include_str!("../../../cuda/gemm/sm90_fp8_gemm_n7168_k18432.cu")),
-];
-
-/// The Rust table is what the `.cu` files instantiate: same kernels, block sizes and stages
-/// (the kernel would trap on a shared-memory size out of step; this catches it on any machine).
+/// The sources build.rs generates from the catalog instantiate exactly [`SM90_KERNELS`] (read
+/// back from the text: entry point, launch bounds, template arguments), the generated wgmma
+/// header has every tile width, and the catalog's (N, K) are exactly V3's.
 #[test]
-fn sm90_table_matches_the_cuda_sources() {
-    // Where the source tree is present, no instantiation file may be missing from SOURCES.
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../cuda/gemm");
-    if let Ok(entries) = std::fs::read_dir(&dir) {
-        for e in entries {
-            let name = e.unwrap().file_name().to_string_lossy().into_owned();
-            if name.starts_with("sm90_fp8_gemm_n") && name.ends_with(".cu") {
-                assert!(SOURCES.iter().any(|s| s.0 == name), "{name} is not in SOURCES");
-            }
-        }
-    }
+fn sm90_generated_sources_match_the_catalog() {
+    use dsv3_kernels::cuda::sm90_gemm::catalog;
     let mut found = Vec::new();
-    for &(name, src) in SOURCES {
+    for (n, k) in catalog::sm90_shapes() {
+        let src = catalog::cuda_source(n, k);
         for (i, _) in src.match_indices("fp8_gemm<") {
             let args = &src[i + 9..i + 9 + src[i + 9..].find('>').unwrap()];
             let v: Vec<usize> = args.split(',').map(|x| x.trim().parse().unwrap()).collect();
             let c = sm90_gemm::Sm90Kernel { n: v[0], k: v[1], block_m: v[2], block_n: v[3], stages: v[4] };
-            assert!(src.contains(&format!("{}(", c.symbol())), "{name}: no entry point {}", c.symbol());
-            assert!(src.contains(&format!("__launch_bounds__({}, 1)", c.threads())), "{name}: {} threads", c.threads());
+            assert_eq!((c.n, c.k), (n, k), "{}", catalog::source_name(n, k));
+            assert!(src.contains(&format!("{}(", c.symbol())), "no entry point {}", c.symbol());
+            assert!(src.contains(&format!("__launch_bounds__({}, 1)\n    {}(", c.threads(), c.symbol())), "{}: threads", c.symbol());
             found.push(c);
         }
     }
@@ -116,10 +96,17 @@ fn sm90_table_matches_the_cuda_sources() {
     let mut table = SM90_KERNELS.to_vec();
     table.sort_by_key(|c| (c.n, c.k, c.block_m));
     assert_eq!(found, table);
+    let header = catalog::wgmma_header();
     for c in SM90_KERNELS {
-        assert!(c.smem_bytes() <= 232_448, "{}: {} bytes of shared memory (H100/H200: 227 KiB)", c.symbol(), c.smem_bytes());
-        assert!(V3_SHAPES.contains(&(c.n, c.k)));
+        assert!(header.contains(&format!("struct Wgmma<{}> {{", c.block_n)), "no wgmma wrapper for N = {}", c.block_n);
+        assert!(header.contains(&format!("m64n{}k32.f32.e4m3.e4m3 {{%0,", c.block_n)));
+        assert!(c.smem_bytes() <= catalog::SM90_MAX_SMEM, "{}: {} bytes of shared memory", c.symbol(), c.smem_bytes());
     }
+    let mut shapes = catalog::sm90_shapes();
+    let mut v3 = V3_SHAPES.to_vec();
+    shapes.sort_unstable();
+    v3.sort_unstable();
+    assert_eq!(shapes, v3, "one pair of instantiations per V3 shape");
 }
 
 // ---------------------------------------------------------------------------------------------

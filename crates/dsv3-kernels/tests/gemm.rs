@@ -125,7 +125,7 @@ fn real_v3_shapes_small_m() {
     // Every (N, K) of DeepSeek-V3 that the model multiplies by, at M = 1 (decode), 5 (both on
     // the matrix-vector path with AVX-512) and 20 (the tile path: one full and one partial
     // group of 16 rows). The full reference is too slow for CI at these sizes, so every row
-    // of the output is checked on a sample of columns against the §4.2 / §4.4 formula
+    // of the output is checked on a sample of columns against the docs/model.md §4.2 / §4.4 formula
     // evaluated in f64.
     for (n, k) in [(2112, 7168), (576, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)] {
         let w = random_weight(&mut rng, n, k);

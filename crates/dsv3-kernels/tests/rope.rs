@@ -1,4 +1,4 @@
-//! RoPE / YaRN against model-spec §3.4–3.6: the V3 frequency table, the correction range,
+//! RoPE / YaRN against docs/model.md §3.4–3.6: the V3 frequency table, the correction range,
 //! softmax scales, the attention factor, rotation invariants, fast == reference bit for bit,
 //! and equivalence with HF's de-interleave + rotate-half under the (evens, odds) permutation.
 
@@ -21,7 +21,7 @@ fn rel(a: f64, b: f64) -> f64 {
 
 #[test]
 fn v3_inv_freq_equals_spec_table() {
-    // model-spec §3.5 reference table: (i, θ'_i).
+    // docs/model.md §3.5 reference table: (i, θ'_i).
     let table = [
         (0, 1.0),
         (10, 5.6234132519e-02),

@@ -1,10 +1,10 @@
 //! The MLA forward pass of one layer over the paged latent cache, in both forms:
 //!
-//! * [`MlaWeights::prefill`], the expanded (naive) form of spec §3.3: every cached latent of
+//! * [`MlaWeights::prefill`], the expanded (naive) form of docs/model.md §3.3: every cached latent of
 //!   the step's sequences is up-projected to per-head keys and values, and the new tokens
 //!   attend causally by absolute position (so a chunk at positions `p0..p1` attends to the
 //!   cached `0..p0` and to itself);
-//! * [`MlaWeights::decode`], the weight-absorbed form of spec §3.7 on the paged cache: the
+//! * [`MlaWeights::decode`], the weight-absorbed form of docs/model.md §3.7 on the paged cache: the
 //!   query is absorbed into the latent space (`q̃ = W_UKᵀ q_nope`), scored against the 576-wide
 //!   cache rows, and the latent output is up-projected (`o = W_UV ō`). Each new token is one
 //!   decode row with its own length, so a batch may mix sequences of different lengths, and a
@@ -51,7 +51,7 @@ impl<B: Backend> MlaContext<B> {
     pub fn config(&self) -> &MlaConfig {
         &self.cfg
     }
-    /// The softmax scale of spec §3.6.
+    /// The softmax scale of docs/model.md §3.6.
     pub fn scale(&self) -> f32 {
         self.scale
     }
@@ -127,7 +127,7 @@ impl<B: Backend> MlaWeights<B> {
         Ok(q)
     }
 
-    /// The expanded (naive) form, spec §3.3 (module docs): `out [T, hidden]` for the plan's
+    /// The expanded (naive) form, docs/model.md §3.3 (module docs): `out [T, hidden]` for the plan's
     /// new tokens, whose cache rows it writes. Costs `O(keys · H · (nope + v) · kv_lora)` for
     /// the up-projection of every cached key of the step's sequences: meant for prefill.
     ///
@@ -158,7 +158,7 @@ impl<B: Backend> MlaWeights<B> {
         Ok(())
     }
 
-    /// The weight-absorbed form, spec §3.7 (module docs): `out [T, hidden]` for the plan's new
+    /// The weight-absorbed form, docs/model.md §3.7 (module docs): `out [T, hidden]` for the plan's new
     /// tokens, whose cache rows it writes; each token attends to positions `0..=its own`.
     /// Costs `O(T · H · keys · (kv_lora + rope))`: meant for decode.
     ///

@@ -1,4 +1,4 @@
-//! The shape of one MLA layer (model-spec §1.1, §3.3).
+//! The shape of one MLA layer (docs/model.md §1, §3.3).
 
 use crate::error::{MlaError, Result};
 use dsv3_kernels::attention::MlaDims;
@@ -25,17 +25,17 @@ pub struct MlaConfig {
     pub qk_rope_head_dim: usize,
     /// `v_head_dim` (128).
     pub v_head_dim: usize,
-    /// RoPE / YaRN (spec §3.4–3.5); YaRN also sets the softmax scale (§3.6).
+    /// RoPE / YaRN (docs/model.md §3.4–3.5); YaRN also sets the softmax scale (docs/model.md §3.6).
     pub rope: RopeCfg,
     /// `max_position_embeddings` (163840): positions `0..max_position` are valid.
     pub max_position: usize,
     /// Epsilon of `q_a_layernorm` and `kv_a_layernorm`: 1e-6 in every model, even where
-    /// `rms_norm_eps` differs (HF builds these two norms with the default; spec §3.2, §8.9).
+    /// `rms_norm_eps` differs (HF builds these two norms with the default; docs/model.md §3.2, §8 item 6).
     pub rms_eps: f32,
 }
 
 impl MlaConfig {
-    /// DeepSeek-V3 / R1 (spec §1.1).
+    /// DeepSeek-V3 / R1 (docs/model.md §1).
     pub const fn deepseek_v3() -> MlaConfig {
         MlaConfig {
             hidden: 7168,
@@ -135,7 +135,7 @@ impl MlaConfig {
     pub fn o_dim(&self) -> usize {
         self.n_heads * self.v_head_dim
     }
-    /// The softmax scale `qk_head_dim^-1/2 · mscale²` (spec §3.6; 0.13523378 for V3).
+    /// The softmax scale `qk_head_dim^-1/2 · mscale²` (docs/model.md §3.6; 0.13523378 for V3).
     pub fn softmax_scale(&self) -> Result<f32> {
         Ok(rope::softmax_scale(self.qk_head_dim(), self.rope.yarn.as_ref())?)
     }

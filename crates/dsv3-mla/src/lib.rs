@@ -1,4 +1,4 @@
-//! dsv3-mla: Multi-head Latent Attention (model-spec §3.3–3.7) over a paged latent KV cache,
+//! dsv3-mla: Multi-head Latent Attention (docs/model.md §3.3–3.7) over a paged latent KV cache,
 //! written once against the op-level [`dsv3_kernels::Backend`] trait.
 //!
 //! * [`MlaConfig`]: the layer's dimensions, RoPE/YaRN and norm epsilon, validated.

@@ -1,8 +1,8 @@
-//! The weights of one MLA layer: host tensors as the checkpoint stores them (spec §2.2), and
+//! The weights of one MLA layer: host tensors as the checkpoint stores them (docs/model.md §2), and
 //! their backend-resident form.
 //!
 //! `kv_b_proj` (FP8, `[H·(nope + v), kv_lora]`, rows `h·(nope+v) + j` with `j < nope` the key
-//! half and the rest the value half, spec §2.3) is split once at load into the absorbed
+//! half and the rest the value half, docs/model.md §2) is split once at load into the absorbed
 //! matrices `W_UK [H·nope, kv_lora]` and `W_UV [H·v, kv_lora]`, dequantised exactly
 //! (fp8 × scale_inv in f32). The backend's dense-weight form is bf16, so each matrix is held
 //! as a **bf16 pair** `hi = bf16(w)`, `lo = bf16(w − hi)` and every product with it is

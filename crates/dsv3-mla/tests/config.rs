@@ -1,5 +1,5 @@
 //! Config and weight validation: typed errors that name the field or tensor, the V3 constants
-//! of spec §3.6/§7, and the split of `kv_b_proj` into `W_UK` / `W_UV` (spec §2.3 row layout).
+//! of docs/model.md §3.6 / §7, and the split of `kv_b_proj` into `W_UK` / `W_UV` (docs/model.md §2 row layout).
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! MLA layer invariants (design.md "invariants" tier), all in f32 on the CPU backend, each
+//! MLA layer invariants (docs/testing.md, "Test tiers": invariants), all in f32 on the CPU backend, each
 //! within `max |diff| <= 1e-4 · max |value|` (`common::REL`):
 //!
 //! * paged == contiguous: the engine (paged cache, fast kernels) equals the naive host

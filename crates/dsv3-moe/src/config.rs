@@ -5,7 +5,7 @@ use dsv3_kernels::fp8::BLOCK;
 use dsv3_kernels::gating::RouteCfg;
 use dsv3_kernels::gemm::GemmPath;
 
-/// A dense SwiGLU MLP: `down(silu(gate x) ⊙ up x)` (model-spec §3.8). Used by the dense
+/// A dense SwiGLU MLP: `down(silu(gate x) ⊙ up x)` (docs/model.md §3.8). Used by the dense
 /// layers (`< first_k_dense_replace`), by every routed expert and by the shared experts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DenseMlpConfig {
@@ -66,7 +66,7 @@ impl GroupedLayout {
 
 /// One MoE layer: router, `n_routed_experts` routed experts of width `moe_intermediate`, and
 /// `n_shared_experts` shared experts fused into one SwiGLU MLP of width
-/// `n_shared_experts * moe_intermediate` (model-spec §3.9; 0 shared experts is allowed).
+/// `n_shared_experts * moe_intermediate` (docs/model.md §3.9; 0 shared experts is allowed).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MoeConfig {
     /// Model width (`hidden_size`).

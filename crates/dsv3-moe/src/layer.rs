@@ -1,4 +1,4 @@
-//! The MoE layer on a backend (model-spec §3.9):
+//! The MoE layer on a backend (docs/model.md §3.9):
 //!
 //! ```text
 //! logits  = x · W_gateᵀ                  bf16 weight, f32 activations and accumulation

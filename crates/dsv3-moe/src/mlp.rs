@@ -1,4 +1,4 @@
-//! The dense SwiGLU MLP on a backend: `down(silu(gate x) ⊙ up x)` (model-spec §3.8). The
+//! The dense SwiGLU MLP on a backend: `down(silu(gate x) ⊙ up x)` (docs/model.md §3.8). The
 //! dense layers use it directly; the MoE layer uses it for the fused shared experts.
 
 use crate::config::DenseMlpConfig;

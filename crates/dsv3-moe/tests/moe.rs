@@ -156,8 +156,8 @@ fn forward_routed_with_given_routing() {
     assert!((out.stats.expert_imbalance() - 16.0 / 6.0).abs() < 1e-12);
 }
 
-/// The fp8 GEMM path stays close to the reference path on the whole layer (the design's
-/// validation of the fp8 path), at a wider model.
+/// The fp8 GEMM path stays close to the reference path on the whole layer (how the fp8
+/// path is validated, docs/model.md §4.5), at a wider model.
 #[test]
 fn fp8_path_close_to_reference_path() {
     let mut cfg = small_cfg(Family::V3, 1024, 256, 64, 1, GemmPath::Reference);

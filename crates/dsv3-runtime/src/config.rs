@@ -1,5 +1,5 @@
 //! The model configuration: HF `config.json` in the DeepSeek-V3 hub format, plus the
-//! DeepSeek-V2-Lite (`model_type = deepseek_v2`) and Moonlight variants (model-spec §1).
+//! DeepSeek-V2-Lite (`model_type = deepseek_v2`) and Moonlight variants (docs/model.md §1).
 //!
 //! [`ModelConfig::from_json_str`] reads every field the forward pass needs, applies the HF
 //! defaults listed below to the optional ones, and validates the result
@@ -305,7 +305,7 @@ impl ModelConfig {
     pub fn rope_cfg(&self) -> RopeCfg {
         RopeCfg { rope_head_dim: self.qk_rope_head_dim, theta: self.rope_theta, yarn: self.rope_scaling }
     }
-    /// The attention softmax scale (§3.6): 0.1352 for V3, 0.1147 for V2-Lite, 0.0722 Moonlight.
+    /// The attention softmax scale (docs/model.md §3.6): 0.1352 for V3, 0.1147 for V2-Lite, 0.0722 Moonlight.
     pub fn softmax_scale(&self) -> Result<f32> {
         Ok(rope::softmax_scale(self.qk_head_dim(), self.rope_scaling.as_ref())?)
     }
@@ -314,7 +314,7 @@ impl ModelConfig {
         self.rms_norm_eps as f32
     }
     /// Epsilon of `q_a_layernorm` / `kv_a_layernorm`: always 1e-6 (HF builds them with the
-    /// default; model-spec §8 item 9).
+    /// default; docs/model.md §8 item 6).
     pub fn latent_norm_eps(&self) -> f32 {
         1e-6
     }

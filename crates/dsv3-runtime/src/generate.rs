@@ -233,7 +233,7 @@ pub fn generate<B: Backend>(b: &B, model: &Model<B>, req: &Request<'_>, on_token
     Ok(em.out)
 }
 
-/// [`generate`] with MTP speculative decoding (model-spec §3.10): each step the MTP module
+/// [`generate`] with MTP speculative decoding (docs/model.md §3.10): each step the MTP module
 /// drafts the token after next from the main model's last hidden state, and the main model
 /// runs `[next, draft]` in one absorbed step. The draft is accepted by [`Sampler::verify`];
 /// if it is rejected, the main cache drops the draft's position (the MTP cache only ever

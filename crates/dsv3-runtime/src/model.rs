@@ -1,4 +1,4 @@
-//! The whole model (model-spec §3.1), written once against the op-level `Backend` trait:
+//! The whole model (docs/model.md §3.1), written once against the op-level `Backend` trait:
 //! embedding, the layer stack (dense MLP layers first, MoE after), final norm, `lm_head`.
 //!
 //! Every layer is `h ← h + MLA(RMSNorm_in(h))`, then `h ← h + FFN(RMSNorm_post(h))`; the

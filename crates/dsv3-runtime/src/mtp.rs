@@ -1,4 +1,4 @@
-//! The multi-token-prediction module (model-spec §3.10): layer `num_hidden_layers` of a V3
+//! The multi-token-prediction module (docs/model.md §3.10): layer `num_hidden_layers` of a V3
 //! checkpoint, which predicts token `i + 2` from the main model's hidden state at position `i`
 //! and token `i + 1`:
 //!

@@ -1,4 +1,4 @@
-//! The tensors a config implies (model-spec §2.2, §2.5) and the check of a checkpoint against
+//! The tensors a config implies (docs/model.md §2) and the check of a checkpoint against
 //! them.
 //!
 //! [`tensor_plan`] lists every logical tensor with its shape and role; the MTP modules (layers

@@ -5,7 +5,7 @@
 //! | `tiny` | V3 layout in miniature: FP8, q LoRA, sigmoid/noaux_tc with 4 groups, YaRN, 1 MTP layer; every Linear input a multiple of 128 so the fp8 GEMM path runs; partial 128-blocks in q_b, kv_a and kv_b | 10 MB, 501 tensors (vocab 1024) |
 //! | `tiny-v2lite` | V2-Lite layout: BF16, no q LoRA, softmax greedy, no bias, not renormalised, YaRN mscale 0.707, no MTP | 13 MB, 190 tensors |
 //! | `tiny-moonlight` | Moonlight layout: BF16, no q LoRA, sigmoid + bias with one group, plain RoPE θ = 50000, eps 1e-5, no MTP | 13 MB, 193 tensors |
-//! | `small` | the design's CPU decode anchor: a V3-architecture model of ~0.67B parameters (hidden 1024, 6 layers: 1 dense + 5 MoE of 64 experts of width 384 in 8 groups keeping 4, top-8, 1 shared; 16 heads, q LoRA 384, kv LoRA 256, vocab 129280), FP8; no MTP | 0.86 GB, 2143 tensors; embed + lm_head are 0.53 GB of it |
+//! | `small` | the model class of the CPU comparison with HF and llama.cpp (benches/results/2026-11-29-hf-side-by-side-2core.md): a V3-architecture model of ~0.67B parameters (hidden 1024, 6 layers: 1 dense + 5 MoE of 64 experts of width 384 in 8 groups keeping 4, top-8, 1 shared; 16 heads, q LoRA 384, kv LoRA 256, vocab 129280), FP8; no MTP | 0.86 GB, 2143 tensors; embed + lm_head are 0.53 GB of it |
 //! | `bench` | true V3 widths (hidden 7168, 128 heads, q LoRA 1536, kv LoRA 512, dense 18432, experts 2048, vocab 129280) with 4 layers (1 dense + 3 MoE), 16 experts in 4 groups keeping 3, top-8, 1 shared; no MTP | 7.1 GB in 2 shards, 377 tensors; embed + lm_head alone are 3.7 GB. Written in ~42 s on 2 cores (disk-bound at ~200 MB/s) |
 
 use crate::config::{ModelConfig, ModelType, QuantConfig, ScoringFunc, TopkMethod};

@@ -103,7 +103,7 @@ fn presets_are_valid() {
     assert!(e.contains("huge") && e.contains("tiny"), "{e}");
 }
 
-/// The tensor counts of model-spec §2.4 / §2.5.
+/// The tensor counts of docs/model.md §2.
 #[test]
 fn plan_matches_published_tensor_counts() {
     let c = v3();

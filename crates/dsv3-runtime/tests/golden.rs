@@ -117,7 +117,7 @@ fn v2lite_tiny_fp8_path_tracks_hf() {
     fp8_path_tracks_hf("hf-v2lite-tiny", 7.8e-3, 1.0, 7.8e-3);
 }
 
-/// The MTP module (model-spec §3.10) against the fixture generator's own implementation of
+/// The MTP module (docs/model.md §3.10) against the fixture generator's own implementation of
 /// it (HF has no MTP; the generator runs HF's decoder layer as the block): logits for positions
 /// 0..T-2, each fed the next prompt token. Reference path: 1e-3 x max |logit| with the same
 /// argmax, as the main model. fp8 path: calc_diff < 0.15, the main model's V3 bound (the MTP

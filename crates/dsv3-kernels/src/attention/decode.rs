@@ -94,7 +94,7 @@ fn decode_split(qt: &[f32], pool: &[f32], table: &[u32], p: &DecodeParams, sp: S
     }
 }
 
-/// MLA decode over the paged latent cache (spec §3.7 steps 4–5, FlashMLA's contract): for each
+/// MLA decode over the paged latent cache (docs/model.md §3.7 item 3, FlashMLA's contract): for each
 /// query row `b` and head `h`, `s_j = (q[b,h,:] · K_j) · scale` over the `width` values of each
 /// cached row `K_j`, `j < kv_lens[b]` (read through block-table row `b`), softmax over `j`, and
 /// `out[b,h,:] = Σ_j P_j K_j[0..kv_lora]` (`ō`, before `W_UV`). `q` is `[batch, H, width]` (from

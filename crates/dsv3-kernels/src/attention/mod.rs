@@ -1,8 +1,8 @@
-//! Multi-head latent attention (model-spec §3.3 and §3.7) over a paged latent KV cache.
+//! Multi-head latent attention (docs/model.md §3.3 and §3.7) over a paged latent KV cache.
 //!
 //! # The paged latent cache
 //!
-//! MLA caches one row per token per layer, shared by all heads (spec §3.7 step 2):
+//! MLA caches one row per token per layer, shared by all heads (docs/model.md §3.7 item 1):
 //! `[c_kv | k_pe]` = `kv_lora` values of the latent **after** `kv_a_layernorm`, then `rope`
 //! values of the rotary key **after** RoPE; 512 + 64 = 576 f32 for V3 (2304 bytes per token
 //! per layer on the CPU backend).
@@ -32,7 +32,7 @@
 //! | [`absorb_q`] | `q̃[t,h] = W_UK[h]ᵀ q_nope[t,h]`, concatenated with `q_pe`: the `[T, H, kv_lora + rope]` decode query |
 //! | [`decode`] | FlashMLA-style decode over the pool: scores against all `width` values, output = `Σ P c_kv` (`[B, H, kv_lora]`) |
 //! | [`expand_v`] | `o[t,h] = W_UV[h] ō[t,h]`, written as the `[T, H·v]` input of `o_proj` |
-//! | [`prefill`] | the expanded (naive) causal attention of §3.3, varlen, masked by absolute position |
+//! | [`prefill`] | the expanded (naive) causal attention of docs/model.md §3.3, varlen, masked by absolute position |
 //!
 //! `W_UK` / `W_UV` are the dequantised halves of `kv_b_proj` held as bf16 (`[H·nope, kv_lora]`
 //! and `[H·v, kv_lora]`, the row order of the checkpoint): bf16 like the official code, which
@@ -198,7 +198,7 @@ pub struct DecodeParams {
     pub max_blocks: usize,
     /// The pool; `pool.width()` is the query/key width, `pool.kv_lora` the value width.
     pub pool: LatentPool,
-    /// Softmax scale (spec §3.6), finite.
+    /// Softmax scale (docs/model.md §3.6), finite.
     pub scale: f32,
 }
 
@@ -212,7 +212,7 @@ pub struct PrefillParams {
     pub tokens: usize,
     /// Key rows `S` in all sequences (each sequence's keys are its positions `0..S_i`).
     pub keys: usize,
-    /// Softmax scale (spec §3.6), finite.
+    /// Softmax scale (docs/model.md §3.6), finite.
     pub scale: f32,
 }
 

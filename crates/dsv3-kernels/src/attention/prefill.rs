@@ -62,7 +62,7 @@ fn prefill_item(x: &PrefillInputs<'_, [f32], [u32]>, p: &PrefillParams, it: Pref
     }
 }
 
-/// The expanded (naive) causal attention of spec §3.3 steps 4–6 for a batch of sequences:
+/// The expanded (naive) causal attention of docs/model.md §3.3 steps 4–5 for a batch of sequences:
 /// for query `t` of sequence `i` and head `h`, `k_j = [k_nope[j,h] | k_pe_j]` (the shared
 /// `k_pe`), `s_j = (q[t,h] · k_j) · scale` for keys `j <= q_pos[t]`
 /// (absolute positions: a chunk at positions `p0..p1` sees the cached keys `0..p1`), softmax

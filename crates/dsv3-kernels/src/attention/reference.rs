@@ -132,7 +132,7 @@ pub fn decode(q: &[f32], pool: &[f32], table: &[u32], kv_lens: &[u32], p: &Decod
     Ok(())
 }
 
-/// Reference of [`super::prefill`]: §3.3 steps 4–6 per query, head and visible key.
+/// Reference of [`super::prefill`]: docs/model.md §3.3 steps 4–5 per query, head and visible key.
 pub fn prefill(x: PrefillInputs<'_, [f32], [u32]>, p: &PrefillParams, out: &mut [f32]) -> Result<()> {
     const OP: &str = "reference::attention::prefill";
     check_prefill(OP, &PrefillCheck::of(&x), p, out.len())?;

@@ -1,7 +1,7 @@
 //! GEMM against a high-precision (bf16) weight: `out[M, N] = a[M, K] · W[N, K]ᵀ`.
 //!
 //! The tensors DeepSeek-V3 keeps in BF16 are multiplied here: the MoE router
-//! (`mlp.gate.weight`, run in f32 as the design requires: bf16 → f32 is exact), `lm_head`,
+//! (`mlp.gate.weight`, run in f32 on every backend, docs/model.md §3.9: bf16 → f32 is exact), `lm_head`,
 //! the MTP `eh_proj` and `shared_head.head`. The weight stays bf16 in memory (half the bytes of
 //! f32: decode is memory-bound) and is widened exactly in registers; accumulation is f32.
 

@@ -1,4 +1,4 @@
-//! GEMM against block-scaled FP8 weights: `out[M, N] = a[M, K] · W[N, K]ᵀ` (model-spec §4),
+//! GEMM against block-scaled FP8 weights: `out[M, N] = a[M, K] · W[N, K]ᵀ` (docs/model.md §4),
 //! dense and grouped (MoE experts) in the two layouts DeepGEMM uses.
 //!
 //! Two numeric paths, chosen at run time ([`GemmPath`]):

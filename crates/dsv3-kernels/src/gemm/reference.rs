@@ -22,13 +22,13 @@ pub fn gemm_f32(a: &[f32], b: &[f32], s: GemmShape, out: &mut [f32]) -> Result<(
     Ok(())
 }
 
-/// Reference path: dequantise the weight (§4.2), then an f32 GEMM.
+/// Reference path: dequantise the weight (docs/model.md §4.2), then an f32 GEMM.
 pub fn gemm_dequant(a: &[f32], w: Fp8WeightRef<'_>, s: GemmShape, out: &mut [f32]) -> Result<()> {
     s.validate("gemm_dequant (reference)", GemmPath::Reference, a.len(), &w, out.len())?;
     gemm_f32(a, &w.dequantize(), s, out)
 }
 
-/// §4.4 on an already quantised activation: per 128-block exact FP8 products summed in
+/// docs/model.md §4.4 on an already quantised activation: per 128-block exact FP8 products summed in
 /// f32, the block sum times both scales, summed over blocks in f32.
 pub fn gemm_fp8(a_q: &[u8], a_s: &[f32], w: Fp8WeightRef<'_>, s: GemmShape, out: &mut [f32]) -> Result<()> {
     const OP: &str = "gemm_fp8 (reference)";

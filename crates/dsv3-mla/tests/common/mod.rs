@@ -1,4 +1,4 @@
-//! A host reference of MLA (spec §3.3, the naive form) with a **contiguous** per-sequence
+//! A host reference of MLA (docs/model.md §3.3, the naive form) with a **contiguous** per-sequence
 //! latent cache, and helpers shared by the MLA tests.
 //!
 //! The reference shares only the weights (FP8 dequantised exactly; `W_UK`/`W_UV` rounded to
