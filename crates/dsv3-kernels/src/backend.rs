@@ -34,7 +34,7 @@ pub trait Backend: Send + Sync + Debug {
     type Buf<T: Elem>: Send + Sync + Debug;
     /// A block-scaled FP8 weight resident on the backend.
     type Weight: Send + Sync + Debug;
-    /// A bf16 weight resident on the backend (router, lm_head, eh_proj).
+    /// A bf16 weight resident on the backend (router, lm_head, eh_proj, the MLA up-projections).
     type DenseWeight: Send + Sync + Debug;
     /// A RoPE cos/sin table resident on the backend.
     type Rope: Send + Sync + Debug;
@@ -104,8 +104,23 @@ pub trait Backend: Send + Sync + Debug {
     ) -> Result<()>;
 
     // --- GEMM ---------------------------------------------------------------------------
+    /// `out = a · wᵀ` (`a` `[m, k]` f32, `w` `[n, k]`) on either path (`docs/model.md` §4.5);
+    /// the fp8 path quantises `a` per 1x128 tile with [`ScaleFmt::Float`] scales.
     fn gemm(&self, a: &Self::Buf<f32>, w: &Self::Weight, shape: GemmShape, path: GemmPath, out: &mut Self::Buf<f32>) -> Result<()>;
-    /// `out = a · wᵀ` against a bf16 weight, accumulated in f32 (the router runs here in f32).
+    /// The fp8 path on an activation already quantised per 1x128 tile ([`Backend::act_quant`]
+    /// with either [`ScaleFmt`]: ue8m0 scales are f32 powers of two, used as they are):
+    /// `a_q` `[m, k]` e4m3 codes, `a_s` `[m, k/128]` scales, `k` a multiple of 128
+    /// (`docs/model.md` §4.4).
+    fn gemm_quantized(
+        &self,
+        a_q: &Self::Buf<u8>,
+        a_s: &Self::Buf<f32>,
+        w: &Self::Weight,
+        shape: GemmShape,
+        out: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+    /// `out = a · wᵀ` against a bf16 weight ([`Backend::DenseWeight`]), accumulated in f32 (the
+    /// router runs here in f32). "Dense" in this trait's names means bf16, as opposed to FP8.
     fn gemm_dense(&self, a: &Self::Buf<f32>, w: &Self::DenseWeight, shape: GemmShape, out: &mut Self::Buf<f32>) -> Result<()>;
     /// Expert `e` multiplies rows `offsets[e]..offsets[e+1]` of `a`.
     fn grouped_gemm_contiguous(
@@ -302,6 +317,9 @@ impl Backend for Cpu {
 
     fn gemm(&self, a: &Vec<f32>, w: &Fp8Weight, shape: GemmShape, path: GemmPath, out: &mut Vec<f32>) -> Result<()> {
         gemm::gemm(a, w.view(), shape, path, out)
+    }
+    fn gemm_quantized(&self, a_q: &Vec<u8>, a_s: &Vec<f32>, w: &Fp8Weight, shape: GemmShape, out: &mut Vec<f32>) -> Result<()> {
+        gemm::gemm_fp8_quantized(a_q, a_s, w.view(), shape, out)
     }
     fn gemm_dense(&self, a: &Vec<f32>, w: &Bf16Weight, shape: GemmShape, out: &mut Vec<f32>) -> Result<()> {
         bf16_gemm::gemm_bf16(a, w.view(), shape, out)

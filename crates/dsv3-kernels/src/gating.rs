@@ -86,6 +86,30 @@ impl RouteCfg {
         RouteCfg { n_experts, top_k, n_group, topk_group, method, norm_topk_prob: norm, routed_scaling_factor: scale }
     }
 
+    /// The same rule with `n_experts` routed experts, `top_k` per token (a smaller model of the
+    /// same family; check it with [`RouteCfg::validate`]).
+    ///
+    /// ```
+    /// use dsv3_kernels::gating::RouteCfg;
+    /// // V3 routing at test size: 16 experts in 4 groups keeping 2, top-4.
+    /// let cfg = RouteCfg::deepseek_v3().with_experts(16, 4).with_groups(4, 2);
+    /// assert!(cfg.validate().is_ok());
+    /// assert_eq!((cfg.group_size(), cfg.available_experts()), (4, 8));
+    /// ```
+    pub fn with_experts(self, n_experts: usize, top_k: usize) -> RouteCfg {
+        RouteCfg { n_experts, top_k, ..self }
+    }
+
+    /// The same rule with `n_group` groups of which `topk_group` are kept.
+    pub fn with_groups(self, n_group: usize, topk_group: usize) -> RouteCfg {
+        RouteCfg { n_group, topk_group, ..self }
+    }
+
+    /// The same rule with another renormalisation and final multiplier.
+    pub fn with_scaling(self, norm_topk_prob: bool, routed_scaling_factor: f32) -> RouteCfg {
+        RouteCfg { norm_topk_prob, routed_scaling_factor, ..self }
+    }
+
     /// Experts per group.
     pub fn group_size(&self) -> usize {
         self.n_experts / self.n_group.max(1)

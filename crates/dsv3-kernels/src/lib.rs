@@ -13,7 +13,22 @@
 //! what model crates call; [`backend::Cpu`] implements it with the fast functions.
 //!
 //! This is the only crate of the workspace with `unsafe` code, each block with a `// SAFETY:`
-//! comment.
+//! comment. `docs/model.md` (in the repository) states every formula the kernels compute;
+//! `README.md` has a complete example and `examples/` runnable programs.
+//!
+//! ```
+//! use dsv3_kernels::prelude::*;
+//!
+//! // An FP8 weight [n, k] (128x128 block scales) times an activation [m, k], on both paths.
+//! let (m, n, k) = (2, 4, 256);
+//! let w = Fp8Weight::quantize(n, k, &(0..n * k).map(|i| ((i % 13) as f32 - 6.0) / 8.0).collect::<Vec<_>>())?;
+//! let a: Vec<f32> = (0..m * k).map(|i| ((i % 5) as f32 - 2.0) / 4.0).collect();
+//! let (mut exact, mut fp8) = (vec![0f32; m * n], vec![0f32; m * n]);
+//! gemm(&a, w.view(), GemmShape { m, n, k }, GemmPath::Reference, &mut exact)?;
+//! gemm(&a, w.view(), GemmShape { m, n, k }, GemmPath::Fp8, &mut fp8)?;
+//! assert!(calc_diff(&exact, &fp8) < 1e-3);
+//! # Ok::<(), KernelError>(())
+//! ```
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_debug_implementations)]
@@ -49,6 +64,26 @@ pub mod sample;
 #[doc(hidden)]
 pub use bf16_gemm as dense;
 
+/// The `half` crate, whose `bf16` the bf16 weights and buffers use.
+pub use half;
+
 pub use backend::{Backend, Cpu};
 pub use cuda::Cuda;
 pub use error::{KernelError, Result};
+
+/// What most users of the kernels need, in one import: the backends, the error type, the
+/// weight types and shapes, and the free functions of the main families (on slices, CPU).
+pub mod prelude {
+    pub use crate::attention::{DecodeParams, LatentPool, MlaDims, PrefillInputs, PrefillParams};
+    pub use crate::backend::{Backend, Cpu, Elem};
+    pub use crate::bf16_gemm::{Bf16Weight, Bf16WeightRef, gemm_bf16};
+    pub use crate::cuda::Cuda;
+    pub use crate::error::{KernelError, Result};
+    pub use crate::fp8::{ActQuantShape, Fp8Weight, Fp8WeightRef, ScaleFmt, act_quant, calc_diff};
+    pub use crate::gating::{RouteCfg, RouteMethod, route};
+    pub use crate::gemm::{GemmPath, GemmShape, gemm, gemm_fp8_quantized};
+    pub use crate::norm::{RowsShape, rms_norm};
+    pub use crate::rope::{RopeCfg, Yarn};
+    pub use crate::sample::{Dist, SampleParams, SampleShape};
+    pub use half::bf16;
+}

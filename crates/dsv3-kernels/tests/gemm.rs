@@ -5,26 +5,15 @@ mod common;
 
 use common::*;
 use dsv3_kernels::KernelError;
-use dsv3_kernels::fp8::Fp8Weight;
-use dsv3_kernels::fp8::calc_diff;
+use dsv3_kernels::backend::{Backend, Cpu};
+use dsv3_kernels::fp8::{self, ActQuantShape, Fp8Weight, ScaleFmt, calc_diff};
 use dsv3_kernels::gemm::{self, GemmPath, GemmShape, reference};
 use proptest::prelude::*;
 
-struct Rng(u64);
-impl Rng {
-    fn f32(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-    fn vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.f32()).collect()
-    }
-}
+use common::Rng; // not proptest's `Rng` trait
 
 fn random_weight(rng: &mut Rng, n: usize, k: usize) -> Fp8Weight {
-    Fp8Weight::quantize(n, k, &rng.vec(n * k)).unwrap()
+    Fp8Weight::quantize(n, k, &rng.vec(n * k, 1.0)).unwrap()
 }
 
 /// A weight whose codes are small integers and whose scales are powers of two, so that with
@@ -72,7 +61,7 @@ proptest! {
 
     #[test]
     fn integer_cases_are_bit_exact(m in small_dim(), n in small_dim(), k in small_dim(), seed in any::<u64>()) {
-        let mut rng = Rng(seed | 1);
+        let mut rng = Rng::new(seed);
         let w = integer_weight(&mut rng, n, k);
         let a: Vec<f32> = (0..m * k).map(|_| (rng.f32() * 4.0).round()).collect();
         let (fast, slow) = both(&a, &w, GemmShape { m, n, k }, GemmPath::Reference);
@@ -81,9 +70,9 @@ proptest! {
 
     #[test]
     fn reference_path_matches(m in small_dim(), n in small_dim(), k in small_dim(), seed in any::<u64>()) {
-        let mut rng = Rng(seed | 1);
+        let mut rng = Rng::new(seed);
         let w = random_weight(&mut rng, n, k);
-        let a = rng.vec(m * k);
+        let a = rng.vec(m * k, 1.0);
         let s = GemmShape { m, n, k };
         let (fast, slow) = both(&a, &w, s, GemmPath::Reference);
         prop_assert!(fast.iter().all(|v| v.is_finite()));
@@ -94,9 +83,9 @@ proptest! {
     #[test]
     fn fp8_path_matches(m in small_dim(), n in small_dim(), kb in 1usize..5, seed in any::<u64>()) {
         let k = kb * 128;
-        let mut rng = Rng(seed | 1);
+        let mut rng = Rng::new(seed);
         let w = random_weight(&mut rng, n, k);
-        let a = rng.vec(m * k);
+        let a = rng.vec(m * k, 1.0);
         let s = GemmShape { m, n, k };
         let (fast, slow) = both(&a, &w, s, GemmPath::Fp8);
         // The quantised activation is within 1/16 of a (plus the amax floor): 2 x the bound.
@@ -121,7 +110,7 @@ proptest! {
 
 #[test]
 fn real_v3_shapes_small_m() {
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     // Every (N, K) of DeepSeek-V3 that the model multiplies by, at M = 1 (decode), 5 (both on
     // the matrix-vector path with AVX-512) and 20 (the tile path: one full and one partial
     // group of 16 rows). The full reference is too slow for CI at these sizes, so every row
@@ -131,7 +120,7 @@ fn real_v3_shapes_small_m() {
         let w = random_weight(&mut rng, n, k);
         let v = w.view();
         for m in [1, 5, 20] {
-            let a = rng.vec(m * k);
+            let a = rng.vec(m * k, 1.0);
             let mut outs = Vec::new();
             for path in [GemmPath::Reference, GemmPath::Fp8] {
                 let mut fast = vec![f32::NAN; m * n];
@@ -188,12 +177,12 @@ proptest! {
     #[test]
     fn grouped_contiguous_matches(experts in 1usize..9, max_rows in 0usize..40, n in small_dim(), kb in 1usize..3, fp8 in any::<bool>(), seed in any::<u64>()) {
         let (k, path) = (kb * 128, if fp8 { GemmPath::Fp8 } else { GemmPath::Reference });
-        let mut rng = Rng(seed | 1);
+        let mut rng = Rng::new(seed);
         let ws: Vec<Fp8Weight> = (0..experts).map(|_| random_weight(&mut rng, n, k)).collect();
         let views: Vec<_> = ws.iter().map(|w| w.view()).collect();
         let off = random_offsets(&mut rng, experts, max_rows);
         let rows = off[experts] as usize;
-        let a = rng.vec(rows * k);
+        let a = rng.vec(rows * k, 1.0);
         let (mut fast, mut slow) = (vec![f32::NAN; rows * n], vec![f32::NAN; rows * n]);
         gemm::grouped_contiguous(&a, &off, &views, path, &mut fast).unwrap();
         reference::grouped_contiguous(&a, &off, &views, path, &mut slow).unwrap();
@@ -206,12 +195,12 @@ proptest! {
     #[test]
     fn grouped_masked_matches(experts in 1usize..9, cap in 1usize..24, n in small_dim(), fp8 in any::<bool>(), seed in any::<u64>()) {
         let (k, path) = (256, if fp8 { GemmPath::Fp8 } else { GemmPath::Reference });
-        let mut rng = Rng(seed | 1);
+        let mut rng = Rng::new(seed);
         let ws: Vec<Fp8Weight> = (0..experts).map(|_| random_weight(&mut rng, n, k)).collect();
         let views: Vec<_> = ws.iter().map(|w| w.view()).collect();
         let counts: Vec<u32> = (0..experts).map(|e| if e % 4 == 2 { 0 } else { ((rng.f32() + 1.0) * 0.5 * cap as f32) as u32 }).collect();
         // Rows past each count hold garbage that must not leak into the result.
-        let a: Vec<f32> = rng.vec(experts * cap * k).iter().map(|v| v * 1e6).collect();
+        let a: Vec<f32> = rng.vec(experts * cap * k, 1.0).iter().map(|v| v * 1e6).collect();
         let (mut fast, mut slow) = (vec![f32::NAN; experts * cap * n], vec![f32::NAN; experts * cap * n]);
         gemm::grouped_masked(&a, &counts, cap, &views, path, &mut fast).unwrap();
         reference::grouped_masked(&a, &counts, cap, &views, path, &mut slow).unwrap();
@@ -294,4 +283,65 @@ fn empty_m_is_fine() {
     for path in [GemmPath::Reference, GemmPath::Fp8] {
         gemm::gemm(&[], w.view(), GemmShape { m: 0, n: 16, k: 128 }, path, &mut []).unwrap();
     }
+}
+
+fn quantized(a: &[f32], m: usize, k: usize, fmt: ScaleFmt) -> (Vec<u8>, Vec<f32>) {
+    let shape = ActQuantShape { rows: m, cols: k };
+    let (mut q, mut sc) = (vec![0u8; m * k], vec![0f32; m * shape.tiles()]);
+    fp8::act_quant(a, shape, fmt, &mut q, &mut sc).unwrap();
+    (q, sc)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// A pre-quantised activation (either scale format) through the fast kernel equals the
+    /// reference formula on the same codes and scales, and on `Float` scales it is exactly
+    /// what the fp8 path of `Backend::gemm` computes (which quantises the same way).
+    #[test]
+    fn quantized_activations_match_the_reference(m in small_dim(), n in small_dim(), kb in 1usize..4, ue8m0 in any::<bool>(), seed in any::<u64>()) {
+        let k = kb * 128;
+        let mut rng = Rng::new(seed);
+        let w = random_weight(&mut rng, n, k);
+        let a = rng.vec(m * k, 1.0);
+        let s = GemmShape { m, n, k };
+        let fmt = if ue8m0 { ScaleFmt::Ue8m0 } else { ScaleFmt::Float };
+        let (q, sc) = quantized(&a, m, k, fmt);
+        let (mut fast, mut slow) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+        Cpu.gemm_quantized(&q, &sc, &w, s, &mut fast).unwrap();
+        reference::gemm_fp8(&q, &sc, w.view(), s, &mut slow).unwrap();
+        let dq: Vec<f32> = q.iter().enumerate().map(|(i, &c)| fp8::decode_e4m3(c) * sc[(i / k) * kb + (i % k) / 128]).collect();
+        let e = rel_err(&fast, &slow, &abs_bound(&dq, &w, s));
+        prop_assert!(e < 2e-5, "rel err {e}");
+        if !ue8m0 {
+            let mut via_gemm = vec![f32::NAN; m * n];
+            Cpu.gemm(&a.clone(), &w, s, GemmPath::Fp8, &mut via_gemm).unwrap();
+            prop_assert_eq!(fast.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), via_gemm.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        }
+    }
+}
+
+#[test]
+fn quantized_activations_are_checked() {
+    let (m, n, k) = (2, 3, 128);
+    let w = Fp8Weight::new(n, k, vec![0x38; n * k], vec![1.0]).unwrap();
+    let s = GemmShape { m, n, k };
+    let (q, sc) = quantized(&vec![1.0; m * k], m, k, ScaleFmt::Ue8m0);
+    let mut out = vec![0f32; m * n];
+    gemm::gemm_fp8_quantized(&q, &sc, w.view(), s, &mut out).unwrap();
+    assert!(out.iter().all(|&v| v == 128.0), "{out:?}");
+    let mut bad = q.clone();
+    bad[k + 5] = 0xFF;
+    let e = gemm::gemm_fp8_quantized(&bad, &sc, w.view(), s, &mut out).unwrap_err();
+    assert!(matches!(&e, KernelError::Invalid { what: "a_q", detail, .. } if detail.contains("row 1, column 5")), "{e}");
+    for v in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+        let mut bad = sc.clone();
+        bad[1] = v;
+        let e = gemm::gemm_fp8_quantized(&q, &bad, w.view(), s, &mut out).unwrap_err();
+        assert!(matches!(&e, KernelError::Invalid { what: "a_s", detail, .. } if detail.contains("row 1, tile 0")), "{e}");
+    }
+    assert!(matches!(gemm::gemm_fp8_quantized(&q, &sc[..1], w.view(), s, &mut out), Err(KernelError::Length { what: "a_s", .. })));
+    let w100 = Fp8Weight::new(n, 100, vec![0x38; n * 100], vec![1.0]).unwrap();
+    let r = gemm::gemm_fp8_quantized(&q[..m * 100], &sc, w100.view(), GemmShape { m, n, k: 100 }, &mut out);
+    assert!(matches!(r, Err(KernelError::Shape { .. })), "k % 128 != 0: {r:?}");
 }

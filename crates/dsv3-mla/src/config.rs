@@ -51,6 +51,40 @@ impl MlaConfig {
         }
     }
 
+    /// DeepSeek-V2-Lite: hidden 2048, 16 heads, no q LoRA (a plain `q_proj`), YaRN with
+    /// mscale 0.707 (softmax scale 0.1147).
+    pub const fn deepseek_v2_lite() -> MlaConfig {
+        MlaConfig { hidden: 2048, n_heads: 16, q_lora_rank: None, rope: RopeCfg::DEEPSEEK_V2_LITE, ..Self::deepseek_v3() }
+    }
+
+    /// Moonlight-16B-A3B: as V2-Lite's shape, plain RoPE with base 50000, 8192 positions.
+    pub const fn moonlight() -> MlaConfig {
+        MlaConfig { rope: RopeCfg::MOONLIGHT, max_position: 8192, ..Self::deepseek_v2_lite() }
+    }
+
+    /// The same attention at another model width (`hidden_size`).
+    ///
+    /// ```
+    /// use dsv3_mla::MlaConfig;
+    /// // V3's heads (q LoRA 1536, latent 512 + 64, YaRN) with 2 heads and hidden 512.
+    /// let cfg = MlaConfig::deepseek_v3().with_hidden(512).with_heads(2);
+    /// assert!(cfg.validate().is_ok());
+    /// assert_eq!((cfg.latent_dim(), cfg.q_dim()), (576, 2 * 192));
+    /// ```
+    pub const fn with_hidden(self, hidden: usize) -> MlaConfig {
+        MlaConfig { hidden, ..self }
+    }
+
+    /// The same head shape with another number of heads.
+    pub const fn with_heads(self, n_heads: usize) -> MlaConfig {
+        MlaConfig { n_heads, ..self }
+    }
+
+    /// The same layer with positions `0..max_position` (the size of the RoPE table).
+    pub const fn with_max_position(self, max_position: usize) -> MlaConfig {
+        MlaConfig { max_position, ..self }
+    }
+
     /// Checks every field; the error names the first bad one.
     pub fn validate(&self) -> Result<()> {
         let pos = |field: &'static str, v: usize| if v == 0 { Err(cfg_err(field, "must be > 0")) } else { Ok(()) };

@@ -18,9 +18,19 @@ pub struct DenseMlpConfig {
 }
 
 impl DenseMlpConfig {
+    /// `hidden → intermediate → hidden` on the reference GEMM path.
+    pub fn new(hidden: usize, intermediate: usize) -> DenseMlpConfig {
+        DenseMlpConfig { hidden, intermediate, gemm_path: GemmPath::Reference }
+    }
+
     /// DeepSeek-V3's dense layers: 7168 → 18432 → 7168.
     pub fn deepseek_v3() -> DenseMlpConfig {
-        DenseMlpConfig { hidden: 7168, intermediate: 18432, gemm_path: GemmPath::Reference }
+        Self::new(7168, 18432)
+    }
+
+    /// The same MLP on another GEMM path.
+    pub fn with_gemm_path(self, gemm_path: GemmPath) -> DenseMlpConfig {
+        DenseMlpConfig { gemm_path, ..self }
     }
 
     /// Both widths positive; on the fp8 path both multiples of 128 (the K of one of the GEMMs).
@@ -86,20 +96,21 @@ pub struct MoeConfig {
 }
 
 impl MoeConfig {
-    /// DeepSeek-V3 / R1: hidden 7168, 256 experts of width 2048, 1 shared, V3 routing.
-    pub fn deepseek_v3() -> MoeConfig {
-        Self::of(7168, 2048, 1, RouteCfg::deepseek_v3())
-    }
-    /// DeepSeek-V2-Lite: hidden 2048, 64 experts of width 1408, 2 shared, softmax greedy top-6.
-    pub fn deepseek_v2_lite() -> MoeConfig {
-        Self::of(2048, 1408, 2, RouteCfg::deepseek_v2_lite())
-    }
-    /// Moonlight-16B-A3B: hidden 2048, 64 experts of width 1408, 2 shared, noaux_tc, 1 group.
-    pub fn moonlight() -> MoeConfig {
-        Self::of(2048, 1408, 2, RouteCfg::moonlight())
-    }
-
-    fn of(hidden: usize, moe_intermediate: usize, n_shared_experts: usize, route: RouteCfg) -> MoeConfig {
+    /// A layer of width `hidden` with `route.n_experts` routed experts of width
+    /// `moe_intermediate` and `n_shared_experts` shared ones, on the reference GEMM path in the
+    /// contiguous layout. Nothing is checked until [`MoeConfig::validate`] (which every
+    /// constructor of this crate runs).
+    ///
+    /// ```
+    /// use dsv3_moe::{GemmPath, GroupedLayout, MoeConfig, RouteCfg};
+    /// // V3's routing at test size: 16 experts in 4 groups keeping 2, top-4, one shared expert.
+    /// let cfg = MoeConfig::new(256, 128, 1, RouteCfg::deepseek_v3().with_experts(16, 4).with_groups(4, 2))
+    ///     .with_gemm_path(GemmPath::Fp8)
+    ///     .with_layout(GroupedLayout::Masked);
+    /// assert!(cfg.validate().is_ok());
+    /// assert_eq!(cfg.n_routed_experts, 16);
+    /// ```
+    pub fn new(hidden: usize, moe_intermediate: usize, n_shared_experts: usize, route: RouteCfg) -> MoeConfig {
         MoeConfig {
             hidden,
             moe_intermediate,
@@ -109,6 +120,34 @@ impl MoeConfig {
             gemm_path: GemmPath::Reference,
             layout: GroupedLayout::Contiguous,
         }
+    }
+
+    /// DeepSeek-V3 / R1: hidden 7168, 256 experts of width 2048, 1 shared, V3 routing.
+    pub fn deepseek_v3() -> MoeConfig {
+        Self::new(7168, 2048, 1, RouteCfg::deepseek_v3())
+    }
+    /// DeepSeek-V2-Lite: hidden 2048, 64 experts of width 1408, 2 shared, softmax greedy top-6.
+    pub fn deepseek_v2_lite() -> MoeConfig {
+        Self::new(2048, 1408, 2, RouteCfg::deepseek_v2_lite())
+    }
+    /// Moonlight-16B-A3B: hidden 2048, 64 experts of width 1408, 2 shared, noaux_tc, 1 group.
+    pub fn moonlight() -> MoeConfig {
+        Self::new(2048, 1408, 2, RouteCfg::moonlight())
+    }
+
+    /// The same layer on another GEMM path (every FP8 GEMM of the layer).
+    pub fn with_gemm_path(self, gemm_path: GemmPath) -> MoeConfig {
+        MoeConfig { gemm_path, ..self }
+    }
+
+    /// The same layer with another grouped-GEMM layout for the routed experts.
+    pub fn with_layout(self, layout: GroupedLayout) -> MoeConfig {
+        MoeConfig { layout, ..self }
+    }
+
+    /// The same layer with another routing (and `n_routed_experts = route.n_experts`).
+    pub fn with_route(self, route: RouteCfg) -> MoeConfig {
+        MoeConfig { route, n_routed_experts: route.n_experts, ..self }
     }
 
     /// Checks every field; the error names the first bad one.

@@ -177,10 +177,18 @@ impl<B: Backend> MoeLayer<B> {
         Ok(Routing { tokens, ids, weights })
     }
 
-    /// The whole layer on one rank (router, routed experts, shared experts).
+    /// The whole layer on one rank (router, routed experts, shared experts): `x`
+    /// `[tokens, hidden]` → `y` `[tokens, hidden]` and the batch's expert load.
     pub fn forward(&self, b: &B, x: &B::Buf<f32>, tokens: usize) -> Result<MoeOutput<B>> {
         let routing = self.route(b, x, tokens)?;
         self.forward_routed(b, x, &routing)
+    }
+
+    /// [`MoeLayer::forward`] on host memory: uploads `x`, runs the layer and downloads `y`
+    /// (on the CPU backend, two copies: small next to the layer's GEMMs).
+    pub fn forward_host(&self, b: &B, x: &[f32], tokens: usize) -> Result<(Vec<f32>, LoadStats)> {
+        let out = self.forward(b, &b.upload(x)?, tokens)?;
+        Ok((b.download(&out.y)?, out.stats))
     }
 
     /// The layer with a given routing (ids `< n_routed_experts`, else a typed error naming the

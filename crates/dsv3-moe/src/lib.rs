@@ -11,7 +11,22 @@
 //! * [`MlpWeights`] / [`MoeWeights`]: host weights checked against the config (errors name
 //!   the checkpoint tensor), and random FP8 weights for tests and benchmarks.
 //!
-//! All code is generic over [`dsv3_kernels::Backend`] and monomorphised.
+//! All code is generic over [`dsv3_kernels::Backend`] and monomorphised. The kernel types the
+//! API uses are re-exported here (and [`dsv3_kernels`] itself as [`kernels`], `half` as
+//! [`half`]), so this crate is the one dependency a user of the MoE layer needs; the
+//! [`prelude`] imports the usual set at once.
+//!
+//! ```
+//! use dsv3_moe::prelude::*;
+//!
+//! let cfg = MoeConfig::new(256, 128, 1, RouteCfg::deepseek_v3().with_experts(16, 4).with_groups(4, 2));
+//! let layer = MoeLayer::new(&Cpu, cfg, &MoeWeights::random(&cfg, 7)?)?;
+//! let x = vec![0.5f32; 3 * 256]; // 3 tokens of width 256
+//! let out = layer.forward(&Cpu, &x, 3)?;
+//! assert_eq!(out.y.len(), 3 * 256);
+//! assert_eq!(out.stats.per_expert().iter().sum::<u64>(), 3 * 4); // top-4 per token
+//! # Ok::<(), MoeError>(())
+//! ```
 #![forbid(unsafe_code)]
 
 pub mod config;
@@ -29,3 +44,20 @@ pub use layer::{MoeLayer, MoeOutput, Routing};
 pub use mlp::DenseMlp;
 pub use stats::LoadStats;
 pub use weights::{MlpWeights, MoeWeights};
+
+/// The kernel crate this one is written against.
+pub use dsv3_kernels as kernels;
+pub use dsv3_kernels::a2a::EpLayout;
+pub use dsv3_kernels::bf16_gemm::Bf16Weight;
+pub use dsv3_kernels::fp8::Fp8Weight;
+pub use dsv3_kernels::gating::{RouteCfg, RouteMethod};
+pub use dsv3_kernels::gemm::GemmPath;
+pub use dsv3_kernels::{Backend, Cpu, Cuda, KernelError, half};
+
+/// The types of a MoE or MLP forward pass, in one import.
+pub mod prelude {
+    pub use crate::{
+        Backend, Cpu, Cuda, DenseMlp, DenseMlpConfig, GemmPath, GroupedLayout, LoadStats, MlpWeights, MoeConfig, MoeError, MoeLayer,
+        MoeOutput, MoeWeights, RouteCfg, RouteMethod,
+    };
+}

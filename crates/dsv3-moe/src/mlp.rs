@@ -55,4 +55,9 @@ impl<B: Backend> DenseMlp<B> {
         b.gemm(&act, &self.down, GemmShape { m: tokens, n: h, k: i }, path, &mut y)?;
         Ok(y)
     }
+
+    /// [`DenseMlp::forward`] on host memory (uploads `x`, downloads the result).
+    pub fn forward_host(&self, b: &B, x: &[f32], tokens: usize) -> Result<Vec<f32>> {
+        Ok(b.download(&self.forward(b, &b.upload(x)?, tokens)?)?)
+    }
 }

@@ -152,6 +152,17 @@ impl Backend for Cuda {
     fn gemm(&self, a: &DeviceBuf<f32>, w: &DeviceFp8Weight, shape: GemmShape, path: GemmPath, out: &mut DeviceBuf<f32>) -> Result<()> {
         self.dev.gemm(a, w, shape, path, out)
     }
+    /// The simple FP8 kernel (`dsv3_gemm_fp8_simt`, bit-exact with the CPU reference).
+    fn gemm_quantized(
+        &self,
+        a_q: &DeviceBuf<u8>,
+        a_s: &DeviceBuf<f32>,
+        w: &DeviceFp8Weight,
+        shape: GemmShape,
+        out: &mut DeviceBuf<f32>,
+    ) -> Result<()> {
+        self.dev.gemm_fp8(a_q, a_s, w, shape, out)
+    }
     fn gemm_dense(&self, a: &DeviceBuf<f32>, w: &DeviceBf16Weight, shape: GemmShape, out: &mut DeviceBuf<f32>) -> Result<()> {
         self.dev.gemm_bf16(a, w, shape, out)
     }

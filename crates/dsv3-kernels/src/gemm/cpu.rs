@@ -40,11 +40,42 @@ pub fn gemm(a: &[f32], w: Fp8WeightRef<'_>, s: GemmShape, path: GemmPath, out: &
     Ok(())
 }
 
-/// The fp8 path on an activation that is already quantised (codes + 1x128 scales).
+/// The fp8 path on an activation that is already quantised: `a_q` `[m, k]` e4m3 codes and
+/// `a_s` `[m, k/128]` tile scales, as [`fp8::act_quant`] makes them with either
+/// [`ScaleFmt`] (a ue8m0 scale is an f32 power of two and is used as it is). `k` must be a
+/// multiple of 128.
+///
+/// ```
+/// use dsv3_kernels::fp8::{self, ActQuantShape, Fp8Weight, ScaleFmt};
+/// use dsv3_kernels::gemm::{self, GemmPath, GemmShape};
+///
+/// let (m, n, k) = (2, 3, 128);
+/// let w = Fp8Weight::new(n, k, vec![0x28; n * k], vec![1.0])?; // every entry 0.25, scale 1
+/// let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 - 3.0).collect();
+/// let shape = ActQuantShape { rows: m, cols: k };
+/// let (mut q, mut s) = (vec![0u8; m * k], vec![0f32; m * shape.tiles()]);
+/// fp8::act_quant(&a, shape, ScaleFmt::Ue8m0, &mut q, &mut s)?; // power-of-two scales
+/// let mut out = vec![0f32; m * n];
+/// gemm::gemm_fp8_quantized(&q, &s, w.view(), GemmShape { m, n, k }, &mut out)?;
+/// // Small integers survive e4m3 exactly: the result is the exact product.
+/// let want: f32 = a[..k].iter().map(|x| x * 0.25).sum();
+/// assert_eq!(out[0], want);
+/// # Ok::<(), dsv3_kernels::KernelError>(())
+/// ```
+///
+/// Errors: the GEMM's shape checks, `a_s` of the wrong length, a NaN code (`0x7F`, `0xFF`) in
+/// `a_q`, or a scale that is not finite and > 0 (naming its row and tile).
 pub fn gemm_fp8_quantized(a_q: &[u8], a_s: &[f32], w: Fp8WeightRef<'_>, s: GemmShape, out: &mut [f32]) -> Result<()> {
     const OP: &str = "gemm_fp8_quantized";
     s.validate(OP, GemmPath::Fp8, a_q.len(), &w, out.len())?;
-    check_len(OP, "a_s", a_s.len(), s.m * (s.k / BLOCK))?;
+    let kb = s.k / BLOCK;
+    check_len(OP, "a_s", a_s.len(), s.m * kb)?;
+    if let Some(i) = a_q.iter().position(|&c| fp8::is_nan_code(c)) {
+        return Err(invalid(OP, "a_q", format!("row {}, column {}: NaN code {:#04x}", i / s.k, i % s.k, a_q[i])));
+    }
+    if let Some(i) = a_s.iter().position(|v| !(v.is_finite() && *v > 0.0)) {
+        return Err(invalid(OP, "a_s", format!("row {}, tile {}: scale {} is not finite and > 0", i / kb, i % kb, a_s[i])));
+    }
     let x = decode_codes(a_q);
     let job = Job { a: ASide { x: &x, scales: Some(a_s) }, w, out_row: 0, m: s.m };
     run_jobs(&[job], s.n, s.k, out);
