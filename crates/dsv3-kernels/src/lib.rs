@@ -87,3 +87,8 @@ pub mod prelude {
     pub use crate::sample::{Dist, SampleParams, SampleShape};
     pub use half::bf16;
 }
+
+/// The example of `README.md`, run as a doctest so that it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

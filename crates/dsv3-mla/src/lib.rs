@@ -65,3 +65,8 @@ pub mod prelude {
         PagedLatentCache, RopeCfg, SeqId, StepPlan, Yarn,
     };
 }
+
+/// The example of `README.md`, run as a doctest so that it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

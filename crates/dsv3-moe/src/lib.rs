@@ -61,3 +61,8 @@ pub mod prelude {
         MoeOutput, MoeWeights, RouteCfg, RouteMethod,
     };
 }
+
+/// The example of `README.md`, run as a doctest so that it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -1,4 +1,4 @@
-//! Writes a random model until `dsv3 init-random` exists:
+//! Writes a random model (what `dsv3 init-random` does, as a library call):
 //! `cargo run --release -p dsv3-runtime --example init_random -- PRESET OUT [--tokenizer DIR] [--seed N]`
 
 use dsv3_runtime::{InitOptions, Preset, init_random_preset};

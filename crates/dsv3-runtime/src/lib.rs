@@ -69,3 +69,8 @@ pub mod prelude {
     pub use dsv3_kernels::gemm::GemmPath;
     pub use dsv3_kernels::{Backend, Cpu, Cuda};
 }
+
+/// The example of `README.md`, run as a doctest so that it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

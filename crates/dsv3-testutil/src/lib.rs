@@ -176,3 +176,8 @@ mod tests {
         assert_eq!(argmax_rows(&[1.0, 3.0, 3.0, 0.0, -1.0, -2.0], 3), [1, 0]);
     }
 }
+
+/// The example of `README.md`, run as a doctest so that it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

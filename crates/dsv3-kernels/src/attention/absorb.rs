@@ -145,7 +145,7 @@ fn head_major_at(rows: usize, heads: usize, width: usize, t: usize, h: usize) ->
 /// The absorbed decode query: for each row `t` and head `h`,
 /// `out[t,h,0..kv_lora] = W_UK[h]ᵀ q[t,h,0..nope]` (`W_UK[h]` = rows `h·nope..(h+1)·nope` of
 /// `w_uk`, docs/model.md §3.7 item 2) and `out[t,h,kv_lora..] = q[t,h,nope..]` (`q_pe`, already rotated).
-/// `q` is `[rows, H, nope + rope]`, `out` `[rows, H, kv_lora + rope]` ([`decode`]'s query).
+/// `q` is `[rows, H, nope + rope]`, `out` `[rows, H, kv_lora + rope]` ([`decode`](fn@super::decode)'s query).
 ///
 /// Parallel over (row tile, head): each head's weight block is read once per 32 rows.
 ///
@@ -188,7 +188,7 @@ pub fn absorb_q(q: &[f32], w_uk: Bf16WeightRef<'_>, d: MlaDims, rows: usize, out
 
 /// The value up-projection of the absorbed form (docs/model.md §3.7 item 4): for each row `t` and head
 /// `h`, `out[t, h·v..(h+1)·v] = W_UV[h] o_lat[t,h]` with `W_UV[h]` = rows `h·v..(h+1)·v` of
-/// `w_uv` (`[H·v, kv_lora]`). `o_lat` is `[rows, H, kv_lora]` ([`decode`]'s output), `out`
+/// `w_uv` (`[H·v, kv_lora]`). `o_lat` is `[rows, H, kv_lora]` ([`decode`](fn@super::decode)'s output), `out`
 /// `[rows, H·v]`, the input layout of `o_proj` (column `h·v + e`, docs/model.md §2).
 ///
 /// Errors (before any write): bad dims, `w_uv` not `[H·v, kv_lora]`, a length mismatch.

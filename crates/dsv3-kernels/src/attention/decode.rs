@@ -98,7 +98,7 @@ fn decode_split(qt: &[f32], pool: &[f32], table: &[u32], p: &DecodeParams, sp: S
 /// query row `b` and head `h`, `s_j = (q[b,h,:] · K_j) · scale` over the `width` values of each
 /// cached row `K_j`, `j < kv_lens[b]` (read through block-table row `b`), softmax over `j`, and
 /// `out[b,h,:] = Σ_j P_j K_j[0..kv_lora]` (`ō`, before `W_UV`). `q` is `[batch, H, width]` (from
-/// [`absorb_q`]), `out` `[batch, H, kv_lora]`. A row with `kv_lens[b] == 0` gets zeros.
+/// [`absorb_q`](super::absorb_q)), `out` `[batch, H, kv_lora]`. A row with `kv_lens[b] == 0` gets zeros.
 ///
 /// Parallel over (row, key range): every item reads its keys once for all heads, in blocks of
 /// 64 that register-tiled micro-kernels multiply against 4 heads at a time; partial results

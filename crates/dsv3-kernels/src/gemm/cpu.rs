@@ -21,7 +21,7 @@ pub(super) struct ASide<'a> {
     pub(super) scales: Option<&'a [f32]>,
 }
 
-/// One GEMM of the grouped or dense drivers: rows `r0..r1` of the activation against one weight.
+/// One GEMM of the grouped or single-weight drivers: rows `r0..r1` of the activation against one weight.
 #[derive(Clone, Copy)]
 pub(super) struct Job<'a> {
     pub(super) a: ASide<'a>,
@@ -31,7 +31,7 @@ pub(super) struct Job<'a> {
     pub(super) m: usize,
 }
 
-/// Dense GEMM on either path. `a` is `[m, k]` f32, `out` is `[m, n]`.
+/// A GEMM on one weight, either path. `a` is `[m, k]` f32, `out` is `[m, n]`.
 pub fn gemm(a: &[f32], w: Fp8WeightRef<'_>, s: GemmShape, path: GemmPath, out: &mut [f32]) -> Result<()> {
     s.validate("gemm", path, a.len(), &w, out.len())?;
     let prepared = prepare_a("gemm", a, s.m, s.k, path)?;
@@ -82,7 +82,7 @@ pub fn gemm_fp8_quantized(a_q: &[u8], a_s: &[f32], w: Fp8WeightRef<'_>, s: GemmS
     Ok(())
 }
 
-/// Grouped GEMM, contiguous layout (see [`reference::grouped_contiguous`]).
+/// Grouped GEMM, contiguous layout (see [`super::reference::grouped_contiguous`]).
 pub fn grouped_contiguous(a: &[f32], offsets: &[u32], w: &[Fp8WeightRef<'_>], path: GemmPath, out: &mut [f32]) -> Result<()> {
     const OP: &str = "grouped_contiguous";
     let g = GroupedShape::contiguous(OP, a.len(), offsets, &shapes(w), out.len())?;
@@ -103,7 +103,7 @@ pub fn grouped_contiguous(a: &[f32], offsets: &[u32], w: &[Fp8WeightRef<'_>], pa
     Ok(())
 }
 
-/// Grouped GEMM, masked layout (see [`reference::grouped_masked`]).
+/// Grouped GEMM, masked layout (see [`super::reference::grouped_masked`]).
 pub fn grouped_masked(a: &[f32], counts: &[u32], capacity: usize, w: &[Fp8WeightRef<'_>], path: GemmPath, out: &mut [f32]) -> Result<()> {
     const OP: &str = "grouped_masked";
     let g = GroupedShape::masked(OP, a.len(), counts, capacity, &shapes(w), out.len())?;

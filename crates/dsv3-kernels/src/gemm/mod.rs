@@ -1,5 +1,5 @@
 //! GEMM against block-scaled FP8 weights: `out[M, N] = a[M, K] · W[N, K]ᵀ` (docs/model.md §4),
-//! dense and grouped (MoE experts) in the two layouts DeepGEMM uses.
+//! on one weight or grouped (MoE experts, in the two layouts DeepGEMM uses).
 //!
 //! Two numeric paths, chosen at run time ([`GemmPath`]):
 //! * **Reference**: the exact dequantised weight (fp8 × scale_inv) against f32 activations,

@@ -1,5 +1,5 @@
 //! `sm90_fp8_gemm`: the FP8 block-scaled GEMM at Hopper speed (TMA, wgmma, warp-specialised
-//! persistent kernel; `cuda/include/dsv3/sm90_fp8_gemm.cuh`), dense and grouped, with the
+//! persistent kernel; `cuda/include/dsv3/sm90_fp8_gemm.cuh`), single and grouped, with the
 //! simple kernel (`dsv3_gemm_fp8_simt`) as the fallback for every shape it was not built for.
 //!
 //! Math (`docs/model.md`, "FP8"; DeepGEMM's scheme): `out[r, n] = Σ_kb (Σ_{k∈kb} A[r,k]·B[n,k]) ·

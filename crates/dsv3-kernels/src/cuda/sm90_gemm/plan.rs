@@ -14,7 +14,9 @@ pub const SM90_MAX_GROUPS: usize = 256;
 /// How the rows of A (and of `out`) are laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sm90Layout<'a> {
-    /// One `[m, K]` matrix.
+    /// One `[m, K]` matrix against one weight: a single, non-grouped GEMM. (The name predates
+    /// the rule that "dense" means the non-MoE layers only; the CUDA backend's callers still
+    /// use it.)
     Dense { m: usize },
     /// Group `e` owns rows `offsets[e]..offsets[e+1]` ([`crate::gemm::grouped_contiguous`]).
     Contiguous { offsets: &'a [u32] },
@@ -62,7 +64,7 @@ pub struct Sm90Plan {
 }
 
 /// Validates a call's shape (the CPU functions' checks and errors) and picks its route; the
-/// buffer lengths are checked by [`CudaDevice::sm90_fp8_gemm`]. Host only, deterministic.
+/// buffer lengths are checked by [`crate::cuda::CudaDevice::sm90_fp8_gemm`]. Host only, deterministic.
 pub fn plan(n: usize, k: usize, groups: usize, layout: Sm90Layout<'_>) -> Result<Sm90Plan> {
     const OP: &str = "sm90_fp8_gemm";
     if n == 0 || k == 0 || !k.is_multiple_of(BLOCK) {
@@ -74,7 +76,7 @@ pub fn plan(n: usize, k: usize, groups: usize, layout: Sm90Layout<'_>) -> Result
     let (spans, capacity): (Vec<(usize, usize, usize)>, Option<usize>) = match layout {
         Sm90Layout::Dense { m } => {
             if groups != 1 {
-                return Err(shape_err(OP, format!("a dense GEMM takes one weight, got {groups}")));
+                return Err(shape_err(OP, format!("a single (Sm90Layout::Dense) GEMM takes one weight, got {groups}")));
             }
             (vec![(0, m, m)], None)
         }
@@ -114,8 +116,8 @@ pub fn plan(n: usize, k: usize, groups: usize, layout: Sm90Layout<'_>) -> Result
     Ok(Sm90Plan { route, rows, tiles, groups, capacity, spans })
 }
 
-/// The kernel one GEMM of the CUDA backend runs on ([`CudaDevice::gemm_routed`],
-/// [`CudaDevice::grouped_contiguous_routed`], [`CudaDevice::grouped_masked_routed`]).
+/// The kernel one GEMM of the CUDA backend runs on ([`crate::cuda::CudaDevice::gemm_routed`],
+/// [`crate::cuda::CudaDevice::grouped_contiguous_routed`], [`crate::cuda::CudaDevice::grouped_masked_routed`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GemmRoute {
     /// Reference path: `dsv3_gemm_dequant_simt(_grouped)`, f32 activations against the exact
@@ -129,7 +131,7 @@ pub enum GemmRoute {
     Fp8Simt(Sm90Fallback),
 }
 
-/// The route of a backend GEMM of `groups` weights `[n, k]` in `layout` (dense: one weight),
+/// The route of a backend GEMM of `groups` weights `[n, k]` in `layout` (`Dense`: one weight),
 /// host only and deterministic: [`GemmRoute::Dequant`] on the Reference path; on the Fp8 path
 /// [`GemmRoute::Sm90`] when [`plan`] picks a TMA kernel and the weights are one consecutive
 /// run of entries of one stack (`one_stack`; always so for one weight), else

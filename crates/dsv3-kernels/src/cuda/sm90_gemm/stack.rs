@@ -6,7 +6,7 @@ use crate::error::{Result, checked_mul, shape_err};
 use crate::fp8::{Fp8WeightRef, blocks};
 use std::sync::Arc;
 
-/// The weights of one dense GEMM (one group) or of E experts, stacked: codes `[E·N, K]` and
+/// The weights of a single GEMM (one group) or of E experts, stacked: codes `[E·N, K]` and
 /// `scale_inv` `[E·ceil(N/128), ceil(K/128)]` ([`CudaDevice::upload_fp8_stack`]). The device
 /// memory of every FP8 weight: a backend weight ([`DeviceFp8Weight`]) is one entry of a stack.
 #[derive(Debug)]
@@ -79,7 +79,7 @@ impl Sm90Out<'_> {
 }
 
 impl CudaDevice {
-    /// Uploads E validated FP8 weights of one shape, stacked (one weight for a dense GEMM),
+    /// Uploads E validated FP8 weights of one shape, stacked (one weight for a single GEMM),
     /// each copied straight into its place (no host-side concatenation).
     pub fn upload_fp8_stack(&self, w: &[Fp8WeightRef<'_>]) -> Result<DeviceFp8Stack> {
         const OP: &str = "upload_fp8_stack";
