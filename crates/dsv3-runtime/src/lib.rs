@@ -1,6 +1,7 @@
 //! dsv3-runtime: configuration, checkpoint loading, tokenizer and chat template, random
 //! checkpoints, the whole model, sampling and generation (with MTP speculative decoding), and
-//! the `dsv3` program.
+//! the serving engine (continuous batching; the `dsv3` program and the HTTP server are the
+//! crates `dsv3-cli` and `dsv3-server`).
 //!
 //! * [`config`]: HF `config.json` (V3 hub format, V2-Lite, Moonlight), validated.
 //! * [`checkpoint`] / [`tensor_file`]: safetensors files and shard indexes, typed tensor reads.
@@ -9,6 +10,8 @@
 //! * [`init_random`](mod@init_random) / [`presets`] / [`writer`]: random models in the real checkpoint format.
 //! * [`model`] / [`mtp`] / [`generate`]: the model on a backend, its MTP module, sampling and
 //!   the generation loops.
+//! * [`engine`]: one thread owning model and cache, running continuous-batching steps for
+//!   many requests.
 //!
 //! The [`prelude`] imports what generation needs (this crate, the backends, the GEMM path);
 //! the layer crates are re-exported as [`kernels`], [`mla`] and [`moe`].
