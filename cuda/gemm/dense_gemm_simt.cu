@@ -3,8 +3,8 @@
 // * dsv3_gemm_dequant_simt (gemm::reference::gemm_dequant, the Reference path on an FP8
 //   weight): w[n, k] = decode(code) * scale_inv[n/128, k/128] rounded to f32, as
 //   Fp8WeightRef::dequantize forms it;
-// * dsv3_gemm_dequant_simt_grouped: the same for MoE experts (tile list, as the grouped FP8
-//   GEMM);
+// * dsv3_gemm_dequant_simt_grouped: the same for MoE experts (tile list, experts table or
+//   weight stack, optional device tile count: as the grouped FP8 GEMM);
 // * dsv3_gemm_bf16_simt (dense::reference::gemm_bf16, router / lm_head / MLA up-projections):
 //   w = the bf16 value widened to f32, exact.
 //
@@ -80,9 +80,16 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv3_gemm_dequant_simt(con
 
 extern "C" __global__ void __launch_bounds__(THREADS)
     dsv3_gemm_dequant_simt_grouped(const dsv3_gemm_dequant_simt_grouped_params p) {
+  if (p.n_tiles != nullptr && blockIdx.y >= *p.n_tiles) return;  // the whole block: a device-built tile list
   const dsv3_gemm_tile t = p.tiles[blockIdx.y];
-  const dsv3_gemm_expert e = p.experts[t.expert];
-  f32_tile(p.a, Fp8W{e.w, e.w_s, (p.k + 127) / 128}, p.out, t.row0, t.row0 + t.rows, blockIdx.x * BN, p.n, p.k);
+  const uint32_t kbn = (p.k + 127) / 128;
+  Fp8W w;
+  if (p.experts != nullptr) {
+    w = Fp8W{p.experts[t.expert].w, p.experts[t.expert].w_s, kbn};
+  } else {
+    w = Fp8W{p.stack_w + (size_t)t.expert * p.n * p.k, p.stack_s + (size_t)t.expert * ((p.n + 127) / 128) * kbn, kbn};
+  }
+  f32_tile(p.a, w, p.out, t.row0, t.row0 + t.rows, blockIdx.x * BN, p.n, p.k);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS) dsv3_gemm_bf16_simt(const dsv3_gemm_bf16_simt_params p) {

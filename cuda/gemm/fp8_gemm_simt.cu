@@ -8,7 +8,8 @@
 //
 // dsv3_gemm_fp8_simt_grouped is the same tile for MoE experts (gemm::grouped_contiguous and
 // grouped_masked): block row y is tile `tiles[y]`, rows row0..row0+rows of `a` and `out`
-// against the weight of expert `tiles[y].expert`.
+// against the weight of expert `tiles[y].expert` (from the experts table, or entry `expert` of
+// a weight stack); with `n_tiles` (a tile list built on the device) rows y >= *n_tiles exit.
 #include "dsv3/common.cuh"
 #include "dsv3/params.h"
 
@@ -80,7 +81,16 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv3_gemm_fp8_simt(const d
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS) dsv3_gemm_fp8_simt_grouped(const dsv3_gemm_fp8_simt_grouped_params p) {
+  if (p.n_tiles != nullptr && blockIdx.y >= *p.n_tiles) return;  // the whole block: a device-built tile list
   const dsv3_gemm_tile t = p.tiles[blockIdx.y];
-  const dsv3_gemm_expert e = p.experts[t.expert];
-  fp8_tile(p.a, p.a_s, e.w, e.w_s, p.out, t.row0, t.row0 + t.rows, blockIdx.x * BN, p.n, p.k);
+  const uint8_t* w;
+  const float* w_s;
+  if (p.experts != nullptr) {
+    w = p.experts[t.expert].w;
+    w_s = p.experts[t.expert].w_s;
+  } else {
+    w = p.stack_w + (size_t)t.expert * p.n * p.k;
+    w_s = p.stack_s + (size_t)t.expert * ((p.n + 127) / 128) * ((p.k + 127) / 128);
+  }
+  fp8_tile(p.a, p.a_s, w, w_s, p.out, t.row0, t.row0 + t.rows, blockIdx.x * BN, p.n, p.k);
 }

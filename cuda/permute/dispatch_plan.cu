@@ -68,6 +68,22 @@ extern "C" __global__ void __launch_bounds__(THREADS) dsv3_dispatch_plan(const d
   }
 }
 
+// The grouped GEMMs' tile list of a plan (dsv3_grouped_tiles_params): one thread walks the
+// buckets in order (at most 256 experts and a few hundred tiles at decode sizes), so the list
+// is the host's (CudaDevice::groups) in the same order. Launched with one block of 32 threads.
+extern "C" __global__ void __launch_bounds__(32) dsv3_grouped_tiles(const dsv3_grouped_tiles_params p) {
+  if (threadIdx.x != 0) return;
+  uint32_t n = 0;
+  for (uint32_t b = 0; b < p.buckets; ++b) {
+    const uint32_t r0 = p.offsets[b], r1 = p.offsets[b + 1];
+    for (uint32_t r = r0; r < r1; r += 64) {
+      if (n < p.max_tiles) p.tiles[n] = dsv3_gemm_tile{b, r, min(64u, r1 - r), 0u};
+      ++n;
+    }
+  }
+  *p.n_tiles = min(n, p.max_tiles);
+}
+
 // out_expert[s] = expert[order[s]], out_weight[s] = weight[order[s]], and, when asked,
 // out_src_slot[s] = order[s], for s < rows (order = a plan's pair_of_slot).
 extern "C" __global__ void __launch_bounds__(256) dsv3_a2a_gather_meta(const dsv3_a2a_gather_meta_params p) {

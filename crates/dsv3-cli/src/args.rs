@@ -4,12 +4,14 @@
 use clap::Args;
 use dsv3_kernels::gemm::GemmPath;
 use dsv3_kernels::{Backend, Cpu, Cuda};
-use dsv3_runtime::generate::{Generation, Request, generate, generate_mtp};
+use dsv3_runtime::decode::{DecodeRunner, Graphs};
+use dsv3_runtime::generate::{Generation, Request, generate_mtp, generate_with};
 use dsv3_runtime::model::Model;
 use dsv3_runtime::mtp::Mtp;
 use dsv3_runtime::{Checkpoint, InitOptions, ModelConfig, Preset, Progress, Result, RuntimeError, Tokenizer, init_random_preset};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Mutex;
 
 /// Where a model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -60,13 +62,32 @@ pub enum CliError {
     Run(#[from] RuntimeError),
 }
 
-/// Opens `device` and runs `cmd` on it. A CUDA device that cannot be had is a one-line error
-/// naming the cause.
+/// Opens `device` and runs `cmd` on it. A CUDA device that cannot be had (no driver, no GPU,
+/// not an sm_90 part, a build without the `cuda` feature), or that runs out of memory (at
+/// load: the model or its cache does not fit), is a one-line error naming the device and the
+/// cause.
 pub fn on_device<C: OnDevice>(device: Device, cmd: C) -> Result<(), CliError> {
     match device {
         Device::Cpu => Ok(cmd.run(Cpu)?),
-        Device::Cuda(n) => Ok(cmd.run(Cuda::new(n).map_err(|source| CliError::Device { device, source })?)?),
+        Device::Cuda(n) => {
+            let b = Cuda::new(n).map_err(|source| CliError::Device { device, source })?;
+            cmd.run(b).map_err(|e| device_error(device, e))
+        }
     }
+}
+
+/// A run's error on `device`: running out of device memory (wherever the kernel layer
+/// reports it: loading a weight, making the cache, a step) names the device, as a failure to
+/// open it does; anything else is the run's own error.
+fn device_error(device: Device, e: RuntimeError) -> CliError {
+    let oom = |k: &dsv3_kernels::KernelError| matches!(k, dsv3_kernels::KernelError::OutOfMemory { .. });
+    let source = match &e {
+        RuntimeError::Kernel(k) if oom(k) => k.clone(),
+        RuntimeError::Mla(dsv3_runtime::mla::MlaError::Kernel(k)) if oom(k) => k.clone(),
+        RuntimeError::Moe(dsv3_runtime::moe::MoeError::Kernel(k)) if oom(k) => k.clone(),
+        _ => return CliError::Run(e),
+    };
+    CliError::Device { device, source }
 }
 
 /// Where the model comes from.
@@ -130,7 +151,8 @@ pub enum WithMtp {
     IfPresent,
 }
 
-/// A model loaded on a backend, with its MTP module and tokenizer when there are.
+/// A model loaded on a backend, with its MTP module and tokenizer when there are, and the
+/// decode runner its generations share (made on first use: its device workspace is sized once).
 #[derive(Debug)]
 pub struct Loaded<B: Backend> {
     pub b: B,
@@ -138,6 +160,7 @@ pub struct Loaded<B: Backend> {
     pub mtp: Option<Mtp<B>>,
     pub tokenizer: Option<Tokenizer>,
     pub _tmp: Option<TempDir>,
+    runner: Mutex<Option<DecodeRunner<B>>>,
 }
 
 /// A model, its MTP module (when asked for) and its tokenizer (when it has one).
@@ -161,15 +184,22 @@ pub fn load_dir<B: Backend>(b: &B, dir: &Path, path: GemmPath, with_mtp: WithMtp
 pub fn load<B: Backend>(b: B, a: &ModelArgs, with_mtp: WithMtp) -> Result<Loaded<B>> {
     let (dir, tmp) = a.dir()?;
     let (model, mtp, tokenizer) = load_dir(&b, &dir, a.gemm, with_mtp)?;
-    Ok(Loaded { b, model, mtp, tokenizer, _tmp: tmp })
+    Ok(Loaded { b, model, mtp, tokenizer, _tmp: tmp, runner: Mutex::new(None) })
 }
 
 impl<B: Backend> Loaded<B> {
     /// Generates with MTP speculative decoding when the module was loaded, plainly otherwise.
     pub fn generate(&self, req: &Request<'_>, on_token: impl FnMut(u32) -> Result<()>) -> Result<Generation> {
-        match &self.mtp {
-            Some(mtp) => generate_mtp(&self.b, &self.model, mtp, req, on_token),
-            None => generate(&self.b, &self.model, req, on_token),
+        if let Some(mtp) = &self.mtp {
+            return generate_mtp(&self.b, &self.model, mtp, req, on_token);
+        }
+        let mut runner = self.runner.lock().unwrap_or_else(|p| p.into_inner());
+        if runner.is_none() {
+            *runner = Some(DecodeRunner::new(&self.b, &self.model, 1, Graphs::Auto)?);
+        }
+        match runner.as_mut() {
+            Some(r) => generate_with(&self.b, &self.model, r, req, on_token),
+            None => Err(RuntimeError::Request("no decode runner".into())),
         }
     }
 
@@ -193,7 +223,39 @@ impl<B: Backend> Loaded<B> {
 
 #[cfg(test)]
 mod tests {
-    use super::Device;
+    use super::{CliError, Device, device_error};
+    use dsv3_kernels::KernelError;
+    use dsv3_runtime::RuntimeError;
+
+    /// The device errors `dsv3 ... --device cuda` prints (as `error: {e}`) are one line that
+    /// names the device and the cause, wherever the kernel layer raised them; other errors
+    /// stay the run's own.
+    #[test]
+    fn device_errors_name_the_device_in_one_line() {
+        let oom = KernelError::OutOfMemory { bytes: 7 << 30, free: 1 << 30, total: 80 << 30 };
+        let cases = [
+            RuntimeError::Kernel(oom.clone()),
+            RuntimeError::Mla(dsv3_runtime::mla::MlaError::Kernel(oom.clone())),
+            RuntimeError::Moe(dsv3_runtime::moe::MoeError::Kernel(oom.clone())),
+        ];
+        for e in cases {
+            let shown = device_error(Device::Cuda(1), e).to_string();
+            assert_eq!(shown, "--device cuda:1: out of GPU memory: 7168.0 MiB asked for, 1024.0 MiB free of 81920.0 MiB");
+        }
+        let other = device_error(Device::Cuda(0), RuntimeError::Request("the prompt is empty".into()));
+        assert!(matches!(other, CliError::Run(_)), "{other}");
+        // Opening the device: the driver's reasons (driver.rs) and the sm_90 check.
+        let old_gpu = dsv3_kernels::cuda::check_compute_capability("NVIDIA A100-SXM4-80GB", (8, 0)).unwrap_err();
+        let shown = CliError::Device { device: Device::Cuda(0), source: old_gpu }.to_string();
+        assert_eq!(
+            shown,
+            "--device cuda:0: CUDA is unavailable: NVIDIA A100-SXM4-80GB is sm_80; the kernels are built for sm_90a (H100/H200)"
+        );
+        assert!(dsv3_kernels::cuda::check_compute_capability("NVIDIA H200", (9, 0)).is_ok());
+        for cc in [(10, 0), (8, 9), (9, 1)] {
+            assert!(dsv3_kernels::cuda::check_compute_capability("gpu", cc).is_err(), "{cc:?}");
+        }
+    }
 
     #[test]
     fn devices_parse_and_print() {

@@ -1,9 +1,15 @@
 //! `dsv3 bench`: prefill and decode speed of one sequence (decode GB/s against the measured
-//! read bandwidth), the cost of an MTP verify step, and batched decode at `--batch` sizes.
+//! read bandwidth), the cost of an MTP verify step, and batched decode at `--batch` sizes:
+//! prefill tokens/s, decode step time and tokens/s, decode GB/s against the bandwidth measured
+//! in the same run (the device's copy bandwidth on a GPU, the host's read bandwidth on the
+//! CPU), and the host time per step (wall minus the device time between CUDA events; `null`
+//! on the CPU, where all of a step is host time), with what the device did per step.
 
 use crate::args::{ModelArgs, OnDevice, WithMtp, load};
 use dsv3_kernels::Backend;
+use dsv3_kernels::sample::SampleRow;
 use dsv3_runtime::Result;
+use dsv3_runtime::decode::{DecodeRow, DecodeRunner, Graphs, device_stats_of};
 use dsv3_runtime::generate::{Request, SamplingParams, generate, generate_mtp};
 use dsv3_runtime::model::{AttnForm, Model};
 use std::time::Instant;
@@ -16,10 +22,14 @@ pub struct BenchArgs {
     pub prompt_tokens: usize,
     #[arg(long, default_value_t = 16)]
     pub decode_tokens: usize,
-    /// Batch sizes for the batched-decode part (comma-separated), e.g. `1,8,64`: that many
-    /// sequences prefilled together, then decoded one token each per step.
-    #[arg(long, value_delimiter = ',', default_value = "1")]
+    /// Batch sizes for the batched-decode part (comma-separated): that many sequences
+    /// prefilled together, then decoded one token each per step.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
     pub batch: Vec<usize>,
+    /// Decode steps as CUDA graphs per batch-size bucket (`auto`: where the device can), or
+    /// eagerly (`off`), for comparison.
+    #[arg(long, default_value = "auto")]
+    pub graphs: GraphsArg,
 }
 
 impl OnDevice for BenchArgs {
@@ -62,8 +72,18 @@ impl OnDevice for BenchArgs {
             },
         });
         let mut batches = Vec::new();
-        for &n in a.batch.iter().filter(|&&n| n > 0) {
-            batches.push(batched(b, m, n, a.prompt_tokens.max(1), a.decode_tokens.max(1))?);
+        let sizes: Vec<usize> = a.batch.iter().copied().filter(|&n| n > 0).collect();
+        if let Some(&max) = sizes.iter().max() {
+            let bandwidth = match b.copy_bandwidth()? {
+                Some(bw) => (bw, "device-to-device copy, CUDA events (bytes read + written)"),
+                None => (limits.read_bytes_per_s, "host memory read (machine::Limits)"),
+            };
+            let mut runner = DecodeRunner::new(b, m, max, a.graphs.into())?;
+            for &n in &sizes {
+                let r = batched(b, m, &mut runner, n, a.prompt_tokens.max(1), a.decode_tokens.max(1), bandwidth)?;
+                print_batch(&r);
+                batches.push(r);
+            }
         }
         if let Some(obj) = report.as_object_mut() {
             obj.insert("batches".into(), batches.into());
@@ -118,30 +138,72 @@ fn step_times<B: Backend>(b: &B, m: &Model<B>, prompt: &[u32], samples: usize) -
     Ok((median(&mut one), median(&mut two)))
 }
 
+/// `--graphs`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GraphsArg {
+    Auto,
+    Off,
+}
+
+impl From<GraphsArg> for Graphs {
+    fn from(g: GraphsArg) -> Graphs {
+        match g {
+            GraphsArg::Auto => Graphs::Auto,
+            GraphsArg::Off => Graphs::Off,
+        }
+    }
+}
+
 /// `n` sequences of `prompt` tokens prefilled in one step, then `steps` decode steps of all
-/// of them (greedy, logits included, as a server's step): tokens/s of both.
-fn batched<B: Backend>(b: &B, m: &Model<B>, n: usize, prompt: usize, steps: usize) -> Result<serde_json::Value> {
+/// of them through `runner` (greedy, sampled on the backend, as a server's step): prefill
+/// tokens/s, the median decode step, tokens/s, GB/s against `bandwidth`, the host time per
+/// step, and what the device did per step.
+fn batched<B: Backend>(
+    b: &B,
+    m: &Model<B>,
+    runner: &mut DecodeRunner<B>,
+    n: usize,
+    prompt: usize,
+    steps: usize,
+    (bandwidth, bandwidth_source): (f64, &str),
+) -> Result<serde_json::Value> {
     let vocab = m.config().vocab_size;
-    let mut cache = m.new_cache(b, n * (prompt + steps + 1))?;
+    let mut cache = m.new_cache_with(b, n * (prompt + steps + 2), runner.pad_rows())?;
     let seqs: Vec<_> = (0..n).map(|_| cache.add_sequence()).collect();
     let prompts: Vec<Vec<u32>> = (0..n).map(|k| bench_prompt(vocab, prompt, k)).collect();
     let batch: Vec<_> = seqs.iter().zip(&prompts).map(|(&s, p)| (s, &p[..])).collect();
-    let t = Instant::now();
-    let h = m.forward_hidden(b, &mut cache, &batch)?;
     let last: Vec<usize> = (0..n).map(|k| (k + 1) * prompt - 1).collect();
-    let mut next = argmax_rows(&m.logits(b, &h, &last)?, vocab);
-    let prefill = t.elapsed().as_secs_f64();
-    let mut times = Vec::with_capacity(steps);
-    let rows: Vec<usize> = (0..n).collect();
-    for _ in 0..steps {
-        let t = Instant::now();
-        let toks: Vec<[u32; 1]> = next.iter().map(|&id| [id]).collect();
-        let batch: Vec<_> = seqs.iter().zip(&toks).map(|(&s, t)| (s, &t[..])).collect();
+    let t = Instant::now();
+    let mut next = {
         let h = m.forward_hidden(b, &mut cache, &batch)?;
-        next = argmax_rows(&m.logits(b, &h, &rows)?, vocab);
-        times.push(t.elapsed().as_secs_f64());
+        m.sample(b, &h, &last, &vec![SampleRow::GREEDY; n], vocab)?
+    };
+    let prefill = t.elapsed().as_secs_f64();
+    runner.set_timing(true);
+    let (mut wall, mut device, mut host, mut per_step) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // One step before timing: a new shape captures its graph (or warms up) first.
+    for i in 0..=steps {
+        let rows: Vec<DecodeRow> = (0..n).map(|k| DecodeRow { seq: seqs[k], token: next[k], sample: SampleRow::GREEDY }).collect();
+        let t = Instant::now();
+        let (ids, stats) = device_stats_of(b, || runner.step(b, m, &mut cache, &rows, vocab))?;
+        let w = t.elapsed().as_secs_f64();
+        next = ids;
+        if i == 0 {
+            continue;
+        }
+        wall.push(w);
+        per_step.push(stats);
+        if let Some(d) = runner.stats().last_device_s {
+            device.push(d);
+            host.push((w - d).max(0.0));
+        }
     }
-    let step = median(&mut times);
+    runner.set_timing(false);
+    let step = median(&mut wall);
+    let bytes = m.decode_weight_bytes_for(n);
+    let gbs = bytes / step / 1e9;
+    let s = per_step.last().copied().unwrap_or_default();
+    let rs = runner.stats();
     Ok(serde_json::json!({
         "batch": n,
         "prompt_tokens": prompt,
@@ -149,12 +211,41 @@ fn batched<B: Backend>(b: &B, m: &Model<B>, n: usize, prompt: usize, steps: usiz
         "decode_steps": steps,
         "decode_step_s": step,
         "decode_tokens_per_s": n as f64 / step,
+        "decode_weight_bytes_per_step": bytes,
+        "decode_gb_per_s": gbs,
+        "bandwidth_bytes_per_s": bandwidth,
+        "bandwidth_source": bandwidth_source,
+        "decode_ratio_to_bandwidth": gbs * 1e9 / bandwidth,
+        "device_step_s": (!device.is_empty()).then(|| median(&mut device)),
+        "host_step_s": (!host.is_empty()).then(|| median(&mut host)),
+        "host_step_note": if host.is_empty() { "n/a: no device clock (the CPU backend: the whole step is host time)" } else { "wall time of the step minus the device time between CUDA events around its device work" },
+        "graphs": runner.uses_graphs() && n <= runner.pad_rows(),
+        "per_step": {
+            "launches": s.launches,
+            "allocations": s.allocations,
+            "uploads": s.uploads,
+            "host_syncs": s.host_syncs,
+            "graph_replays": s.graph_replays,
+            "workspace_overflows": s.workspace_overflows,
+        },
+        "workspace_bytes": rs.workspace_bytes,
+        "captures": rs.captures,
+        "capture_error": rs.capture_error,
     }))
 }
 
-fn argmax_rows(logits: &[f32], vocab: usize) -> Vec<u32> {
-    logits
-        .chunks_exact(vocab)
-        .map(|r| r.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0 as u32)
-        .collect()
+/// One line per batch on stdout, before the JSON report.
+fn print_batch(r: &serde_json::Value) {
+    let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    let host = r["host_step_s"].as_f64().map_or("n/a".to_string(), |h| format!("{:.3} ms", h * 1e3));
+    println!(
+        "batch {:>3}: prefill {:>9.1} tok/s | decode step {:>8.3} ms, {:>9.1} tok/s, {:>7.1} GB/s ({:.1}% of {:.0} GB/s) | host per step {host}",
+        r["batch"],
+        f("prefill_tokens_per_s"),
+        f("decode_step_s") * 1e3,
+        f("decode_tokens_per_s"),
+        f("decode_gb_per_s"),
+        100.0 * f("decode_ratio_to_bandwidth"),
+        f("bandwidth_bytes_per_s") / 1e9,
+    );
 }

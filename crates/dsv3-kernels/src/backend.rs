@@ -16,7 +16,8 @@ use crate::gemm::{GemmPath, GemmShape};
 use crate::norm::RowsShape;
 use crate::permute::{DispatchPlan, PlanShape};
 use crate::rope::{RopeCfg, RopeLayout, RopeTable};
-use crate::{act, embed, fp8, gating, gemm, norm, permute, rope};
+use crate::sample::{SampleRow, SampleShape};
+use crate::{KernelError, act, embed, fp8, gating, gemm, norm, permute, rope, sample};
 use std::fmt::Debug;
 
 /// Element types a backend buffer can hold.
@@ -26,6 +27,49 @@ impl Elem for u8 {}
 impl Elem for u32 {}
 impl Elem for i32 {}
 impl Elem for half::bf16 {}
+impl Elem for SampleRow {}
+
+/// What a device did since it was opened ([`Backend::stats`]): the CUDA backend's counters
+/// (all zero on the CPU, which has none of these costs). Per step, [`DeviceStats::since`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceStats {
+    /// Kernel launches (graph replays count as one, not as their kernels).
+    pub launches: u64,
+    /// Driver allocations (buffers not carved from the workspace).
+    pub allocations: u64,
+    /// Host-to-device copies.
+    pub uploads: u64,
+    /// Times the host waited for the device (read-backs, status words, synchronisations).
+    pub host_syncs: u64,
+    pub graph_replays: u64,
+    /// Bytes of the reserved workspace (0: none).
+    pub workspace_bytes: usize,
+    /// The workspace's high-water mark, bytes.
+    pub workspace_peak: usize,
+    /// Buffers carved from the workspace, and requests it had no room for.
+    pub workspace_allocations: u64,
+    pub workspace_overflows: u64,
+}
+
+impl DeviceStats {
+    /// The counters' increase since `before` (the sizes are this one's).
+    pub fn since(&self, before: &DeviceStats) -> DeviceStats {
+        DeviceStats {
+            launches: self.launches - before.launches,
+            allocations: self.allocations - before.allocations,
+            uploads: self.uploads - before.uploads,
+            host_syncs: self.host_syncs - before.host_syncs,
+            graph_replays: self.graph_replays - before.graph_replays,
+            workspace_allocations: self.workspace_allocations.saturating_sub(before.workspace_allocations),
+            workspace_overflows: self.workspace_overflows.saturating_sub(before.workspace_overflows),
+            ..*self
+        }
+    }
+}
+
+/// The graph type of a backend that cannot capture ([`Backend::capture`] returns `None`).
+#[derive(Debug)]
+pub enum NoGraph {}
 
 /// One implementation of every op family. Methods validate shapes before any work and return
 /// [`crate::KernelError`] on a mismatch.
@@ -40,6 +84,8 @@ pub trait Backend: Send + Sync + Debug {
     type Rope: Send + Sync + Debug;
     /// A dispatch plan (per-expert counts, offsets and slot maps) for one batch.
     type Plan: Send + Sync + Debug;
+    /// A captured step, replayed without host work ([`Backend::capture`]).
+    type Graph: Send + Sync + Debug;
 
     /// A short name for logs ("cpu", "cuda").
     fn name(&self) -> &'static str;
@@ -49,6 +95,13 @@ pub trait Backend: Send + Sync + Debug {
     fn upload<T: Elem>(&self, host: &[T]) -> Result<Self::Buf<T>>;
     fn download<T: Elem>(&self, buf: &Self::Buf<T>) -> Result<Vec<T>>;
     fn len<T: Elem>(&self, buf: &Self::Buf<T>) -> usize;
+    /// Overwrites all of `buf` with `host` (same length), in order with the ops before it.
+    fn write<T: Elem>(&self, buf: &mut Self::Buf<T>, host: &[T]) -> Result<()>;
+    /// Several host arrays at once, one buffer each. A device backend may make this one
+    /// allocation and one copy (the CUDA backend does: a step's index tables).
+    fn upload_many<T: Elem>(&self, parts: &[&[T]]) -> Result<Vec<Self::Buf<T>>> {
+        parts.iter().map(|p| self.upload(p)).collect()
+    }
     /// Makes a weight resident. A host backend may share the storage of the view's
     /// [`Fp8WeightRef::source`] instead of copying (the CPU backend does, so a weight read in
     /// place from a memory-mapped checkpoint stays in the map).
@@ -75,6 +128,61 @@ pub trait Backend: Send + Sync + Debug {
         self.upload_dense_weight(w.view())
     }
     fn rope_table(&self, cfg: &RopeCfg, max_pos: usize) -> Result<Self::Rope>;
+
+    // --- steps: deferred checks, the workspace, graphs, timing ----------------------------
+    /// Enters a step (steps nest; the outermost counts). On a device backend the ops of a step
+    /// do not wait for the device: checks the kernels make on the device (non-finite values,
+    /// ids out of range) are read back once, at [`Backend::end_step`], and temporaries come
+    /// from the workspace ([`Backend::reserve_workspace`]). The CPU checks as it goes.
+    fn begin_step(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Leaves a step; at the outermost, the first failed device-side check of the step as
+    /// [`KernelError::DeviceCheck`] (outputs of that step are then unusable).
+    fn end_step(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Starts measuring the workspace the steps run next need ([`Backend::measured_workspace`]).
+    fn measure_workspace(&self) -> Result<()> {
+        Ok(())
+    }
+    /// The peak workspace bytes of the steps since [`Backend::measure_workspace`] (0 on the CPU).
+    fn measured_workspace(&self) -> usize {
+        0
+    }
+    /// Reserves the step workspace, once (at load, for the largest step): the temporaries of
+    /// a step are carved from it instead of being allocated one by one. A no-op on the CPU.
+    fn reserve_workspace(&self, _bytes: usize) -> Result<()> {
+        Ok(())
+    }
+    /// Whether [`Backend::capture`] records graphs (false on the CPU).
+    fn can_capture(&self) -> bool {
+        false
+    }
+    /// Records what `f` enqueues (one step, nothing runs) into a graph that
+    /// [`Backend::replay`] runs again on the same buffers with no host work. `f` must not read
+    /// anything back, upload, or keep a buffer it allocates. `Ok(None)`, without running `f`,
+    /// on a backend that cannot capture (the CPU).
+    fn capture<E: From<KernelError>>(&self, _f: impl FnMut() -> Result<(), E>) -> Result<Option<Self::Graph>, E> {
+        Ok(None)
+    }
+    /// Runs a captured step again (its inputs are whatever its buffers hold now), then reads
+    /// its device-side checks back, as [`Backend::end_step`].
+    fn replay(&self, g: &Self::Graph) -> Result<()>;
+    /// Runs `f`; with its result, the seconds of device time of the work it enqueued (events
+    /// around it; waits for that work), or `None` on a backend without a device clock (CPU).
+    fn timed<R, E: From<KernelError>>(&self, f: impl FnOnce() -> Result<R, E>) -> Result<(R, Option<f64>), E> {
+        f().map(|r| (r, None))
+    }
+    /// The device's measured copy bandwidth, bytes/s (read + write), or `None` (CPU: use
+    /// `machine::Limits`).
+    fn copy_bandwidth(&self) -> Result<Option<f64>> {
+        Ok(None)
+    }
+    /// What the device did so far (all zero on the CPU).
+    fn stats(&self) -> DeviceStats {
+        DeviceStats::default()
+    }
 
     // --- small ops ----------------------------------------------------------------------
     /// `acc += x`, element-wise (residual and shared-expert sums).
@@ -153,6 +261,17 @@ pub trait Backend: Send + Sync + Debug {
         weights: &mut Self::Buf<f32>,
     ) -> Result<()>;
     fn dispatch_plan(&self, shape: PlanShape, topk_ids: &Self::Buf<u32>) -> Result<Self::Plan>;
+    /// [`Backend::grouped_gemm_contiguous`] with the plan's offsets: expert `e` multiplies rows
+    /// `offsets[e]..offsets[e+1]` of `a` (`[pairs, k]`). A device backend schedules the rows
+    /// on the device, without reading the offsets back.
+    fn grouped_gemm_planned(
+        &self,
+        a: &Self::Buf<f32>,
+        plan: &Self::Plan,
+        w: &[&Self::Weight],
+        path: GemmPath,
+        out: &mut Self::Buf<f32>,
+    ) -> Result<()>;
     /// Per-expert row offsets of a plan (`n_experts + 1` entries), as grouped GEMM takes them.
     fn plan_offsets(&self, plan: &Self::Plan) -> Result<Self::Buf<u32>>;
     fn permute(&self, plan: &Self::Plan, hidden: usize, x: &Self::Buf<f32>, out: &mut Self::Buf<f32>) -> Result<()>;
@@ -225,6 +344,12 @@ pub trait Backend: Send + Sync + Debug {
         params: &PrefillParams,
         out: &mut Self::Buf<f32>,
     ) -> Result<()>;
+
+    // --- sampling -----------------------------------------------------------------------
+    /// One token per row of `logits` (`[rows, vocab]`), each row with its own parameters and
+    /// uniform: the rule of [`crate::sample`] ([`sample::sample_rows`]), ties to the lowest id.
+    fn sample_rows(&self, logits: &Self::Buf<f32>, shape: SampleShape, rows: &Self::Buf<SampleRow>, out: &mut Self::Buf<u32>)
+    -> Result<()>;
 }
 
 /// The CPU backend: host vectors and the fast, multi-threaded kernels of this crate.
@@ -237,9 +362,18 @@ impl Backend for Cpu {
     type DenseWeight = Bf16Weight;
     type Rope = RopeTable;
     type Plan = DispatchPlan;
+    type Graph = NoGraph;
 
     fn name(&self) -> &'static str {
         "cpu"
+    }
+    fn write<T: Elem>(&self, buf: &mut Vec<T>, host: &[T]) -> Result<()> {
+        crate::error::check_len("write", "host", host.len(), buf.len())?;
+        buf.copy_from_slice(host);
+        Ok(())
+    }
+    fn replay(&self, g: &NoGraph) -> Result<()> {
+        match *g {}
     }
     fn zeros<T: Elem>(&self, len: usize) -> Result<Vec<T>> {
         Ok(vec![T::default(); len])
@@ -362,6 +496,10 @@ impl Backend for Cpu {
     fn dispatch_plan(&self, shape: PlanShape, topk_ids: &Vec<u32>) -> Result<DispatchPlan> {
         DispatchPlan::build(shape, topk_ids)
     }
+    fn grouped_gemm_planned(&self, a: &Vec<f32>, plan: &DispatchPlan, w: &[&Fp8Weight], path: GemmPath, out: &mut Vec<f32>) -> Result<()> {
+        let views: Vec<Fp8WeightRef<'_>> = w.iter().map(|w| w.view()).collect();
+        gemm::grouped_contiguous(a, plan.offsets(), &views, path, out)
+    }
     fn plan_offsets(&self, plan: &DispatchPlan) -> Result<Vec<u32>> {
         Ok(plan.offsets().to_vec())
     }
@@ -429,5 +567,9 @@ impl Backend for Cpu {
         let x: PrefillInputs<'_, [f32], [u32]> =
             PrefillInputs { q: x.q, k_nope: x.k_nope, k_pe: x.k_pe, v: x.v, q_pos: x.q_pos, cu_q: x.cu_q, cu_k: x.cu_k };
         attention::prefill(x, params, out)
+    }
+
+    fn sample_rows(&self, logits: &Vec<f32>, shape: SampleShape, rows: &Vec<SampleRow>, out: &mut Vec<u32>) -> Result<()> {
+        sample::sample_rows(logits, shape, rows, out)
     }
 }

@@ -58,6 +58,7 @@ pub mod cuda;
 pub mod gating;
 pub mod permute;
 pub mod sample;
+pub mod workspace;
 
 /// The old name of [`bf16_gemm`], kept while branches written against it land; use
 /// `bf16_gemm` ("dense" also named the non-MoE layers and the non-grouped GEMM).
@@ -67,7 +68,7 @@ pub use bf16_gemm as dense;
 /// The `half` crate, whose `bf16` the bf16 weights and buffers use.
 pub use half;
 
-pub use backend::{Backend, Cpu};
+pub use backend::{Backend, Cpu, DeviceStats};
 pub use cuda::Cuda;
 pub use error::{KernelError, Result};
 

@@ -217,6 +217,66 @@ pub fn sample(logits: &[f32], shape: SampleShape, params: &SampleParams, uniform
     Ok(())
 }
 
+/// One row's sampling parameters and its uniform, as the backends' `sample_rows` take them (a
+/// row per sequence, so every sequence of a batch samples with its own parameters and its own
+/// seeded stream). `#[repr(C)]`: the CUDA kernel reads this layout (`dsv3_sample_row`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct SampleRow {
+    /// 0: greedy (the uniform is not used).
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0: all (a `top_k` past `u32::MAX` is the same as all).
+    pub top_k: u32,
+    pub pad: u32,
+    /// In [0, 1) when sampling.
+    pub uniform: f64,
+}
+
+impl SampleRow {
+    /// Greedy.
+    pub const GREEDY: SampleRow = SampleRow { temperature: 0.0, top_p: 1.0, top_k: 0, pad: 0, uniform: 0.0 };
+
+    pub fn new(params: &SampleParams, uniform: f64) -> SampleRow {
+        let top_k = u32::try_from(params.top_k).unwrap_or(u32::MAX);
+        SampleRow { temperature: params.temperature, top_p: params.top_p, top_k, pad: 0, uniform }
+    }
+
+    pub fn params(&self) -> SampleParams {
+        SampleParams { temperature: self.temperature, top_k: self.top_k as usize, top_p: self.top_p }
+    }
+
+    /// Checks the parameters ([`SampleParams::validate`]) and, when sampling, the uniform;
+    /// errors name the row.
+    pub fn validate(&self, row: usize) -> Result<()> {
+        self.params().validate().map_err(|e| match e {
+            crate::KernelError::Invalid { op, what, detail } => invalid(op, what, format!("row {row}: {detail}")),
+            other => other,
+        })?;
+        if !self.params().is_greedy() && !(0.0..1.0).contains(&self.uniform) {
+            return Err(invalid(OP, "uniforms", format!("row {row}: {} is not in [0, 1)", self.uniform)));
+        }
+        Ok(())
+    }
+}
+
+/// Samples one token per row, each row with its own parameters and uniform ([`SampleRow`]):
+/// greedy rows take the argmax, the others [`dist`] then [`draw`]; the same token as
+/// [`sample`] gives a row with those parameters and uniform.
+pub fn sample_rows(logits: &[f32], shape: SampleShape, rows: &[SampleRow], out: &mut [u32]) -> Result<()> {
+    let n = shape.check(OP, logits.len(), out.len())?;
+    check_len(OP, "rows", rows.len(), shape.rows)?;
+    for (r, p) in rows.iter().enumerate() {
+        p.validate(r)?;
+    }
+    for (r, (o, p)) in out.iter_mut().zip(rows).enumerate() {
+        let row = &logits[r * shape.vocab..r * shape.vocab + n];
+        check_nan(r, row)?;
+        *o = if p.params().is_greedy() { argmax(row) as u32 } else { draw(&dist(row, &p.params()), p.uniform) };
+    }
+    Ok(())
+}
+
 /// One uniform per row, each in [0, 1).
 pub(crate) fn check_uniforms(uniforms: &[f64], rows: usize) -> Result<()> {
     check_len(OP, "uniforms", uniforms.len(), rows)?;

@@ -171,9 +171,19 @@ fn cuda_mla_absorb_and_expand_match_reference() {
     let mut od = dev.zeros::<f32>(out.len()).unwrap();
     assert_eq!(dev.mla_absorb_q(&up(&dev, &q), &[&wd], d, 4, &mut od).unwrap_err(), cpu);
     assert!(dev.mla_absorb_q(&up(&dev, &q), &[], d, 3, &mut od).is_err());
-    let cpu = attention::expand_v(&[0f32; 3 * 2 * 16], w.view(), d, 3, &mut [0f32; 3 * 16]).unwrap_err();
-    let mut od = dev.zeros::<f32>(3 * 16).unwrap();
-    assert_eq!(dev.mla_expand_v(&up(&dev, &vec![0f32; 3 * 2 * 16]), &wd, d, 3, &mut od).unwrap_err(), cpu);
+    // expand_v: W_UV [heads * v, kv_lora] = [16, 16], o_lat 3 * 2 * 16 and out 3 * 2 * 8 = 48 is
+    // a valid call (the GPU check of 2026-12-04 found this test expecting it to be refused:
+    // the CPU was right). Both accept it; an `out` one row short and a weight of the wrong
+    // shape are refused by both with the same error.
+    let o_lat = up(&dev, &vec![0f32; 3 * 2 * 16]);
+    attention::expand_v(&[0f32; 3 * 2 * 16], w.view(), d, 3, &mut [0f32; 3 * 16]).unwrap();
+    dev.mla_expand_v(&o_lat, &wd, d, 3, &mut dev.zeros::<f32>(3 * 16).unwrap()).unwrap();
+    let cpu = attention::expand_v(&[0f32; 3 * 2 * 16], w.view(), d, 3, &mut [0f32; 3 * 16 - 8]).unwrap_err();
+    assert_eq!(dev.mla_expand_v(&o_lat, &wd, d, 3, &mut dev.zeros::<f32>(3 * 16 - 8).unwrap()).unwrap_err(), cpu);
+    let narrow = Bf16Weight::from_f32(16, 8, &[0.5; 128]).unwrap();
+    let cpu = attention::expand_v(&[0f32; 3 * 2 * 16], narrow.view(), d, 3, &mut [0f32; 3 * 16]).unwrap_err();
+    let nd = dev.upload_bf16_weight(narrow.view()).unwrap();
+    assert_eq!(dev.mla_expand_v(&o_lat, &nd, d, 3, &mut dev.zeros::<f32>(3 * 16).unwrap()).unwrap_err(), cpu);
 }
 
 #[test]

@@ -208,10 +208,19 @@ fn cuda_backend_fp8_gemm_v3_shapes_on_sm90() {
             check_dense(&cuda, &ws[2], &wds[2], m, GemmRoute::Sm90(*c), &mut rng, &format!("{n}x{k} entry 2"));
         }
     }
-    // A shape without an instantiation: the simple kernel, as before.
+    // q_a_proj alone (1536 x 7168) has its own instantiations since the unfused projections
+    // were added to the catalog: block M 64 at 9 rows.
     let w = random_weight(&mut rng, 1536, 7168);
     let wd = cuda.upload_weight(w.view()).unwrap();
-    check_dense(&cuda, &w, &wd, 9, GemmRoute::Fp8Simt(Sm90Fallback::Shape), &mut rng, "1536x7168");
+    let c = SM90_KERNELS.iter().find(|c| (c.n, c.k, c.block_m) == (1536, 7168, 64)).unwrap();
+    check_dense(&cuda, &w, &wd, 9, GemmRoute::Sm90(*c), &mut rng, "1536x7168");
+    // A shape without an instantiation (asserted, so that a new catalog entry cannot make this
+    // expectation stale again): the simple kernel.
+    let (n, k) = (384, 7168);
+    assert!(!SM90_KERNELS.iter().any(|c| (c.n, c.k) == (n, k)), "{n}x{k} is in the catalog now: pick another shape");
+    let w = random_weight(&mut rng, n, k);
+    let wd = cuda.upload_weight(w.view()).unwrap();
+    check_dense(&cuda, &w, &wd, 9, GemmRoute::Fp8Simt(Sm90Fallback::Shape), &mut rng, "384x7168");
 }
 
 /// Per group, calc_diff of its live rows against the CPU, and (masked) +0 past the count.

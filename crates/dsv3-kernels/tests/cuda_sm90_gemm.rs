@@ -282,8 +282,10 @@ fn cuda_sm90_fp8_gemm_grouped_masked() {
 fn cuda_sm90_fp8_gemm_fallback() {
     let Some(dev) = gpu("cuda_sm90_fp8_gemm_fallback") else { return };
     let mut rng = Rng(0x5eed_fa11);
-    // q_a_proj alone (1536 x 7168) and kv_a_proj_with_mqa alone (576 x 7168): not specialised.
-    for &(n, k, m) in &[(1536usize, 7168usize, 5usize), (576, 7168, 130)] {
+    // Two (N, K) without an instantiation (asserted: q_a_proj and kv_a_proj_with_mqa alone,
+    // 1536 and 576 x 7168, were the examples here until the catalog gained them).
+    for &(n, k, m) in &[(384usize, 7168usize, 5usize), (640, 7168, 130)] {
+        assert!(!SM90_KERNELS.iter().any(|c| (c.n, c.k) == (n, k)), "{n}x{k} is in the catalog now: pick another shape");
         let w = Weights::random(&mut rng, 1, n, k);
         let (a_q, a_s) = (rng.codes(m * k), rng.scales(m * k / 128));
         let (qd, sd) = (dev.upload(&a_q).unwrap(), dev.upload(&a_s).unwrap());
@@ -303,6 +305,7 @@ fn cuda_sm90_fp8_gemm_fallback() {
     }
     // A masked layout of an unspecialised shape: per-group simple kernel, zeros past counts.
     let (n, k, cap) = (576usize, 1536usize, 40usize);
+    assert!(!SM90_KERNELS.iter().any(|c| (c.n, c.k) == (n, k)), "{n}x{k} is in the catalog now: pick another shape");
     let counts = [40u32, 0, 13];
     let w = Weights::random(&mut rng, 3, n, k);
     let (mut a_q, a_s) = (rng.codes(3 * cap * k), rng.scales(3 * cap * k / 128));

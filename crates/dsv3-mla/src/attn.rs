@@ -118,12 +118,12 @@ impl<B: Backend> MlaWeights<B> {
             }
             QPath::Direct { q } => gemm(b, x, q, t, path)?,
         };
-        let positions = &lc.plan.positions;
+        let positions = &lc.plan.bufs.positions;
         b.apply_rope(&mut q, RopeLayout::q_pe(t, c.n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim), positions, &ctx.rope)?;
         let mut kv = gemm(b, x, &self.kv_a, t, path)?;
         b.apply_rope(&mut kv, RopeLayout::k_pe(t, c.kv_lora_rank, c.qk_rope_head_dim), positions, &ctx.rope)?;
         let shape = CacheWriteShape { tokens: t, pool: lc.shape };
-        b.mla_cache_write(&kv, &self.kv_norm, c.rms_eps, &lc.plan.slots, shape, lc.pool)?;
+        b.mla_cache_write(&kv, &self.kv_norm, c.rms_eps, &lc.plan.bufs.slots, shape, lc.pool)?;
         Ok(q)
     }
 
@@ -142,15 +142,22 @@ impl<B: Backend> MlaWeights<B> {
         let s = plan.keys();
         let (mut c_kv, mut k_pe) = (b.zeros::<f32>(s * c.kv_lora_rank)?, b.zeros::<f32>(s * c.qk_rope_head_dim)?);
         let gs = GatherShape { seqs: plan.entries().len(), max_blocks: plan.max_blocks(), keys: s, pool: lc.shape };
-        b.mla_cache_gather(lc.pool, &plan.seq_table, &plan.seq_lens, gs, &mut c_kv, &mut k_pe)?;
+        b.mla_cache_gather(lc.pool, &plan.bufs.seq_table, &plan.bufs.seq_lens, gs, &mut c_kv, &mut k_pe)?;
         let k_nope = pair_product(b, s * c.n_heads * c.qk_nope_head_dim, &self.w_uk, |w, out| {
             b.gemm_dense(&c_kv, w, GemmShape { m: s, n: c.n_heads * c.qk_nope_head_dim, k: c.kv_lora_rank }, out)
         })?;
         let v = pair_product(b, s * c.o_dim(), &self.w_uv, |w, out| {
             b.gemm_dense(&c_kv, w, GemmShape { m: s, n: c.o_dim(), k: c.kv_lora_rank }, out)
         })?;
-        let inputs =
-            PrefillInputs { q: &q, k_nope: &k_nope, k_pe: &k_pe, v: &v, q_pos: &plan.positions, cu_q: &plan.cu_q, cu_k: &plan.cu_k };
+        let inputs = PrefillInputs {
+            q: &q,
+            k_nope: &k_nope,
+            k_pe: &k_pe,
+            v: &v,
+            q_pos: &plan.bufs.positions,
+            cu_q: &plan.bufs.cu_q,
+            cu_k: &plan.bufs.cu_k,
+        };
         let params = PrefillParams { dims: d, seqs: plan.entries().len(), tokens: t, keys: s, scale: ctx.scale };
         let mut attn = b.zeros::<f32>(t * c.o_dim())?;
         b.mla_prefill(inputs, &params, &mut attn)?;

@@ -47,6 +47,12 @@ pub(crate) type DecodeRows<'a, B> = (&'a <B as Backend>::Buf<u32>, &'a <B as Bac
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SeqId(u64);
 
+impl SeqId {
+    /// The pseudo-sequence of a padded step's pad rows ([`PagedLatentCache::plan_decode_padded`]);
+    /// never a sequence of a cache.
+    pub const PAD: SeqId = SeqId(u64::MAX);
+}
+
 impl fmt::Display for SeqId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "#{}", self.0)
@@ -68,6 +74,10 @@ pub struct CacheConfig {
     pub qk_rope_head_dim: usize,
     /// Positions `0..max_position` may be cached.
     pub max_position: usize,
+    /// Pages after the `num_pages` usable ones that no sequence ever owns: the rows a decode
+    /// step padded to a batch-size bucket writes and reads for its pad rows
+    /// ([`PagedLatentCache::plan_decode_padded`]). 0 unless steps are padded.
+    pub pad_pages: usize,
 }
 
 impl CacheConfig {
@@ -80,12 +90,23 @@ impl CacheConfig {
             kv_lora_rank: cfg.kv_lora_rank,
             qk_rope_head_dim: cfg.qk_rope_head_dim,
             max_position: cfg.max_position,
+            pad_pages: 0,
         }
     }
 
-    /// The pool shape the kernels take.
+    /// The same cache with room for the pad rows of decode steps of up to `rows` rows.
+    pub fn with_pad_rows(self, rows: usize) -> CacheConfig {
+        CacheConfig { pad_pages: rows.div_ceil(self.page_size.max(1)), ..self }
+    }
+
+    /// The pool shape the kernels take (the pad pages included).
     pub fn pool(&self) -> LatentPool {
-        LatentPool { num_pages: self.num_pages, page_size: self.page_size, kv_lora: self.kv_lora_rank, rope: self.qk_rope_head_dim }
+        LatentPool {
+            num_pages: self.num_pages.saturating_add(self.pad_pages),
+            page_size: self.page_size,
+            kv_lora: self.kv_lora_rank,
+            rope: self.qk_rope_head_dim,
+        }
     }
 
     /// Checks every field; the error names the first bad one.
@@ -94,8 +115,11 @@ impl CacheConfig {
         if self.layers == 0 {
             return Err(cfg("layers", "must be > 0".into()));
         }
-        if self.num_pages == 0 || self.num_pages > u32::MAX as usize {
-            return Err(cfg("num_pages", format!("must be in 1..=2^32-1, got {}", self.num_pages)));
+        if self.num_pages == 0 || self.num_pages.checked_add(self.pad_pages).is_none_or(|n| n > u32::MAX as usize) {
+            return Err(cfg(
+                "num_pages",
+                format!("num_pages + pad_pages must be in 1..=2^32-1, got {} + {}", self.num_pages, self.pad_pages),
+            ));
         }
         if self.page_size == 0 {
             return Err(cfg("page_size", "must be > 0".into()));
@@ -103,7 +127,7 @@ impl CacheConfig {
         if self.max_position == 0 || self.max_position as u64 > u64::from(u32::MAX) {
             return Err(cfg("max_position", format!("must be in 1..=2^32-1, got {}", self.max_position)));
         }
-        if self.num_pages.checked_mul(self.page_size).is_none_or(|s| s as u64 > u64::from(u32::MAX) + 1) {
+        if (self.num_pages + self.pad_pages).checked_mul(self.page_size).is_none_or(|s| s as u64 > u64::from(u32::MAX) + 1) {
             return Err(cfg("num_pages", "num_pages · page_size exceeds the u32 slot range".into()));
         }
         self.pool().check("CacheConfig").map_err(|e| cfg("kv_lora_rank", e.to_string()))?;
@@ -126,7 +150,14 @@ pub struct PagedLatentCache<B: Backend> {
     seqs: BTreeMap<SeqId, SeqState>,
     next_id: u64,
     generation: u64,
+    /// This cache among all caches of the process, and the times its pools were replaced
+    /// ([`PagedLatentCache::identity`]).
+    instance: u64,
+    pools_replaced: u64,
 }
+
+/// Numbers the caches of a process ([`PagedLatentCache::identity`]).
+static INSTANCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl<B: Backend> fmt::Debug for PagedLatentCache<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -149,6 +180,94 @@ pub struct PlanEntry {
     pub tokens: usize,
 }
 
+/// The host side of a step ([`PagedLatentCache::plan_tables`]): what a [`StepPlan`] holds on
+/// the backend, as host arrays, committed to the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanTables {
+    generation: u64,
+    entries: Vec<PlanEntry>,
+    tokens: usize,
+    keys: usize,
+    max_blocks: usize,
+    /// `[T]` absolute position of each new token (sequence after sequence).
+    pub positions: Vec<u32>,
+    /// `[T]` slot index `page · page_size + pos % page_size` of each new token.
+    pub slots: Vec<u32>,
+    /// `[N, max_blocks]` block table per sequence (zero-padded rows).
+    pub seq_table: Vec<u32>,
+    /// `[N]` sequence lengths after the step.
+    pub seq_lens: Vec<u32>,
+    /// `[N + 1]` query row offsets.
+    pub cu_q: Vec<u32>,
+    /// `[N + 1]` key row offsets (of the gathered sequences).
+    pub cu_k: Vec<u32>,
+}
+
+impl PlanTables {
+    pub fn entries(&self) -> &[PlanEntry] {
+        &self.entries
+    }
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+    pub fn max_blocks(&self) -> usize {
+        self.max_blocks
+    }
+    /// The tables in [`PlanBufs`] order.
+    fn parts(&self) -> [&[u32]; 6] {
+        [&self.positions, &self.slots, &self.seq_table, &self.seq_lens, &self.cu_q, &self.cu_k]
+    }
+}
+
+/// A step's tables on the backend ([`PlanTables`] uploaded). A caller that runs many steps of
+/// one shape (a decode step per batch-size bucket, replayed as a graph) keeps one set and
+/// rewrites it each step ([`StepPlan::with_bufs`], [`StepPlan::into_bufs`]).
+#[derive(Debug)]
+pub struct PlanBufs<B: Backend> {
+    pub(crate) positions: B::Buf<u32>,
+    pub(crate) slots: B::Buf<u32>,
+    pub(crate) seq_table: B::Buf<u32>,
+    pub(crate) seq_lens: B::Buf<u32>,
+    pub(crate) cu_q: B::Buf<u32>,
+    pub(crate) cu_k: B::Buf<u32>,
+}
+
+impl<B: Backend> PlanBufs<B> {
+    /// All tables of `t` in one [`Backend::upload_many`] (one allocation and one copy on a
+    /// device backend).
+    fn upload(b: &B, t: &PlanTables) -> Result<PlanBufs<B>> {
+        let mut v = b.upload_many(&t.parts())?.into_iter();
+        let mut next = || v.next().ok_or_else(|| invalid("plan", "upload_many returned too few buffers"));
+        Ok(PlanBufs { positions: next()?, slots: next()?, seq_table: next()?, seq_lens: next()?, cu_q: next()?, cu_k: next()? })
+    }
+
+    /// Buffers shaped for `t` (zeros), to be rewritten by later steps of the same shape.
+    pub fn zeros_like(b: &B, t: &PlanTables) -> Result<PlanBufs<B>> {
+        let z = |p: &[u32]| b.zeros::<u32>(p.len());
+        let [a, c, d, e, f, g] = t.parts();
+        Ok(PlanBufs { positions: z(a)?, slots: z(c)?, seq_table: z(d)?, seq_lens: z(e)?, cu_q: z(f)?, cu_k: z(g)? })
+    }
+
+    /// Overwrites every table with `t`'s (the lengths must match: same batch shape).
+    fn write(&mut self, b: &B, t: &PlanTables) -> Result<()> {
+        let [a, c, d, e, f, g] = t.parts();
+        for (buf, host) in [
+            (&mut self.positions, a),
+            (&mut self.slots, c),
+            (&mut self.seq_table, d),
+            (&mut self.seq_lens, e),
+            (&mut self.cu_q, f),
+            (&mut self.cu_k, g),
+        ] {
+            if b.len(buf) != host.len() {
+                return Err(invalid("plan", format!("a table of {} entries for buffers of {}", host.len(), b.len(buf))));
+            }
+            b.write(buf, host)?;
+        }
+        Ok(())
+    }
+}
+
 /// Everything the attention of one step reads, uploaded once for all layers (module docs).
 pub struct StepPlan<B: Backend> {
     generation: u64,
@@ -156,24 +275,13 @@ pub struct StepPlan<B: Backend> {
     tokens: usize,
     keys: usize,
     max_blocks: usize,
-    /// `[T]` absolute position of each new token (sequence after sequence).
-    pub(crate) positions: B::Buf<u32>,
-    /// `[T]` slot index `page · page_size + pos % page_size` of each new token.
-    pub(crate) slots: B::Buf<u32>,
+    pub(crate) bufs: PlanBufs<B>,
     /// The absorbed form's per-token rows when a sequence has several new tokens (built on
     /// first use, see [`StepPlan::decode_rows`]): `[T, max_blocks]` the block table of each
     /// token's sequence and `[T]` its key count `position + 1`.
     tok_rows: OnceLock<(B::Buf<u32>, B::Buf<u32>)>,
     /// `[N, max_blocks]` block table per sequence, host copy.
     host_seq_table: Vec<u32>,
-    /// `[N, max_blocks]` block table per sequence (expanded form).
-    pub(crate) seq_table: B::Buf<u32>,
-    /// `[N]` sequence lengths after the step.
-    pub(crate) seq_lens: B::Buf<u32>,
-    /// `[N + 1]` query row offsets.
-    pub(crate) cu_q: B::Buf<u32>,
-    /// `[N + 1]` key row offsets (of the gathered sequences).
-    pub(crate) cu_k: B::Buf<u32>,
 }
 
 impl<B: Backend> fmt::Debug for StepPlan<B> {
@@ -189,6 +297,37 @@ impl<B: Backend> fmt::Debug for StepPlan<B> {
 }
 
 impl<B: Backend> StepPlan<B> {
+    /// The plan of committed tables, uploaded in one copy.
+    pub fn upload(b: &B, t: PlanTables) -> Result<StepPlan<B>> {
+        let bufs = PlanBufs::upload(b, &t)?;
+        Ok(StepPlan::assemble(t, bufs))
+    }
+
+    /// The plan of committed tables in buffers kept from an earlier step of the same shape,
+    /// rewritten in place (their device addresses stay: what a replayed graph reads).
+    pub fn with_bufs(b: &B, t: PlanTables, mut bufs: PlanBufs<B>) -> Result<StepPlan<B>> {
+        bufs.write(b, &t)?;
+        Ok(StepPlan::assemble(t, bufs))
+    }
+
+    /// The buffers back, for the next step of the same shape.
+    pub fn into_bufs(self) -> PlanBufs<B> {
+        self.bufs
+    }
+
+    fn assemble(t: PlanTables, bufs: PlanBufs<B>) -> StepPlan<B> {
+        StepPlan {
+            generation: t.generation,
+            entries: t.entries,
+            tokens: t.tokens,
+            keys: t.keys,
+            max_blocks: t.max_blocks,
+            bufs,
+            tok_rows: OnceLock::new(),
+            host_seq_table: t.seq_table,
+        }
+    }
+
     /// The sequences of the step, in the order their tokens appear in the input rows.
     pub fn entries(&self) -> &[PlanEntry] {
         &self.entries
@@ -209,11 +348,11 @@ impl<B: Backend> StepPlan<B> {
     /// The decode rows of the absorbed form, one per new token: `([T, max_blocks]` block
     /// tables, `[T]` key counts `position + 1)`. With one new token per sequence (a decode
     /// step) these are the per-sequence table and lengths themselves; otherwise they are
-    /// built and uploaded once, on first use (a prefill plan run in the expanded form never
-    /// pays for them).
+    /// built and uploaded once (one copy), on first use (a prefill plan run in the expanded
+    /// form never pays for them).
     pub(crate) fn decode_rows(&self, b: &B) -> Result<DecodeRows<'_, B>> {
         if self.tokens == self.entries.len() {
-            return Ok((&self.seq_table, &self.seq_lens));
+            return Ok((&self.bufs.seq_table, &self.bufs.seq_lens));
         }
         if self.tok_rows.get().is_none() {
             let mb = self.max_blocks;
@@ -225,8 +364,11 @@ impl<B: Backend> StepPlan<B> {
                     lens.push(pos as u32 + 1);
                 }
             }
-            // A concurrent first use may have set it meanwhile: either value is the same.
-            let _ = self.tok_rows.set((b.upload(&table)?, b.upload(&lens)?));
+            let mut v = b.upload_many(&[&table, &lens])?.into_iter();
+            if let (Some(t), Some(l)) = (v.next(), v.next()) {
+                // A concurrent first use may have set it meanwhile: either value is the same.
+                let _ = self.tok_rows.set((t, l));
+            }
         }
         match self.tok_rows.get() {
             Some((t, l)) => Ok((t, l)),
@@ -257,11 +399,21 @@ impl<B: Backend> PagedLatentCache<B> {
         Ok(PagedLatentCache {
             cfg,
             pools,
+            // The pad pages (after num_pages) are never handed out.
             free: (0..cfg.num_pages as u32).rev().collect(),
             seqs: BTreeMap::new(),
             next_id: 0,
             generation: 0,
+            instance: INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            pools_replaced: 0,
         })
+    }
+
+    /// Which pools this is: this cache among the process's caches, and how many times its
+    /// pools were replaced ([`PagedLatentCache::upload_pool`]). A captured step writes the
+    /// pools it was captured with; a caller replaying one checks this first.
+    pub fn identity(&self) -> (u64, u64) {
+        (self.instance, self.pools_replaced)
     }
 
     pub fn config(&self) -> &CacheConfig {
@@ -282,6 +434,7 @@ impl<B: Backend> PagedLatentCache<B> {
 
     /// A new, empty sequence.
     pub fn add_sequence(&mut self) -> SeqId {
+        // SeqId::PAD is u64::MAX: never reached by counting from 0.
         let id = SeqId(self.next_id);
         self.next_id += 1;
         self.seqs.insert(id, SeqState { pages: Vec::new(), len: 0 });
@@ -334,17 +487,48 @@ impl<B: Backend> PagedLatentCache<B> {
 
     /// Appends `n` tokens to each `(sequence, n)` of `batch` (in that order: the layer input's
     /// rows are the sequences' new tokens, sequence after sequence), allocating the pages
-    /// needed, and uploads the step's positions, slots and block tables.
+    /// needed, and uploads the step's positions, slots and block tables (in one copy).
     ///
     /// All or nothing: on any error (unknown or repeated sequence, `n == 0`, empty batch, a
     /// sequence past `max_position`, [`MlaError::OutOfPages`]) no sequence and no page changes.
     pub fn plan(&mut self, b: &B, batch: &[(SeqId, usize)]) -> Result<StepPlan<B>> {
-        if batch.is_empty() {
+        let t = self.plan_tables(batch)?;
+        StepPlan::upload(b, t)
+    }
+
+    /// [`PagedLatentCache::plan`] without the upload: commits the step and returns its tables.
+    pub fn plan_tables(&mut self, batch: &[(SeqId, usize)]) -> Result<PlanTables> {
+        self.plan_rows(batch, 0, None)
+    }
+
+    /// A decode step (one new token for each of `seqs`) padded to `rows` rows, with block
+    /// tables `width` entries wide (at least what the longest sequence needs): the tables a
+    /// step of a fixed shape reads, so that one captured graph serves every step of that
+    /// shape. Pad row `j` (after the real ones) is a one-token step of no sequence at position
+    /// 0 that writes slot `j` of the pad pages and attends to the pad page it wrote; the
+    /// cache needs `pad_pages` for it ([`CacheConfig::with_pad_rows`]). Commits the real
+    /// sequences as [`PagedLatentCache::plan`] does (all or nothing).
+    pub fn plan_decode_padded(&mut self, seqs: &[SeqId], rows: usize, width: usize) -> Result<PlanTables> {
+        let pads = rows.checked_sub(seqs.len()).ok_or_else(|| invalid("plan", format!("{} sequences in {rows} rows", seqs.len())))?;
+        if pads > self.cfg.pad_pages * self.cfg.page_size {
+            return Err(invalid(
+                "plan",
+                format!("{pads} pad rows but the cache has {} pad pages of {}", self.cfg.pad_pages, self.cfg.page_size),
+            ));
+        }
+        let batch: Vec<(SeqId, usize)> = seqs.iter().map(|&s| (s, 1)).collect();
+        self.plan_rows(&batch, pads, Some(width))
+    }
+
+    /// [`PagedLatentCache::plan_tables`] with `pads` pad rows after the batch and tables at
+    /// least `width` wide.
+    fn plan_rows(&mut self, batch: &[(SeqId, usize)], pads: usize, width: Option<usize>) -> Result<PlanTables> {
+        if batch.is_empty() && pads == 0 {
             return Err(invalid("plan", "the batch is empty"));
         }
         let ps = self.cfg.page_size;
         let mut needed = 0usize;
-        let mut entries = Vec::with_capacity(batch.len());
+        let mut entries = Vec::with_capacity(batch.len() + pads);
         for (i, &(seq, n)) in batch.iter().enumerate() {
             let st = self.seq(seq)?;
             if n == 0 {
@@ -366,7 +550,7 @@ impl<B: Backend> PagedLatentCache<B> {
 
         // New page tables, taking pages from the top of the free stack (not yet committed).
         let mut next_free = self.free.len();
-        let mut tables: Vec<Vec<u32>> = Vec::with_capacity(entries.len());
+        let mut tables: Vec<Vec<u32>> = Vec::with_capacity(entries.len() + pads);
         for e in &entries {
             let mut pages = self.seq(e.seq)?.pages.clone();
             while pages.len() < (e.start + e.tokens).div_ceil(ps) {
@@ -375,38 +559,35 @@ impl<B: Backend> PagedLatentCache<B> {
             }
             tables.push(pages);
         }
-        let max_blocks = tables.iter().map(Vec::len).max().unwrap_or(1).max(1);
+        // Pad rows: no sequence, position 0, slot j of the pad pages (after the usable ones).
+        let pad_base = self.cfg.num_pages * ps;
+        for j in 0..pads {
+            entries.push(PlanEntry { seq: SeqId::PAD, start: 0, tokens: 1 });
+            tables.push(vec![((pad_base + j) / ps) as u32]);
+        }
+        let need = tables.iter().map(Vec::len).max().unwrap_or(1).max(1);
+        let max_blocks = match width {
+            Some(w) if w < need => return Err(invalid("plan", format!("block tables {w} wide, the step needs {need}"))),
+            Some(w) => w,
+            None => need,
+        };
         let tokens: usize = entries.iter().map(|e| e.tokens).sum();
         let keys: usize = entries.iter().map(|e| e.start + e.tokens).sum();
         let (mut positions, mut slots) = (Vec::with_capacity(tokens), Vec::with_capacity(tokens));
         let (mut seq_table, mut seq_lens, mut cu_q, mut cu_k) = (Vec::new(), Vec::new(), vec![0u32], vec![0u32]);
         let padded = |t: &[u32]| t.iter().copied().chain(std::iter::repeat(0)).take(max_blocks).collect::<Vec<u32>>();
-        for (e, table) in entries.iter().zip(&tables) {
+        for (j, (e, table)) in entries.iter().zip(&tables).enumerate() {
             let row = padded(table);
             for pos in e.start..e.start + e.tokens {
                 positions.push(pos as u32);
-                slots.push(table[pos / ps] * ps as u32 + (pos % ps) as u32);
+                let slot = if e.seq == SeqId::PAD { pad_base + j - batch.len() } else { table[pos / ps] as usize * ps + pos % ps };
+                slots.push(slot as u32);
             }
             seq_table.extend_from_slice(&row);
             seq_lens.push((e.start + e.tokens) as u32);
             cu_q.push(cu_q[cu_q.len() - 1] + e.tokens as u32);
             cu_k.push(cu_k[cu_k.len() - 1] + (e.start + e.tokens) as u32);
         }
-        let mut plan = StepPlan {
-            generation: 0,
-            entries: entries.clone(),
-            tokens,
-            keys,
-            max_blocks,
-            positions: b.upload(&positions)?,
-            slots: b.upload(&slots)?,
-            tok_rows: OnceLock::new(),
-            seq_table: b.upload(&seq_table)?,
-            seq_lens: b.upload(&seq_lens)?,
-            cu_q: b.upload(&cu_q)?,
-            cu_k: b.upload(&cu_k)?,
-            host_seq_table: seq_table,
-        };
 
         // Commit.
         self.free.truncate(next_free);
@@ -417,8 +598,7 @@ impl<B: Backend> PagedLatentCache<B> {
             }
         }
         self.generation += 1;
-        plan.generation = self.generation;
-        Ok(plan)
+        Ok(PlanTables { generation: self.generation, entries, tokens, keys, max_blocks, positions, slots, seq_table, seq_lens, cu_q, cu_k })
     }
 
     /// Layer `layer`'s pool, for a step planned on the current cache state.
@@ -449,6 +629,7 @@ impl<B: Backend> PagedLatentCache<B> {
         let n = self.pools.len();
         let pool = self.pools.get_mut(layer).ok_or_else(|| invalid("layer", format!("layer {layer} out of range (the cache has {n})")))?;
         *pool = b.upload(data)?;
+        self.pools_replaced += 1;
         Ok(())
     }
 

@@ -46,7 +46,7 @@ mod error;
 mod weights;
 
 pub use attn::MlaContext;
-pub use cache::{CacheConfig, LayerCache, PAGE_SIZE, PagedLatentCache, PlanEntry, SeqId, StepPlan};
+pub use cache::{CacheConfig, LayerCache, PAGE_SIZE, PagedLatentCache, PlanBufs, PlanEntry, PlanTables, SeqId, StepPlan};
 pub use config::MlaConfig;
 pub use error::{MlaError, Result};
 pub use weights::{HostQProj, MlaHostWeights, MlaWeights, quantize_par};

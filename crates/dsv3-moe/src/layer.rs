@@ -184,6 +184,42 @@ impl<B: Backend> MoeLayer<B> {
         self.forward_routed(b, x, &routing)
     }
 
+    /// [`MoeLayer::forward`] without the load statistics, and nothing read back to the host:
+    /// the dispatch plan stays on the backend and the grouped GEMMs take it as it is
+    /// ([`Backend::grouped_gemm_planned`]). What a model step runs (a decode step can then be
+    /// captured and replayed as a graph). The same values as [`MoeLayer::forward`]'s `y`.
+    /// Single rank; the masked layout (re-laid out through the host) goes through
+    /// [`MoeLayer::forward`].
+    pub fn forward_y(&self, b: &B, x: &B::Buf<f32>, tokens: usize) -> Result<B::Buf<f32>> {
+        if self.ep.n_ranks != 1 {
+            return Err(input("rank", format!("this layer is rank {} of {}; use forward_ep", self.rank, self.ep.n_ranks)));
+        }
+        if self.cfg.layout.is_masked(tokens) {
+            return Ok(self.forward(b, x, tokens)?.y);
+        }
+        let routing = self.route(b, x, tokens)?;
+        let (n, k, h, inter, path) =
+            (self.cfg.n_routed_experts, self.cfg.route.top_k, self.cfg.hidden, self.cfg.moe_intermediate, self.cfg.gemm_path);
+        let pairs = tokens * k;
+        let mut y = b.zeros::<f32>(tokens * h)?;
+        if pairs > 0 {
+            let plan = b.dispatch_plan(PlanShape { tokens, top_k: k, n_experts: n }, &routing.ids)?;
+            let mut xp = b.zeros::<f32>(pairs * h)?;
+            b.permute(&plan, h, x, &mut xp)?;
+            let (gate, up, down) =
+                (self.experts.refs(&self.experts.gate), self.experts.refs(&self.experts.up), self.experts.refs(&self.experts.down));
+            let (mut g, mut u, mut a) = (b.zeros::<f32>(pairs * inter)?, b.zeros::<f32>(pairs * inter)?, b.zeros::<f32>(pairs * inter)?);
+            b.grouped_gemm_planned(&xp, &plan, &gate, path, &mut g)?;
+            b.grouped_gemm_planned(&xp, &plan, &up, path, &mut u)?;
+            b.silu_mul(&g, &u, RowsShape { rows: pairs, cols: inter }, &mut a)?;
+            let mut yp = b.zeros::<f32>(pairs * h)?;
+            b.grouped_gemm_planned(&a, &plan, &down, path, &mut yp)?;
+            b.unpermute(&plan, h, &yp, &routing.weights, &mut y)?;
+        }
+        self.add_shared(b, x, tokens, &mut y)?;
+        Ok(y)
+    }
+
     /// [`MoeLayer::forward`] on host memory: uploads `x`, runs the layer and downloads `y`
     /// (on the CPU backend, two copies: small next to the layer's GEMMs).
     pub fn forward_host(&self, b: &B, x: &[f32], tokens: usize) -> Result<(Vec<f32>, LoadStats)> {

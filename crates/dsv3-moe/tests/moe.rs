@@ -67,6 +67,9 @@ proptest! {
         prop_assert_eq!(out.stats.per_expert(), &counts[..]);
         prop_assert_eq!(out.stats.per_rank(), &[(tokens * cfg.route.top_k) as u64][..]);
         prop_assert_eq!(out.stats.tokens(), tokens);
+        // What a model step runs (no statistics, the plan passed to the grouped GEMMs as it
+        // is): the same bits.
+        prop_assert_eq!(layer.forward_y(&Cpu, &x, tokens).unwrap(), out.y);
     }
 
     /// Contiguous and masked layouts give the same output bit for bit (the masked GEMM runs

@@ -8,10 +8,11 @@
 //! or beyond `allowed` (the tokenizer's size: the padding rows of the embedding) are never
 //! sampled.
 
+use crate::decode::{DecodeRow, DecodeRunner, Graphs};
 use crate::error::{Result, RuntimeError};
 use crate::model::{AttnForm, Model, select_rows};
 use crate::mtp::Mtp;
-use dsv3_kernels::sample::{self, SampleParams};
+use dsv3_kernels::sample::{self, SampleParams, SampleRow};
 use dsv3_kernels::{Backend, KernelError};
 use dsv3_mla::{PagedLatentCache, SeqId};
 use std::time::{Duration, Instant};
@@ -94,6 +95,14 @@ impl Sampler {
             return d.top();
         }
         d.draw(self.uniform())
+    }
+
+    /// The parameters of the next draw, with its uniform when sampling (none is drawn when
+    /// greedy): what [`crate::model::Model::sample`] and [`crate::decode::DecodeRunner`] take.
+    /// The stream advances exactly as [`Sampler::sample`] advances it.
+    pub fn next_row(&mut self) -> SampleRow {
+        let u = if self.params.temperature == 0.0 { 0.0 } else { self.uniform() };
+        SampleRow::new(&self.params.kernel(), u)
     }
 
     /// Picks a token from `logits[..allowed]`.
@@ -200,34 +209,50 @@ impl<F: FnMut(u32) -> Result<()>> Emitter<'_, F> {
     }
 }
 
-/// Checks the request and creates the main cache and sequence.
-fn start<B: Backend>(b: &B, model: &Model<B>, req: &Request<'_>) -> Result<(Sampler, PagedLatentCache<B>, SeqId)> {
+/// Checks the request and creates the main cache (with `pad_rows` pad rows) and sequence.
+fn start<B: Backend>(b: &B, model: &Model<B>, req: &Request<'_>, pad_rows: usize) -> Result<(Sampler, PagedLatentCache<B>, SeqId)> {
     if req.prompt.is_empty() {
         return Err(RuntimeError::Request("the prompt is empty".into()));
     }
     let sampler = Sampler::new(req.sampling)?;
     // Room for the prompt, every generated token and one draft in flight.
-    let mut cache = model.new_cache(b, req.prompt.len() + req.max_tokens + 2)?;
+    let mut cache = model.new_cache_with(b, req.prompt.len() + req.max_tokens + 2, pad_rows)?;
     let seq = cache.add_sequence();
     Ok((sampler, cache, seq))
 }
 
 /// Generates up to `req.max_tokens` after `req.prompt`; `on_token` sees each id as it is
-/// chosen.
+/// chosen. The prompt is one prefill step; each next token is one decode step of a
+/// [`DecodeRunner`] (on a GPU: a replayed graph, sampling on the device, only the id back).
 pub fn generate<B: Backend>(b: &B, model: &Model<B>, req: &Request<'_>, on_token: impl FnMut(u32) -> Result<()>) -> Result<Generation> {
-    let (mut sampler, mut cache, seq) = start(b, model, req)?;
+    let mut runner = DecodeRunner::new(b, model, 1, Graphs::Auto)?;
+    generate_with(b, model, &mut runner, req, on_token)
+}
+
+/// [`generate`] with a runner the caller keeps (its workspace and graphs serve many
+/// generations; a graph is recaptured for each new cache).
+pub fn generate_with<B: Backend>(
+    b: &B,
+    model: &Model<B>,
+    runner: &mut DecodeRunner<B>,
+    req: &Request<'_>,
+    on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<Generation> {
+    let (mut sampler, mut cache, seq) = start(b, model, req, runner.pad_rows())?;
     let mut em = Emitter { out: Generation { prompt_tokens: req.prompt.len(), ..Default::default() }, req, on_token };
     if req.max_tokens == 0 {
         return Ok(em.out);
     }
     let t0 = Instant::now();
-    let hidden = model.forward_hidden(b, &mut cache, &[(seq, req.prompt)])?;
-    let mut next = sampler.sample(&model.logits(b, &hidden, &[req.prompt.len() - 1])?, req.allowed)?;
+    let mut next = {
+        let hidden = model.forward_hidden(b, &mut cache, &[(seq, req.prompt)])?;
+        model.sample(b, &hidden, &[req.prompt.len() - 1], &[sampler.next_row()], req.allowed)?[0]
+    };
     em.out.prefill_time = t0.elapsed();
     let t0 = Instant::now();
     while !em.emit(next)? {
-        let hidden = model.forward_hidden(b, &mut cache, &[(seq, &[next][..])])?;
-        next = sampler.sample(&model.logits(b, &hidden, &[0])?, req.allowed)?;
+        let row = DecodeRow { seq, token: next, sample: sampler.next_row() };
+        next = runner.step(b, model, &mut cache, &[row], req.allowed)?[0];
     }
     em.out.decode_time = t0.elapsed();
     Ok(em.out)
@@ -247,7 +272,7 @@ pub fn generate_mtp<B: Backend>(
     req: &Request<'_>,
     on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Generation> {
-    let (mut sampler, mut cache, seq) = start(b, model, req)?;
+    let (mut sampler, mut cache, seq) = start(b, model, req, 0)?;
     let stats = MtpStats { per_position: vec![(0, 0)] };
     let mut em = Emitter { out: Generation { prompt_tokens: req.prompt.len(), mtp: Some(stats), ..Default::default() }, req, on_token };
     if req.max_tokens == 0 {

@@ -14,6 +14,7 @@ use dsv3_kernels::Backend;
 use dsv3_kernels::embed::EmbedShape;
 use dsv3_kernels::gemm::{GemmPath, GemmShape};
 use dsv3_kernels::norm::RowsShape;
+use dsv3_kernels::sample::{SampleRow, SampleShape};
 use dsv3_mla::{CacheConfig, HostQProj, MlaConfig, MlaContext, MlaHostWeights, MlaWeights, PagedLatentCache, SeqId, StepPlan};
 use dsv3_moe::{DenseMlp, DenseMlpConfig, GroupedLayout, MlpWeights, MoeConfig, MoeLayer, MoeWeights};
 use half::bf16;
@@ -52,9 +53,29 @@ pub enum AttnForm {
     Expanded,
 }
 
+/// What [`Model::decode_into`] reads: the step's plan, its token ids and sampling rows on the
+/// backend, and the ids that may be sampled.
+pub(crate) struct DecodeInputs<'a, B: Backend> {
+    pub plan: &'a StepPlan<B>,
+    pub ids: &'a B::Buf<u32>,
+    pub rows: &'a B::Buf<SampleRow>,
+    pub allowed: usize,
+}
+
+impl<B: Backend> Clone for DecodeInputs<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for DecodeInputs<'_, B> {}
+
+/// Numbers the models of a process ([`Model::instance`]).
+static INSTANCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// A loaded model on backend `B`.
 #[derive(Debug)]
 pub struct Model<B: Backend> {
+    instance: u64,
     cfg: ModelConfig,
     mla: MlaConfig,
     ctx: MlaContext<B>,
@@ -124,7 +145,7 @@ impl<B: Backend> Stack<'_, B> {
             b.add_rms_norm(&attn_out, &mut residual, &layer.post_norm, rows, self.eps, &mut normed)?;
             x = match &layer.ffn {
                 Ffn::Dense(mlp) => mlp.forward(b, &normed, t)?,
-                Ffn::Moe(moe) => moe.forward(b, &normed, t)?.y,
+                Ffn::Moe(moe) => moe.forward_y(b, &normed, t)?,
             };
         }
         b.add_rms_norm(&x, &mut residual, self.final_norm, rows, self.eps, &mut normed)?;
@@ -202,7 +223,8 @@ impl<B: Backend> Model<B> {
         let norm = b.upload(&ck.norm_weight("model.norm.weight", h)?)?;
         let lm_head = Arc::new(b.upload_dense_weight(ck.bf16_weight("lm_head.weight", v, h)?.view())?);
         ck.finish_progress();
-        Ok(Model { cfg: cfg.clone(), mla, ctx, embed, layers, norm, lm_head, path })
+        let instance = INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Model { instance, cfg: cfg.clone(), mla, ctx, embed, layers, norm, lm_head, path })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -213,10 +235,23 @@ impl<B: Backend> Model<B> {
         self.path
     }
 
+    /// This model among the models of the process (a captured step reads the weights of the
+    /// model it was captured with: [`crate::decode::DecodeRunner`] checks it).
+    pub fn instance(&self) -> u64 {
+        self.instance
+    }
+
     /// A paged latent cache for this model with room for `tokens` tokens in all.
     pub fn new_cache(&self, b: &B, tokens: usize) -> Result<PagedLatentCache<B>> {
+        self.new_cache_with(b, tokens, 0)
+    }
+
+    /// [`Model::new_cache`] that also holds the pad rows of decode steps of up to `pad_rows`
+    /// rows ([`PagedLatentCache::plan_decode_padded`]; what [`crate::decode::DecodeRunner`]
+    /// needs to replay graphs per batch-size bucket).
+    pub fn new_cache_with(&self, b: &B, tokens: usize, pad_rows: usize) -> Result<PagedLatentCache<B>> {
         let pages = tokens.div_ceil(dsv3_mla::PAGE_SIZE).max(1);
-        Ok(PagedLatentCache::new(b, CacheConfig::for_model(&self.mla, self.layers.len(), pages))?)
+        Ok(PagedLatentCache::new(b, CacheConfig::for_model(&self.mla, self.layers.len(), pages).with_pad_rows(pad_rows))?)
     }
 
     /// One forward step: appends `tokens` of each `(sequence, tokens)` to the cache and
@@ -236,14 +271,35 @@ impl<B: Backend> Model<B> {
     ) -> Result<B::Buf<f32>> {
         let ids: Vec<u32> = batch.iter().flat_map(|(_, t)| t.iter().copied()).collect();
         let sizes: Vec<(SeqId, usize)> = batch.iter().map(|(s, toks)| (*s, toks.len())).collect();
-        let x = self.embed(b, &ids)?;
-        let plan = cache.plan(b, &sizes)?;
         let absorbed = match form {
             AttnForm::Auto => batch.iter().all(|(_, toks)| toks.len() == 1),
             AttnForm::Absorbed => true,
             AttnForm::Expanded => false,
         };
-        self.stack().run(b, cache, &plan, x, absorbed)
+        let step = crate::decode::StepScope::begin(b)?;
+        let x = self.embed(b, &ids)?;
+        let plan = cache.plan(b, &sizes)?;
+        let hidden = self.stack().run(b, cache, &plan, x, absorbed)?;
+        step.end()?;
+        Ok(hidden)
+    }
+
+    /// The absorbed step on inputs already on the backend ([`DecodeInputs`]), through
+    /// sampling: embeds `ids` (`[plan.tokens()]`), runs every layer on `plan` (one token per
+    /// entry), multiplies every row by `lm_head` and samples row `i` by `rows[i]` into
+    /// `out[i]`, ids below `allowed`.
+    /// Reads nothing back: what [`crate::decode::DecodeRunner`] runs, or captures as a graph.
+    /// The caller checked the ids against the vocabulary and holds the step scope.
+    pub(crate) fn decode_into(&self, b: &B, cache: &mut PagedLatentCache<B>, x: DecodeInputs<'_, B>, out: &mut B::Buf<u32>) -> Result<()> {
+        let DecodeInputs { plan, ids, rows, allowed } = x;
+        let (t, h, vocab) = (plan.tokens(), self.cfg.hidden_size, self.cfg.vocab_size);
+        let mut x = b.zeros::<f32>(t * h)?;
+        b.embedding(&self.embed, EmbedShape { vocab, dim: h }, ids, &mut x)?;
+        let hidden = self.stack().run(b, cache, plan, x, true)?;
+        let mut logits = b.zeros::<f32>(t * vocab)?;
+        b.gemm_dense(&hidden, &self.lm_head, GemmShape { m: t, n: vocab, k: h }, &mut logits)?;
+        b.sample_rows(&logits, SampleShape { rows: t, vocab, allowed }, rows, out)?;
+        Ok(())
     }
 
     /// Embedding rows of `ids` (checked against the vocabulary).
@@ -261,9 +317,27 @@ impl<B: Backend> Model<B> {
         Stack { ctx: &self.ctx, layers: &self.layers, final_norm: &self.norm, hidden: self.cfg.hidden_size, eps: self.cfg.norm_eps() }
     }
 
-    /// `logits [rows, vocab] = hidden[rows] · lm_headᵀ` for the given rows of `hidden`.
+    /// `logits [rows, vocab] = hidden[rows] · lm_headᵀ` for the given rows of `hidden`,
+    /// copied to the host (what `dsv3 logits` writes; a decode step samples on the backend
+    /// instead: [`Model::sample`]).
     pub fn logits(&self, b: &B, hidden: &B::Buf<f32>, rows: &[usize]) -> Result<Vec<f32>> {
         head_logits(b, &self.lm_head, hidden, self.cfg.hidden_size, self.cfg.vocab_size, rows)
+    }
+
+    /// One token for each of the given rows of `hidden`, row `rows[i]` drawn by `params[i]`
+    /// (ids below `allowed`), on the backend: the logits stay there and only the ids come back.
+    /// The same tokens as [`crate::generate::Sampler::sample`] on [`Model::logits`] with the
+    /// same parameters and uniforms.
+    pub fn sample(&self, b: &B, hidden: &B::Buf<f32>, rows: &[usize], params: &[SampleRow], allowed: usize) -> Result<Vec<u32>> {
+        if params.len() != rows.len() {
+            return Err(RuntimeError::Request(format!("{} sampling rows for {} hidden rows", params.len(), rows.len())));
+        }
+        let (h, vocab) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let logits = head_logits_buf(b, &self.lm_head, hidden, h, vocab, rows)?;
+        let p = b.upload(params)?;
+        let mut out = b.zeros::<u32>(rows.len())?;
+        b.sample_rows(&logits, SampleShape { rows: rows.len(), vocab, allowed }, &p, &mut out)?;
+        Ok(b.download(&out)?)
     }
 
     pub fn mla_config(&self) -> &MlaConfig {
@@ -277,6 +351,23 @@ impl<B: Backend> Model<B> {
     }
     pub(crate) fn lm_head(&self) -> Arc<B::DenseWeight> {
         self.lm_head.clone()
+    }
+
+    /// Bytes of weights a decode step of `batch` sequences reads: every dense tensor once, and
+    /// per MoE layer the routed experts the batch touches, `E · (1 - (1 - top_k/E)^batch)`
+    /// of them in expectation when tokens pick experts uniformly (`top_k` at batch 1: exactly
+    /// [`Model::decode_weight_bytes`]). The numerator of batched decode GB/s; the cache reads
+    /// (a few hundred KiB per sequence at short contexts) are not counted.
+    pub fn decode_weight_bytes_for(&self, batch: usize) -> f64 {
+        let c = &self.cfg;
+        let (e, k) = (c.n_routed_experts as f64, c.num_experts_per_tok as f64);
+        if batch <= 1 || c.n_routed_experts == 0 {
+            return self.decode_weight_bytes() as f64;
+        }
+        let touched = e * (1.0 - (1.0 - k / e).powi(batch as i32));
+        let moe_layers = (0..c.num_hidden_layers).filter(|&l| c.layer_kind(l) == LayerKind::Moe).count() as f64;
+        let expert = 3.0 * c.hidden_size as f64 * c.moe_intermediate_size as f64;
+        self.decode_weight_bytes() as f64 + moe_layers * expert * (touched - k)
     }
 
     /// Bytes of weights one decode step reads (every dense tensor, plus `top_k` of the routed
@@ -317,7 +408,7 @@ pub fn select_rows<B: Backend>(b: &B, x: &B::Buf<f32>, width: usize, rows: &[usi
     Ok(b.upload(&picked)?)
 }
 
-/// `logits [rows, vocab] = hidden[rows] · headᵀ`.
+/// `logits [rows, vocab] = hidden[rows] · headᵀ`, copied to the host.
 pub(crate) fn head_logits<B: Backend>(
     b: &B,
     head: &B::DenseWeight,
@@ -326,12 +417,24 @@ pub(crate) fn head_logits<B: Backend>(
     vocab: usize,
     rows: &[usize],
 ) -> Result<Vec<f32>> {
+    Ok(b.download(&head_logits_buf(b, head, hidden, width, vocab, rows)?)?)
+}
+
+/// `logits [rows, vocab] = hidden[rows] · headᵀ` on the backend.
+pub(crate) fn head_logits_buf<B: Backend>(
+    b: &B,
+    head: &B::DenseWeight,
+    hidden: &B::Buf<f32>,
+    width: usize,
+    vocab: usize,
+    rows: &[usize],
+) -> Result<B::Buf<f32>> {
     // Every row in order (each decode step): no copy of the hidden states.
     let all = rows.iter().enumerate().all(|(i, &r)| i == r) && b.len(hidden) == rows.len() * width;
     let picked = if all { None } else { Some(select_rows(b, hidden, width, rows)?) };
     let mut out = b.zeros::<f32>(rows.len() * vocab)?;
     b.gemm_dense(picked.as_ref().unwrap_or(hidden), head, GemmShape { m: rows.len(), n: vocab, k: width }, &mut out)?;
-    Ok(b.download(&out)?)
+    Ok(out)
 }
 
 fn load_moe(ck: &Checkpoint, p: &str, cfg: &ModelConfig, path: GemmPath) -> Result<MoeWeights> {

@@ -166,17 +166,23 @@ struct dsv3_gemm_tile {
 };
 static_assert(sizeof(dsv3_gemm_tile) == 16, "mirror in params.rs");
 
-// gemm/fp8_gemm_simt.cu: dsv3_gemm_fp8_simt per tile of `tiles` (grid.y = number of tiles).
+// gemm/fp8_gemm_simt.cu: dsv3_gemm_fp8_simt per tile of `tiles` (grid.y = number of tiles,
+// or, with `n_tiles`, at least *n_tiles: the rows past it exit). Expert e's weight is
+// experts[e], or, when `experts` is null, entry e of the stack at stack_w / stack_s
+// (n·k codes and ceil(n/128)·ceil(k/128) scales per entry).
 struct dsv3_gemm_fp8_simt_grouped_params {
   const uint8_t* a;
   const float* a_s;
   const dsv3_gemm_expert* experts;
   const dsv3_gemm_tile* tiles;
   float* out;
+  const uint32_t* n_tiles;
+  const uint8_t* stack_w;
+  const float* stack_s;
   uint32_t n;
   uint32_t k;
 };
-static_assert(sizeof(dsv3_gemm_fp8_simt_grouped_params) == 48, "mirror in params.rs");
+static_assert(sizeof(dsv3_gemm_fp8_simt_grouped_params) == 72, "mirror in params.rs");
 
 // gemm/dense_gemm_simt.cu: out[M, N] = a[M, K] f32 · dequant(w)ᵀ, w [N, K] e4m3 with
 // w_s [ceil(N/128), ceil(K/128)].
@@ -195,13 +201,16 @@ static_assert(sizeof(dsv3_gemm_dequant_simt_params) == 48, "mirror in params.rs"
 // gemm/dense_gemm_simt.cu: dsv3_gemm_dequant_simt per tile of `tiles`.
 struct dsv3_gemm_dequant_simt_grouped_params {
   const float* a;
-  const dsv3_gemm_expert* experts;
+  const dsv3_gemm_expert* experts;  // or null: the stack at stack_w / stack_s (as fp8 grouped)
   const dsv3_gemm_tile* tiles;
   float* out;
+  const uint32_t* n_tiles;          // or null: grid.y tiles
+  const uint8_t* stack_w;
+  const float* stack_s;
   uint32_t n;
   uint32_t k;
 };
-static_assert(sizeof(dsv3_gemm_dequant_simt_grouped_params) == 40, "mirror in params.rs");
+static_assert(sizeof(dsv3_gemm_dequant_simt_grouped_params) == 64, "mirror in params.rs");
 
 // gemm/dense_gemm_simt.cu: out[M, N] = a[M, K] f32 · wᵀ, w [N, K] bf16 bits.
 struct dsv3_gemm_bf16_simt_params {
@@ -268,6 +277,18 @@ struct dsv3_dispatch_plan_params {
   uint32_t pad;
 };
 static_assert(sizeof(dsv3_dispatch_plan_params) == 88, "mirror in params.rs");
+
+// permute/dispatch_plan.cu: the grouped GEMMs' tile list of a plan, on the device: for each
+// bucket b in order, tiles of at most 64 rows of offsets[b]..offsets[b+1]; *n_tiles = their
+// number (never more than max_tiles, the length of `tiles`).
+struct dsv3_grouped_tiles_params {
+  const uint32_t* offsets;  // [buckets + 1]
+  dsv3_gemm_tile* tiles;    // [max_tiles]
+  uint32_t* n_tiles;        // [1]
+  uint32_t buckets;
+  uint32_t max_tiles;
+};
+static_assert(sizeof(dsv3_grouped_tiles_params) == 32, "mirror in params.rs");
 
 // permute/dispatch_plan.cu: per-row metadata in a plan's order (a2a packing).
 struct dsv3_a2a_gather_meta_params {
@@ -388,21 +409,27 @@ struct dsv3_sample_greedy_params {
 };
 static_assert(sizeof(dsv3_sample_greedy_params) == 40, "mirror in params.rs");
 
-// sample/sample.cu: temperature, top-k, top-p and the draw with uniforms[r], per row.
-struct dsv3_sample_top_k_top_p_params {
-  const float* logits;       // [rows, vocab]
-  const double* uniforms;    // [rows] in [0, 1)
-  unsigned long long* keys;  // [rows, padded] scratch
-  double* probs;             // [rows, allowed] scratch
-  uint32_t* out;             // [rows]
-  uint32_t* status;          // lowest row * allowed + id holding NaN
-  uint32_t rows;
-  uint32_t vocab;
-  uint32_t allowed;
-  uint32_t padded;           // allowed rounded up to a power of two
-  uint32_t top_k;            // 0: all
-  float temperature;         // > 0
-  float top_p;               // (0, 1]
+// sample/sample.cu: one row's sampling parameters (sample::SampleRow).
+struct dsv3_sample_row {
+  float temperature;  // 0: greedy
+  float top_p;        // in (0, 1]
+  uint32_t top_k;     // 0: all
   uint32_t pad;
+  double uniform;     // in [0, 1)
 };
-static_assert(sizeof(dsv3_sample_top_k_top_p_params) == 80, "mirror in params.rs");
+static_assert(sizeof(dsv3_sample_row) == 24, "mirror in sample.rs (SampleRow)");
+
+// sample/sample.cu: one token per row, each row with its own parameters (sample::sample_rows).
+struct dsv3_sample_params {
+  const float* logits;             // [rows, vocab]
+  const dsv3_sample_row* rows;     // [rows]
+  unsigned long long* keys;        // [rows, padded] scratch
+  double* probs;                   // [rows, allowed] scratch
+  uint32_t* out;                   // [rows]
+  uint32_t* status;                // lowest row * allowed + id holding NaN
+  uint32_t n_rows;
+  uint32_t vocab;
+  uint32_t allowed;                // candidates per row, min(allowed, vocab) >= 1
+  uint32_t padded;                 // next power of two >= allowed
+};
+static_assert(sizeof(dsv3_sample_params) == 64, "mirror in params.rs");

@@ -2,8 +2,9 @@
 //! `dsv3_mla_cache_write`, `dsv3_mla_cache_gather`, `dsv3_mla_absorb_q`, `dsv3_mla_expand_v`,
 //! `dsv3_mla_decode` (the absorbed form, FlashMLA's contract) and `dsv3_mla_prefill` (the
 //! expanded causal form). The checks are the CPU's own (`crate::attention::check_*`), run on
-//! the downloaded index arrays (slots, block tables, lengths, offsets); then the kernels'
-//! limits on head widths. Copies are exact; the rest agrees with the f64 references within
+//! the host copies of the index arrays (slots, block tables, lengths, offsets: what a step
+//! plan uploads keeps one; anything else is read back); then the kernels' limits on head
+//! widths. Copies are exact; the rest agrees with the f64 references within
 //! f32 rounding (see the kernels).
 
 use super::gemm::DeviceBf16Weight;
@@ -30,7 +31,7 @@ const RT: usize = 8;
 impl CudaDevice {
     /// `dsv3_mla_cache_write`: [`crate::attention::cache_write`] on the GPU: RMSNorm of each
     /// new latent (the f32 block sum of [`CudaDevice::rms_norm`]) and `k_pe` copied, into the
-    /// pool rows `slots[t]`. Slots are downloaded and checked (in range, distinct) first.
+    /// pool rows `slots[t]`. Slots are checked (in range, distinct) on their host copy first.
     pub fn mla_cache_write(
         &self,
         kv: &DeviceBuf<f32>,
@@ -41,7 +42,7 @@ impl CudaDevice {
         pool: &mut DeviceBuf<f32>,
     ) -> Result<()> {
         const OP: &str = "attention::cache_write";
-        let host_slots = self.download(slots)?;
+        let host_slots = self.host_copy(slots)?;
         attention::check_cache_write(OP, kv.len(), norm_w.len(), eps, &host_slots, shape, pool.len())?;
         let tokens = u32_of(OP, "tokens", shape.tokens)?;
         let (kv_lora, rope) = (u32_of(OP, "kv_lora", shape.pool.kv_lora)?, u32_of(OP, "rope", shape.pool.rope)?);
@@ -55,14 +56,15 @@ impl CudaDevice {
         let (pa, _gp) = self.imp.addr_mut(&mut pool.imp);
         let p = MlaCacheWriteParams { kv: ka, norm_w: na, slots: sa, pool: pa, tokens, kv_lora, rope, eps };
         // SAFETY: kv is tokens·(kv_lora + rope), norm_w kv_lora (checked); every slot is below
-        // num_pages·page_size and distinct (checked on the downloaded copy, which is what the
-        // device holds: nothing writes `slots` in between), so block t writes only its own pool
-        // row, inside the pool (checked length). pool is the only &mut buffer.
+        // num_pages·page_size and distinct (checked on the host copy, which is what the device
+        // holds: a host copy is dropped when the device may write the buffer, and is not used
+        // after a graph replay), so block t writes only its own pool row, inside the pool
+        // (checked length). pool is the only &mut buffer.
         unsafe { self.imp.launch(kernel!(MlaCacheWrite), (tokens, 1), 256, &p) }
     }
 
     /// `dsv3_mla_cache_gather`: [`crate::attention::gather`] on the GPU (exact copies). The
-    /// block table and lengths are downloaded and checked first.
+    /// block table and lengths are checked on their host copies first.
     pub fn mla_cache_gather(
         &self,
         pool: &DeviceBuf<f32>,
@@ -73,7 +75,7 @@ impl CudaDevice {
         k_pe: &mut DeviceBuf<f32>,
     ) -> Result<()> {
         const OP: &str = "attention::gather";
-        let (table, lens) = (self.download(block_table)?, self.download(seq_lens)?);
+        let (table, lens) = (self.host_copy(block_table)?, self.host_copy(seq_lens)?);
         attention::check_gather(OP, pool.len(), &table, &lens, shape, c_kv.len(), k_pe.len())?;
         let keys = u32_of(OP, "keys", shape.keys)?;
         let (seqs, max_blocks) = (u32_of(OP, "seqs", shape.seqs)?, u32_of(OP, "max_blocks", shape.max_blocks)?);
@@ -181,8 +183,8 @@ impl CudaDevice {
     }
 
     /// `dsv3_mla_decode`: [`crate::attention::decode`] on the GPU (absorbed MLA over the paged
-    /// latent cache; a row with no key gets zeros). The block table and lengths are downloaded
-    /// and checked first. Limits: kv_lora + rope <= 640, kv_lora <= 512, batch <= 65535.
+    /// latent cache; a row with no key gets zeros). The block table and lengths are checked on
+    /// their host copies first. Limits: kv_lora + rope <= 640, kv_lora <= 512, batch <= 65535.
     pub fn mla_decode(
         &self,
         q: &DeviceBuf<f32>,
@@ -193,7 +195,7 @@ impl CudaDevice {
         out: &mut DeviceBuf<f32>,
     ) -> Result<()> {
         const OP: &str = "attention::decode";
-        let (table, lens) = (self.download(block_table)?, self.download(kv_lens)?);
+        let (table, lens) = (self.host_copy(block_table)?, self.host_copy(kv_lens)?);
         attention::check_decode(OP, q.len(), pool.len(), &table, &lens, params, out.len())?;
         let pl = params.pool;
         if pl.width() > DECODE_MAX_WIDTH || pl.kv_lora > DECODE_MAX_KV_LORA {
@@ -237,7 +239,7 @@ impl CudaDevice {
     }
 
     /// `dsv3_mla_prefill`: [`crate::attention::prefill`] on the GPU (expanded causal attention
-    /// by absolute position). `q_pos`, `cu_q` and `cu_k` are downloaded and checked first.
+    /// by absolute position). `q_pos`, `cu_q` and `cu_k` are checked on their host copies first.
     /// Limits: qk_nope + qk_rope <= 256, v <= 256.
     pub fn mla_prefill(
         &self,
@@ -246,7 +248,7 @@ impl CudaDevice {
         out: &mut DeviceBuf<f32>,
     ) -> Result<()> {
         const OP: &str = "attention::prefill";
-        let (q_pos, cu_q, cu_k) = (self.download(x.q_pos)?, self.download(x.cu_q)?, self.download(x.cu_k)?);
+        let (q_pos, cu_q, cu_k) = (self.host_copy(x.q_pos)?, self.host_copy(x.cu_q)?, self.host_copy(x.cu_k)?);
         let lens = PrefillCheck {
             q: x.q.len(),
             k_nope: x.k_nope.len(),

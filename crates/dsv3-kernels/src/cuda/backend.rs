@@ -7,11 +7,12 @@
 //! has the shape and on the simple kernels otherwise ([`super::sm90_gemm::gemm_route`]); the
 //! Reference path always runs on the simple dequantising kernel.
 
-use super::{CudaDevice, DeviceBf16Weight, DeviceBuf, DeviceFp8Weight, DevicePlan, DeviceRope};
+use super::{CudaDevice, DeviceBf16Weight, DeviceBuf, DeviceFp8Weight, DeviceGraph, DevicePlan, DeviceRope};
 use crate::attention::{CacheWriteShape, DecodeParams, GatherShape, MlaDims, PrefillInputs, PrefillParams};
-use crate::backend::{Backend, Elem};
+use crate::backend::{Backend, DeviceStats, Elem};
 use crate::dense::Bf16WeightRef;
 use crate::embed::EmbedShape;
+use crate::error::KernelError;
 use crate::error::Result;
 use crate::fp8::{ActQuantShape, Fp8WeightRef, ScaleFmt};
 use crate::gating::RouteCfg;
@@ -19,8 +20,9 @@ use crate::gemm::{GemmPath, GemmShape};
 use crate::norm::RowsShape;
 use crate::permute::PlanShape;
 use crate::rope::{RopeCfg, RopeLayout, RopeTable};
+use crate::sample::{SampleRow, SampleShape};
 
-/// The CUDA backend: one GPU and its default stream ([`CudaDevice`]).
+/// The CUDA backend: one GPU and its stream ([`CudaDevice`]).
 #[derive(Debug)]
 pub struct Cuda {
     dev: CudaDevice,
@@ -70,9 +72,64 @@ impl Backend for Cuda {
     type DenseWeight = DeviceBf16Weight;
     type Rope = DeviceRope;
     type Plan = DevicePlan;
+    type Graph = DeviceGraph;
 
     fn name(&self) -> &'static str {
         "cuda"
+    }
+    fn write<T: Elem>(&self, buf: &mut DeviceBuf<T>, host: &[T]) -> Result<()> {
+        crate::error::check_len("write", "host", host.len(), buf.len())?;
+        self.dev.write(buf, 0, host)
+    }
+    /// One allocation (from the workspace inside a step) and one copy for all parts.
+    fn upload_many<T: Elem>(&self, parts: &[&[T]]) -> Result<Vec<DeviceBuf<T>>> {
+        self.dev.upload_many(parts)
+    }
+
+    fn begin_step(&self) -> Result<()> {
+        self.dev.begin_step()
+    }
+    fn end_step(&self) -> Result<()> {
+        self.dev.end_step()
+    }
+    fn measure_workspace(&self) -> Result<()> {
+        self.dev.imp.measure_workspace()
+    }
+    fn measured_workspace(&self) -> usize {
+        self.dev.imp.measured_workspace()
+    }
+    fn reserve_workspace(&self, bytes: usize) -> Result<()> {
+        self.dev.imp.reserve_workspace(bytes)
+    }
+    fn can_capture(&self) -> bool {
+        true
+    }
+    fn capture<E: From<KernelError>>(&self, mut f: impl FnMut() -> Result<(), E>) -> Result<Option<DeviceGraph>, E> {
+        let mut failed = None;
+        let r = self.dev.imp.capture(&mut || {
+            f().map_err(|e| {
+                failed = Some(e);
+                KernelError::Cuda("the captured step failed".into())
+            })
+        });
+        match (r, failed) {
+            (_, Some(e)) => Err(e),
+            (Ok(g), None) => Ok(Some(DeviceGraph(g))),
+            (Err(e), None) => Err(e.into()),
+        }
+    }
+    fn replay(&self, g: &DeviceGraph) -> Result<()> {
+        self.dev.imp.replay(&g.0)
+    }
+    fn timed<R, E: From<KernelError>>(&self, f: impl FnOnce() -> Result<R, E>) -> Result<(R, Option<f64>), E> {
+        let (r, ms) = self.dev.imp.timed(f)?;
+        Ok((r, Some(f64::from(ms) / 1e3)))
+    }
+    fn copy_bandwidth(&self) -> Result<Option<f64>> {
+        self.dev.imp.copy_bandwidth().map(Some)
+    }
+    fn stats(&self) -> DeviceStats {
+        self.dev.stats()
     }
 
     fn zeros<T: Elem>(&self, len: usize) -> Result<DeviceBuf<T>> {
@@ -202,6 +259,16 @@ impl Backend for Cuda {
     fn dispatch_plan(&self, shape: PlanShape, topk_ids: &DeviceBuf<u32>) -> Result<DevicePlan> {
         self.dev.dispatch_plan(shape, topk_ids)
     }
+    fn grouped_gemm_planned(
+        &self,
+        a: &DeviceBuf<f32>,
+        plan: &DevicePlan,
+        w: &[&DeviceFp8Weight],
+        path: GemmPath,
+        out: &mut DeviceBuf<f32>,
+    ) -> Result<()> {
+        self.dev.grouped_planned(a, plan, w, path, out)
+    }
     fn plan_offsets(&self, plan: &DevicePlan) -> Result<DeviceBuf<u32>> {
         self.dev.plan_offsets(plan)
     }
@@ -279,5 +346,15 @@ impl Backend for Cuda {
         out: &mut DeviceBuf<f32>,
     ) -> Result<()> {
         self.dev.mla_prefill(inputs, params, out)
+    }
+
+    fn sample_rows(
+        &self,
+        logits: &DeviceBuf<f32>,
+        shape: SampleShape,
+        rows: &DeviceBuf<SampleRow>,
+        out: &mut DeviceBuf<u32>,
+    ) -> Result<()> {
+        self.dev.sample_rows(logits, shape, rows, out)
     }
 }

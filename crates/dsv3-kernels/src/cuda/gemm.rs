@@ -20,7 +20,7 @@
 use super::ops::{Masked, non_finite_detail};
 use super::params::*;
 use super::sm90_gemm::{DeviceFp8Stack, Fp8Route, GemmRoute, Sm90Fallback, Sm90Layout, Sm90Out, StackRange, fp8_route};
-use super::{CudaDevice, DeviceBuf, grid_yz, imp, u32_of};
+use super::{CudaDevice, DeviceBuf, DevicePlan, grid_yz, imp, u32_of};
 use crate::dense::Bf16WeightRef;
 use crate::error::{Result, check_len, checked_mul, invalid, shape_err};
 use crate::fp8::{ActQuantShape, BLOCK, Fp8WeightRef, ScaleFmt, blocks};
@@ -29,6 +29,10 @@ use std::sync::Arc;
 
 /// Output tile edge of the SIMT GEMMs (rows and columns per block).
 const TILE: usize = 64;
+
+/// Most rows (token-expert pairs) a planned grouped GEMM schedules on the device
+/// ([`CudaDevice::grouped_planned`]): 128 tokens of top-8, the largest decode batch.
+pub const DEVICE_TILES_MAX_ROWS: usize = 1024;
 
 /// A validated block-scaled FP8 weight in device memory: entry `index` of a weight stack
 /// ([`DeviceFp8Stack`]), whose device memory it shares with the stack's other entries. A weight
@@ -324,7 +328,7 @@ impl CudaDevice {
         out: &mut DeviceBuf<f32>,
     ) -> Result<GemmRoute> {
         const OP: &str = "grouped_contiguous";
-        let host = self.download(offsets)?;
+        let host = self.host_copy(offsets)?;
         let shapes: Vec<(usize, usize)> = w.iter().map(|x| x.shape()).collect();
         let g = GroupedShape::contiguous(OP, a.len(), &host, &shapes, out.len())?;
         check_fp8_k(OP, path, g.k)?;
@@ -384,7 +388,7 @@ impl CudaDevice {
         out: &mut DeviceBuf<f32>,
     ) -> Result<GemmRoute> {
         const OP: &str = "grouped_masked";
-        let host = self.download(counts)?;
+        let host = self.host_copy(counts)?;
         let shapes: Vec<(usize, usize)> = w.iter().map(|x| x.shape()).collect();
         let g = GroupedShape::masked(OP, a.len(), &host, capacity, &shapes, out.len())?;
         check_fp8_k(OP, path, g.k)?;
@@ -422,6 +426,105 @@ impl CudaDevice {
             }
         }
         Ok(route)
+    }
+
+    /// [`crate::Backend::grouped_gemm_planned`]: the grouped contiguous GEMM with a plan's
+    /// offsets. At decode sizes (at most [`DEVICE_TILES_MAX_ROWS`] rows) and with the experts
+    /// one run of a weight stack, the rows are scheduled on the device from the plan's tile
+    /// list (built with the plan, `dsv3_grouped_tiles`): nothing is read back, so the call can
+    /// be part of a captured step; the simple kernels run it (bit-exact with the reference).
+    /// Otherwise (prefill sizes, or experts uploaded one by one) it is
+    /// [`Self::grouped_contiguous`] on the plan's offsets, which reads them back to route the
+    /// call (the sm90 kernel where it has the shape).
+    pub fn grouped_planned(
+        &self,
+        a: &DeviceBuf<f32>,
+        plan: &DevicePlan,
+        w: &[&DeviceFp8Weight],
+        path: GemmPath,
+        out: &mut DeviceBuf<f32>,
+    ) -> Result<()> {
+        const OP: &str = "grouped_contiguous";
+        let shape = plan.shape();
+        let rows = shape.pairs();
+        let run = stack_run(w);
+        let (Some(run), true) = (run, rows <= DEVICE_TILES_MAX_ROWS) else {
+            return self.grouped_contiguous(a, plan.offsets(), w, path, out);
+        };
+        if w.len() != shape.n_experts {
+            return Err(shape_err(OP, format!("{} expert weights for a plan of {} experts", w.len(), shape.n_experts)));
+        }
+        let (n, k) = w[0].shape();
+        check_len(OP, "a", a.len(), checked_mul(OP, "a", rows, k)?)?;
+        check_len(OP, "out", out.len(), checked_mul(OP, "out", rows, n)?)?;
+        check_fp8_k(OP, path, k)?;
+        let (n32, k32) = (u32_of(OP, "n", n)?, u32_of(OP, "k", k)?);
+        let max_tiles = grid_yz(OP, "row tiles", plan.max_tiles(), 1)?;
+        if rows == 0 || n == 0 {
+            return Ok(());
+        }
+        let (wo, so) = run.offsets();
+        let fp8 = if path == GemmPath::Fp8 {
+            let qs = ActQuantShape { rows, cols: k };
+            let (mut q, mut sc) = (self.zeros::<u8>(a.len())?, self.zeros::<f32>(rows * qs.tiles())?);
+            if let Some((r, t)) = self.act_quant_rows(a, qs, ScaleFmt::Float, None, &mut q, &mut sc)? {
+                return Err(invalid(OP, "a", non_finite_detail(r, t)));
+            }
+            Some((q, sc))
+        } else {
+            None
+        };
+        let (ta, _gt) = self.imp.addr(&plan.tiles.imp);
+        let (ca, _gc) = self.imp.addr(&plan.n_tiles.imp);
+        let (wa, _gw) = self.imp.addr(&run.stack.data.imp);
+        let (wsa, _gws) = self.imp.addr(&run.stack.scale_inv.imp);
+        let (oa, _go) = self.imp.addr_mut(&mut out.imp);
+        let grid = (n32.div_ceil(64), max_tiles);
+        match &fp8 {
+            None => {
+                let (aa, _ga) = self.imp.addr(&a.imp);
+                let p = GemmDequantSimtGroupedParams {
+                    a: aa,
+                    experts: 0,
+                    tiles: ta,
+                    out: oa,
+                    n_tiles: ca,
+                    stack_w: wa + wo,
+                    stack_s: wsa + so,
+                    n: n32,
+                    k: k32,
+                };
+                // SAFETY: the plan's tile list (max_tiles entries, *n_tiles <= max_tiles of
+                // them valid; the kernel reads only those) was built on the device from its
+                // offsets, which run from 0 to `rows` without decreasing (a DevicePlan's tables
+                // are consistent by construction), so every tile's rows lie inside a ([rows,
+                // k], checked) and out ([rows, n], checked) and its expert is < n_experts =
+                // w.len(); the weights are entries first..first + n_experts of one stack
+                // (StackRange's invariant: n·k codes and ceil(n/128)·ceil(k/128) scales each,
+                // shape checked equal for all by the run). out is the only &mut buffer.
+                unsafe { self.imp.launch(kernel!(GemmDequantSimtGrouped), grid, 256, &p) }
+            }
+            Some((q, sc)) => {
+                let (qa, _gq) = self.imp.addr(&q.imp);
+                let (sa, _gs) = self.imp.addr(&sc.imp);
+                let p = GemmFp8SimtGroupedParams {
+                    a: qa,
+                    a_s: sa,
+                    experts: 0,
+                    tiles: ta,
+                    out: oa,
+                    n_tiles: ca,
+                    stack_w: wa + wo,
+                    stack_s: wsa + so,
+                    n: n32,
+                    k: k32,
+                };
+                // SAFETY: as the Reference path, with the quantised activation [rows, k] and
+                // its scales [rows, k/128]; k % 128 == 0 (checked), so the kernel's 8-byte chunk
+                // loads are in bounds and aligned.
+                unsafe { self.imp.launch(kernel!(GemmFp8SimtGrouped), grid, 256, &p) }
+            }
+        }
     }
 
     /// The tile list (tiles of at most 64 rows of each `(first row, rows)` span, expert = span
@@ -468,7 +571,7 @@ impl CudaDevice {
         match fp8 {
             None => {
                 let (aa, _ga) = self.imp.addr(&a.imp);
-                let p = GemmDequantSimtGroupedParams { a: aa, experts: ea, tiles: ta, out: oa, n, k };
+                let p = GemmDequantSimtGroupedParams { a: aa, experts: ea, tiles: ta, out: oa, n, k, ..Default::default() };
                 // SAFETY: every tile covers rows row0..row0+rows (<= 64) inside the validated
                 // `rows` of a ([rows, k]) and out ([rows, n]), with an expert index < the length
                 // of the experts table, whose entries are the addresses of live weights of shape
@@ -479,7 +582,7 @@ impl CudaDevice {
             Some((q, sc)) => {
                 let (qa, _gq) = self.imp.addr(&q.imp);
                 let (sa, _gs) = self.imp.addr(&sc.imp);
-                let p = GemmFp8SimtGroupedParams { a: qa, a_s: sa, experts: ea, tiles: ta, out: oa, n, k };
+                let p = GemmFp8SimtGroupedParams { a: qa, a_s: sa, experts: ea, tiles: ta, out: oa, n, k, ..Default::default() };
                 // SAFETY: as the Reference path, with the codes [rows, k] and scales
                 // [rows, k/128] of the activation; k % 128 == 0 (checked), so the 8-byte chunk
                 // loads are in bounds and aligned.

@@ -29,10 +29,15 @@
 //! Errors: shapes are checked before any launch, with the CPU functions' checks and error
 //! values (the same `check` functions where the CPU module has them). Checks that need index
 //! data the caller keeps on the device (slots, block tables, offsets: a few hundred bytes)
-//! download it first; checks of bulk data (non-finite values, ids and positions out of range)
-//! run on the device and come back through a status word; the wrapper then waits for the
-//! kernel and returns the same error as the CPU, but unlike the CPU, outputs (in-place ones
-//! included) may have been partly written.
+//! run on the buffer's host copy when it has one (a small buffer uploaded from the host keeps
+//! one until the device may write it: a step's tables always do) and download it otherwise;
+//! checks of bulk data (non-finite values, ids and positions out of range) run on the device
+//! and come back through a status word. Outside a step the wrapper then waits for the kernel
+//! and returns the same error as the CPU; inside a step ([`CudaDevice::begin_step`]) nothing
+//! waits, and the step's end reports the first failed check ([`KernelError::DeviceCheck`]).
+//! Unlike the CPU, outputs (in-place ones included) may then have been partly written.
+//!
+//! Steps, the workspace and graphs: see `driver.rs` and [`Cuda`]'s `Backend` methods.
 
 /// The generated entry point `Kernel::$v` (a placeholder without the feature, where no device
 /// can exist to launch on).
@@ -82,8 +87,21 @@ use crate::backend::Elem;
 use crate::error::{KernelError, Result, checked_mul};
 use std::marker::PhantomData;
 
-/// One Hopper GPU with the kernels of `cuda/` loaded, and its default stream; every method
-/// runs in stream order on it.
+/// The GPUs the kernels are built for: compute capability 9.0 (H100, H200, GH200; `sm_90a`).
+/// Any other part is [`KernelError::CudaUnavailable`] naming it.
+pub fn check_compute_capability(name: &str, cc: (i32, i32)) -> Result<()> {
+    if cc == (9, 0) {
+        return Ok(());
+    }
+    Err(KernelError::CudaUnavailable(format!("{name} is sm_{}{}; the kernels are built for sm_90a (H100/H200)", cc.0, cc.1)))
+}
+
+/// A captured step of a [`CudaDevice`] ([`crate::Backend::capture`] on [`Cuda`]).
+#[derive(Debug)]
+pub struct DeviceGraph(imp::Graph);
+
+/// One Hopper GPU with the kernels of `cuda/` loaded, and its stream; every method runs in
+/// stream order on it.
 #[derive(Debug)]
 pub struct CudaDevice {
     imp: imp::Device,
@@ -144,11 +162,52 @@ impl CudaDevice {
     }
 
     /// Copies `host` over elements `at..at + host.len()` of a buffer (in stream order).
-    fn write<T: Elem>(&self, buf: &mut DeviceBuf<T>, at: usize, host: &[T]) -> Result<()> {
+    pub fn write<T: Elem>(&self, buf: &mut DeviceBuf<T>, at: usize, host: &[T]) -> Result<()> {
         if at.checked_add(host.len()).is_none_or(|end| end > buf.len) {
             return Err(crate::error::shape_err("CudaDevice::write", format!("{at}..+{} is outside 0..{}", host.len(), buf.len)));
         }
         self.imp.write(&mut buf.imp, at * size_of::<T>(), bytemuck::cast_slice(host))
+    }
+
+    /// Several host arrays in one allocation and one copy, one buffer each (each keeps its
+    /// host copy when small).
+    pub fn upload_many<T: Elem>(&self, parts: &[&[T]]) -> Result<Vec<DeviceBuf<T>>> {
+        let bytes: Vec<&[u8]> = parts.iter().map(|p| bytemuck::cast_slice::<T, u8>(p)).collect();
+        let bufs = self.imp.upload_parts(&bytes)?;
+        Ok(bufs.into_iter().zip(parts).map(|(imp, p)| DeviceBuf { imp, len: p.len(), _t: PhantomData }).collect())
+    }
+
+    /// The contents of a small index buffer: its host copy when it has one (no waiting), else
+    /// a read-back (which waits, and is refused while a graph is being captured).
+    pub(crate) fn host_copy<T: Elem>(&self, buf: &DeviceBuf<T>) -> Result<Vec<T>> {
+        match self.imp.shadow(&buf.imp) {
+            Some(bytes) if bytes.len() == buf.len * size_of::<T>() => {
+                let mut v = vec![T::default(); buf.len];
+                bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(bytes);
+                Ok(v)
+            }
+            _ => self.download(buf),
+        }
+    }
+
+    /// Enters a step ([`crate::Backend::begin_step`]).
+    pub fn begin_step(&self) -> Result<()> {
+        self.imp.begin_step()
+    }
+
+    /// Leaves a step ([`crate::Backend::end_step`]).
+    pub fn end_step(&self) -> Result<()> {
+        self.imp.end_step()
+    }
+
+    /// Whether the launches now belong to a step (their checks are read at its end).
+    pub fn in_step(&self) -> bool {
+        self.imp.in_step()
+    }
+
+    /// Counters of launches, allocations, uploads, read-backs and the workspace.
+    pub fn stats(&self) -> crate::DeviceStats {
+        self.imp.stats()
     }
 
     /// The buffer's contents (waits for every launch before it).

@@ -19,6 +19,10 @@ pub struct DevicePlan {
     slot_of: DeviceBuf<u32>,
     token_of_slot: DeviceBuf<u32>,
     pair_of_slot: DeviceBuf<u32>,
+    /// The grouped GEMMs' row tiles (`dsv3_gemm_tile`, 4 words each, `max_tiles` of them) and
+    /// how many are valid (`[1]`), built with the plan.
+    pub(crate) tiles: DeviceBuf<u32>,
+    pub(crate) n_tiles: DeviceBuf<u32>,
 }
 
 impl DevicePlan {
@@ -46,6 +50,31 @@ impl DevicePlan {
     pub fn pair_of_slot(&self) -> &DeviceBuf<u32> {
         &self.pair_of_slot
     }
+    /// Room in the tile list: a bound on the tiles of at most 64 rows any plan of this shape
+    /// has (each bucket with rows adds at most one partial tile).
+    pub fn max_tiles(&self) -> usize {
+        max_tiles(self.shape)
+    }
+}
+
+/// [`DevicePlan::max_tiles`] of a shape: `Σ ceil(c_b / 64) <= pairs / 64 + min(buckets, pairs)`.
+fn max_tiles(shape: PlanShape) -> usize {
+    (shape.pairs() / 64 + shape.n_experts.min(shape.pairs())).max(1)
+}
+
+/// The tile list of offsets, on the host (what `dsv3_grouped_tiles` writes), as words.
+fn host_tiles(offsets: &[u32], max: usize) -> (Vec<u32>, u32) {
+    let mut words = vec![0u32; 4 * max];
+    let mut n = 0usize;
+    for (b, r) in offsets.windows(2).enumerate() {
+        for r0 in (r[0]..r[1]).step_by(64) {
+            if n < max {
+                words[4 * n..4 * n + 3].copy_from_slice(&[b as u32, r0, 64.min(r[1] - r0)]);
+            }
+            n += 1;
+        }
+    }
+    (words, n.min(max) as u32)
 }
 
 /// Which map of a plan a row gather follows.
@@ -60,7 +89,10 @@ pub(crate) enum RowMap {
 impl CudaDevice {
     /// Uploads the tables of a plan built on the host ([`DispatchPlan::build`]).
     pub fn upload_plan(&self, plan: &DispatchPlan) -> Result<DevicePlan> {
+        let (tiles, n_tiles) = host_tiles(plan.offsets(), max_tiles(plan.shape()));
         Ok(DevicePlan {
+            tiles: self.upload(&tiles)?,
+            n_tiles: self.upload(&[n_tiles])?,
             shape: plan.shape(),
             counts: self.upload(plan.counts())?,
             offsets: self.upload(plan.offsets())?,
@@ -112,7 +144,7 @@ impl CudaDevice {
         let mut cursor = self.zeros::<u32>(shape.n_experts)?;
         let (mut slot_of, mut token_of_slot, mut pair_of_slot) =
             (self.zeros::<u32>(shape.pairs())?, self.zeros::<u32>(shape.pairs())?, self.zeros::<u32>(shape.pairs())?);
-        let st = self.imp.status()?;
+        let st = self.imp.status(kernel!(DispatchPlan))?;
         {
             let (ia, _gi) = self.imp.addr(&ids.imp);
             let (ca, _gc) = self.imp.addr_mut(&mut counts.imp);
@@ -147,7 +179,19 @@ impl CudaDevice {
         if let Some(p) = st.read()? {
             return Ok(Err(p as usize));
         }
-        Ok(Ok(DevicePlan { shape, counts, offsets, slot_of, token_of_slot, pair_of_slot }))
+        let max = max_tiles(shape);
+        let (mut tiles, mut n_tiles) = (self.zeros::<u32>(4 * max)?, self.zeros::<u32>(1)?);
+        {
+            let (oa, _go) = self.imp.addr(&offsets.imp);
+            let (ta, _gt) = self.imp.addr_mut(&mut tiles.imp);
+            let (na, _gn) = self.imp.addr_mut(&mut n_tiles.imp);
+            let p = GroupedTilesParams { offsets: oa, tiles: ta, n_tiles: na, buckets, max_tiles: u32_of(op, "tiles", max)? };
+            // SAFETY: offsets holds buckets + 1 entries (allocated above), tiles 4·max words
+            // (max tiles of 16 bytes) and n_tiles one; the kernel writes tiles[i] only for
+            // i < max_tiles and one word of n_tiles; all three are distinct buffers.
+            unsafe { self.imp.launch(kernel!(GroupedTiles), (1, 1), 32, &p)? };
+        }
+        Ok(Ok(DevicePlan { shape, counts, offsets, slot_of, token_of_slot, pair_of_slot, tiles, n_tiles }))
     }
 
     /// A copy of a plan's offsets (`n_experts + 1` entries), as the grouped GEMM takes them.
@@ -170,7 +214,7 @@ impl CudaDevice {
         weights: &mut DeviceBuf<f32>,
     ) -> Result<()> {
         const OP: &str = "gating::route";
-        let host_bias = bias.map(|b| self.download(b)).transpose()?;
+        let host_bias = bias.map(|b| self.host_copy(b)).transpose()?;
         gating::check_args(cfg, tokens, logits.len(), host_bias.as_deref(), indices.len(), weights.len())?;
         if cfg.n_experts > 256 || cfg.top_k > 32 || (cfg.uses_groups() && cfg.n_group > 32) {
             return Err(shape_err(OP, format!("the CUDA router takes <= 256 experts, top_k <= 32, <= 32 groups; got {cfg:?}")));
@@ -180,7 +224,8 @@ impl CudaDevice {
         if tokens == 0 {
             return Ok(());
         }
-        let st = self.imp.status()?;
+        let noaux = matches!((cfg.method, bias), (RouteMethod::NoauxTc, Some(_)));
+        let st = self.imp.status([kernel!(RouteSoftmax), kernel!(RouteNoauxTc)][usize::from(noaux)])?;
         {
             let (la, _gl) = self.imp.addr(&logits.imp);
             let (ia, _gi) = self.imp.addr_mut(&mut indices.imp);
@@ -325,4 +370,54 @@ impl CudaDevice {
 
 fn check_hidden(hidden: usize) -> Result<()> {
     if hidden == 0 { Err(shape_err("permute", "hidden must be >= 1")) } else { Ok(()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{host_tiles, max_tiles};
+    use crate::permute::PlanShape;
+
+    /// The device tile list's bound holds for every way of spreading the pairs over the
+    /// buckets, and the tiles cover each bucket's rows exactly, in order (what the grouped
+    /// GEMMs read on the device; `dsv3_grouped_tiles` is this loop).
+    #[test]
+    fn tile_list_fits_its_bound_and_covers_the_rows() {
+        let mut seed = 7u64;
+        for tokens in [1usize, 2, 8, 64, 128] {
+            for n_experts in [4usize, 16, 256] {
+                for top_k in [1usize, 2, 8] {
+                    if top_k > n_experts {
+                        continue;
+                    }
+                    let shape = PlanShape { tokens, top_k, n_experts };
+                    for _ in 0..20 {
+                        let mut counts = vec![0u32; n_experts];
+                        for _ in 0..shape.pairs() {
+                            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                            // Skewed: half the pairs to expert 0, the rest spread.
+                            let e = if seed >> 63 == 0 { 0 } else { (seed >> 33) as usize % n_experts };
+                            counts[e] += 1;
+                        }
+                        let mut offsets = vec![0u32];
+                        for c in &counts {
+                            offsets.push(offsets.last().unwrap() + c);
+                        }
+                        let max = max_tiles(shape);
+                        let (words, n) = host_tiles(&offsets, max);
+                        let exact: usize = counts.iter().map(|&c| (c as usize).div_ceil(64)).sum();
+                        assert_eq!(n as usize, exact, "{shape:?} {counts:?}");
+                        assert!(exact <= max, "{shape:?}: {exact} tiles > bound {max}");
+                        let mut covered = vec![0u32; shape.pairs()];
+                        for t in words.chunks_exact(4).take(n as usize) {
+                            let (e, r0, rows) = (t[0] as usize, t[1], t[2]);
+                            assert!((1..=64).contains(&rows));
+                            assert!(offsets[e] <= r0 && r0 + rows <= offsets[e + 1]);
+                            (r0..r0 + rows).for_each(|r| covered[r as usize] += 1);
+                        }
+                        assert!(covered.iter().all(|&c| c == 1));
+                    }
+                }
+            }
+        }
+    }
 }

@@ -91,7 +91,7 @@ impl CudaDevice {
         if tiles == 0 {
             return Ok(None);
         }
-        let st = self.imp.status()?;
+        let st = self.imp.status(kernel!(ActQuant1x128))?;
         let (xa, _gx) = self.imp.addr(&x.imp);
         let (qa, _gq) = self.imp.addr_mut(&mut q.imp);
         let (sa, _gs) = self.imp.addr_mut(&mut scales.imp);
@@ -207,7 +207,7 @@ impl CudaDevice {
         if tokens == 0 {
             return Ok(());
         }
-        let st = self.imp.status()?;
+        let st = self.imp.status(kernel!(EmbeddingBf16))?;
         let (ta, _gt) = self.imp.addr(&table.imp);
         let (ia, _gi) = self.imp.addr(&ids.imp);
         let (oa, _go) = self.imp.addr_mut(&mut out.imp);
@@ -239,7 +239,7 @@ impl CudaDevice {
         if tokens == 0 {
             return Ok(());
         }
-        let st = self.imp.status()?;
+        let st = self.imp.status(kernel!(Rope))?;
         let (xa, _gx) = self.imp.addr_mut(&mut x.imp);
         let (pa, _gp) = self.imp.addr(&positions.imp);
         let (ca, _gc) = self.imp.addr(&table.cos.imp);

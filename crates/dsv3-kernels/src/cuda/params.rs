@@ -53,11 +53,15 @@ params! {
     /// One row tile of the grouped GEMMs (`dsv3_gemm_tile`, an array element).
     GemmTile (16) { expert: u32, row0: u32, rows: u32, pad: u32 }
     /// `dsv3_gemm_fp8_simt_grouped`.
-    GemmFp8SimtGroupedParams (48) { a: u64, a_s: u64, experts: u64, tiles: u64, out: u64, n: u32, k: u32 }
+    GemmFp8SimtGroupedParams (72) {
+        a: u64, a_s: u64, experts: u64, tiles: u64, out: u64, n_tiles: u64, stack_w: u64, stack_s: u64, n: u32, k: u32,
+    }
     /// `dsv3_gemm_dequant_simt`.
     GemmDequantSimtParams (48) { a: u64, w: u64, w_s: u64, out: u64, m: u32, n: u32, k: u32, pad: u32 }
     /// `dsv3_gemm_dequant_simt_grouped`.
-    GemmDequantSimtGroupedParams (40) { a: u64, experts: u64, tiles: u64, out: u64, n: u32, k: u32 }
+    GemmDequantSimtGroupedParams (64) {
+        a: u64, experts: u64, tiles: u64, out: u64, n_tiles: u64, stack_w: u64, stack_s: u64, n: u32, k: u32,
+    }
     /// `dsv3_gemm_bf16_simt`.
     GemmBf16SimtParams (40) { a: u64, w: u64, out: u64, m: u32, n: u32, k: u32, pad: u32 }
     /// `dsv3_add_assign`.
@@ -75,6 +79,8 @@ params! {
         ids: u64, counts: u64, offsets: u64, slot_of: u64, token_of_slot: u64, pair_of_slot: u64, cursor: u64, status: u64,
         pairs: u32, top_k: u32, buckets: u32, id_base: u32, id_div: u32, pad: u32,
     }
+    /// `dsv3_grouped_tiles`.
+    GroupedTilesParams (32) { offsets: u64, tiles: u64, n_tiles: u64, buckets: u32, max_tiles: u32 }
     /// `dsv3_a2a_gather_meta`.
     A2aGatherMetaParams (56) {
         order: u64, expert: u64, weight: u64, out_expert: u64, out_weight: u64, out_src_slot: u64, rows: u32, pad: u32,
@@ -102,9 +108,9 @@ params! {
     }
     /// `dsv3_sample_greedy`.
     SampleGreedyParams (40) { logits: u64, out: u64, status: u64, rows: u32, vocab: u32, allowed: u32, pad: u32 }
-    /// `dsv3_sample_top_k_top_p`.
-    SampleTopKTopPParams (80) {
-        logits: u64, uniforms: u64, keys: u64, probs: u64, out: u64, status: u64,
-        rows: u32, vocab: u32, allowed: u32, padded: u32, top_k: u32, temperature: f32, top_p: f32, pad: u32,
+    /// `dsv3_sample` (its rows are [`crate::sample::SampleRow`]s, `dsv3_sample_row`).
+    SampleParams (64) {
+        logits: u64, rows: u64, keys: u64, probs: u64, out: u64, status: u64, n_rows: u32, vocab: u32, allowed: u32, padded: u32,
     }
 }
+const _: () = assert!(size_of::<crate::sample::SampleRow>() == 24, "must equal sizeof(dsv3_sample_row) in params.h");

@@ -1,17 +1,18 @@
-//! Token sampling on the device ([`crate::sample`] is the CPU reference and states the
-//! semantics): `dsv3_sample_greedy` and `dsv3_sample_top_k_top_p` (temperature, top-k,
-//! top-p and the draw with one caller-given uniform per row).
+//! Token sampling on the device ([`crate::sample`] is the CPU reference and states the rule):
+//! `dsv3_sample_greedy` (every row greedy) and `dsv3_sample` (each row with its own
+//! temperature, top-k, top-p and uniform: [`SampleRow`]).
 
-use super::params::*;
+use super::params::{SampleGreedyParams, SampleParams as SampleKernelParams};
 use super::{CudaDevice, DeviceBuf, u32_of};
-use crate::error::{Result, checked_mul};
-use crate::sample::{SampleParams, SampleShape, check_uniforms, nan_error};
+use crate::error::{Result, check_len, checked_mul};
+use crate::sample::{SampleParams, SampleRow, SampleShape, check_uniforms, nan_error};
 
 const OP: &str = "sample";
 
 impl CudaDevice {
     /// `dsv3_sample_greedy`: [`crate::sample::greedy`] on the GPU, exact (argmax of each
-    /// row's candidates, lowest id on ties). A NaN candidate gives the CPU's error.
+    /// row's candidates, lowest id on ties). A NaN candidate gives the CPU's error (inside a
+    /// step: the step's [`crate::KernelError::DeviceCheck`]).
     pub fn sample_greedy(&self, logits: &DeviceBuf<f32>, shape: SampleShape, out: &mut DeviceBuf<u32>) -> Result<()> {
         let n = shape.check(OP, logits.len(), out.len())?;
         let (rows, vocab, allowed) = (u32_of(OP, "rows", shape.rows)?, u32_of(OP, "vocab", shape.vocab)?, u32_of(OP, "allowed", n)?);
@@ -20,7 +21,7 @@ impl CudaDevice {
         if rows == 0 {
             return Ok(());
         }
-        let st = self.imp.status()?;
+        let st = self.imp.status(kernel!(SampleGreedy))?;
         {
             let (la, _gl) = self.imp.addr(&logits.imp);
             let (oa, _go) = self.imp.addr_mut(&mut out.imp);
@@ -35,66 +36,63 @@ impl CudaDevice {
         }
     }
 
-    /// `dsv3_sample_top_k_top_p`: [`crate::sample::sample`] at a temperature > 0 on the GPU:
-    /// the same candidates in the same order, the same cuts and the same draw; sums are f64
-    /// block scans (the CPU adds one by one), so probabilities agree to f64 rounding and a
-    /// draw can differ only for a uniform within ~1e-15 of a boundary. Scratch: `rows ·
-    /// next_power_of_two(candidates)` 64-bit sort keys and `rows · candidates` f64.
-    pub fn sample_top_k_top_p(
+    /// `dsv3_sample`: [`crate::sample::sample_rows`] on the GPU: per row, greedy at
+    /// temperature 0, else the same candidates in the same order (by logit, ties to the lowest
+    /// id), the same weights, cuts and draw; sums are f64 block scans (the CPU adds one by
+    /// one), so probabilities agree to f64 rounding and a draw can differ only for a uniform
+    /// within ~1e-15 of a boundary. The rows' parameters are checked on their host copy (a
+    /// step's rows always have one). Scratch: `rows · next_power_of_two(candidates)` 64-bit
+    /// sort keys and `rows · candidates` f64 (from the workspace inside a step).
+    pub fn sample_rows(
         &self,
         logits: &DeviceBuf<f32>,
         shape: SampleShape,
-        params: &SampleParams,
-        uniforms: &[f64],
+        rows: &DeviceBuf<SampleRow>,
         out: &mut DeviceBuf<u32>,
     ) -> Result<()> {
-        params.validate()?;
         let n = shape.check(OP, logits.len(), out.len())?;
-        check_uniforms(uniforms, shape.rows)?;
-        if params.temperature == 0.0 {
-            return Err(crate::error::invalid(OP, "temperature", "0 is greedy: use sample_greedy"));
+        check_len(OP, "rows", rows.len(), shape.rows)?;
+        let host = self.host_copy(rows)?;
+        for (r, p) in host.iter().enumerate() {
+            p.validate(r)?;
+        }
+        if host.iter().all(|p| p.params().is_greedy()) {
+            return self.sample_greedy(logits, shape, out);
         }
         let padded = n.next_power_of_two();
-        let (rows, vocab, allowed) = (u32_of(OP, "rows", shape.rows)?, u32_of(OP, "vocab", shape.vocab)?, u32_of(OP, "allowed", n)?);
+        let (n_rows, vocab, allowed) = (u32_of(OP, "rows", shape.rows)?, u32_of(OP, "vocab", shape.vocab)?, u32_of(OP, "allowed", n)?);
         let padded32 = u32_of(OP, "candidates (next power of two)", padded)?;
         u32_of(OP, "rows * allowed", checked_mul(OP, "rows * allowed", shape.rows, n)?)?;
         u32_of(OP, "rows * vocab", logits.len())?;
-        let top_k = u32::try_from(params.top_k).unwrap_or(u32::MAX);
-        if rows == 0 {
-            return Ok(());
-        }
-        let mut keys = self.imp.zeros(checked_mul(OP, "sort keys", shape.rows * padded, 8)?)?;
+        let mut keys = self.imp.zeros(checked_mul(OP, "sort keys", checked_mul(OP, "sort keys", shape.rows, padded)?, 8)?)?;
         let mut probs = self.imp.zeros(checked_mul(OP, "probabilities", shape.rows * n, 8)?)?;
-        let uni = self.upload_pod(uniforms)?;
-        let st = self.imp.status()?;
+        let st = self.imp.status(kernel!(Sample))?;
         {
             let (la, _gl) = self.imp.addr(&logits.imp);
-            let (ua, _gu) = self.imp.addr(&uni);
+            let (ra, _gr) = self.imp.addr(&rows.imp);
             let (ka, _gk) = self.imp.addr_mut(&mut keys);
             let (pa, _gp) = self.imp.addr_mut(&mut probs);
             let (oa, _go) = self.imp.addr_mut(&mut out.imp);
-            let p = SampleTopKTopPParams {
+            let p = SampleKernelParams {
                 logits: la,
-                uniforms: ua,
+                rows: ra,
                 keys: ka,
                 probs: pa,
                 out: oa,
                 status: st.addr,
-                rows,
+                n_rows,
                 vocab,
                 allowed,
                 padded: padded32,
-                top_k,
-                temperature: params.temperature,
-                top_p: params.top_p,
-                pad: 0,
             };
-            // SAFETY: logits is rows·vocab, uniforms and out rows entries (checked); keys is
-            // rows·padded u64 and probs rows·allowed f64 (allocated above, owned by this call
-            // and alive until the launch is done: freed in stream order). Block r touches only
-            // row r of logits, keys, probs, uniforms and out; padded is a power of two >=
-            // allowed, so the bitonic sort's pairs (i, i + stride) stay below padded.
-            unsafe { self.imp.launch(kernel!(SampleTopKTopP), (rows, 1), 1024, &p)? };
+            // SAFETY: logits is rows·vocab, `rows` and out hold n_rows entries (checked); keys
+            // is n_rows·padded u64 and probs n_rows·allowed f64 (allocated above, alive until
+            // the kernel is done: freed or reused in stream order). Block r touches only row r
+            // of logits, keys, probs, rows and out; padded is a power of two >= allowed, so the
+            // bitonic sort's pairs (i, i + stride) stay below padded; top_k is clamped to
+            // allowed by the kernel. The parameters were validated (finite temperature, top_p
+            // in (0, 1], uniform in [0, 1)) on the host copy, which is what the device holds.
+            unsafe { self.imp.launch(kernel!(Sample), (n_rows, 1), 1024, &p)? };
         }
         match st.read()? {
             None => Ok(()),
@@ -102,8 +100,8 @@ impl CudaDevice {
         }
     }
 
-    /// [`crate::sample::sample`] on the GPU: [`CudaDevice::sample_greedy`] at temperature 0,
-    /// else [`CudaDevice::sample_top_k_top_p`].
+    /// [`crate::sample::sample`] on the GPU: every row with `params` and its own uniform
+    /// ([`CudaDevice::sample_greedy`] at temperature 0, else [`CudaDevice::sample_rows`]).
     pub fn sample(
         &self,
         logits: &DeviceBuf<f32>,
@@ -113,11 +111,12 @@ impl CudaDevice {
         out: &mut DeviceBuf<u32>,
     ) -> Result<()> {
         params.validate()?;
-        if params.temperature == 0.0 {
-            shape.check(OP, logits.len(), out.len())?;
-            check_uniforms(uniforms, shape.rows)?;
+        shape.check(OP, logits.len(), out.len())?;
+        check_uniforms(uniforms, shape.rows)?;
+        if params.is_greedy() {
             return self.sample_greedy(logits, shape, out);
         }
-        self.sample_top_k_top_p(logits, shape, params, uniforms, out)
+        let rows: Vec<SampleRow> = uniforms.iter().map(|&u| SampleRow::new(params, u)).collect();
+        self.sample_rows(logits, shape, &self.upload(&rows)?, out)
     }
 }

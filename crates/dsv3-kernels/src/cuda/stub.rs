@@ -2,6 +2,7 @@
 //! as `driver.rs`, but no value of [`Device`] can exist, so `Device::new` is the only entry
 //! point that runs and it returns [`KernelError::CudaUnavailable`].
 
+use crate::backend::DeviceStats;
 use crate::error::{KernelError, Result};
 use std::convert::Infallible;
 
@@ -12,6 +13,10 @@ pub(crate) struct Device(Infallible);
 /// Never constructed.
 #[derive(Debug)]
 pub(crate) struct Buf(Infallible);
+
+/// Never constructed.
+#[derive(Debug)]
+pub(crate) struct Graph(Infallible);
 
 /// Stands in for cudarc's access record.
 pub(crate) type Access<'a> = std::marker::PhantomData<&'a ()>;
@@ -31,6 +36,9 @@ impl Device {
         match self.0 {}
     }
     pub(crate) fn upload(&self, _host: &[u8]) -> Result<Buf> {
+        match self.0 {}
+    }
+    pub(crate) fn upload_parts(&self, _parts: &[&[u8]]) -> Result<Vec<Buf>> {
         match self.0 {}
     }
     pub(crate) fn download(&self, _b: &Buf, _range: std::ops::Range<usize>) -> Result<Vec<u8>> {
@@ -60,7 +68,46 @@ impl Device {
     pub(crate) fn addr_mut_opt<'a>(&'a self, _b: Option<&'a mut Buf>) -> (u64, Access<'a>) {
         match self.0 {}
     }
-    pub(crate) fn status(&self) -> Result<Status<'_>> {
+    pub(crate) fn shadow<'a>(&self, _b: &'a Buf) -> Option<&'a [u8]> {
+        match self.0 {}
+    }
+    pub(crate) fn in_step(&self) -> bool {
+        match self.0 {}
+    }
+    pub(crate) fn status(&self, _k: NoKernel) -> Result<Status<'_>> {
+        match self.0 {}
+    }
+    pub(crate) fn begin_step(&self) -> Result<()> {
+        match self.0 {}
+    }
+    pub(crate) fn end_step(&self) -> Result<()> {
+        match self.0 {}
+    }
+    pub(crate) fn reserve_workspace(&self, _bytes: usize) -> Result<()> {
+        match self.0 {}
+    }
+    pub(crate) fn measure_workspace(&self) -> Result<()> {
+        match self.0 {}
+    }
+    pub(crate) fn measured_workspace(&self) -> usize {
+        match self.0 {}
+    }
+    pub(crate) fn stats(&self) -> DeviceStats {
+        match self.0 {}
+    }
+    pub(crate) fn capture(&self, _f: &mut dyn FnMut() -> Result<()>) -> Result<Graph> {
+        match self.0 {}
+    }
+    pub(crate) fn replay(&self, _g: &Graph) -> Result<()> {
+        match self.0 {}
+    }
+    pub(crate) fn timed<R, E: From<KernelError>>(
+        &self,
+        _f: impl FnOnce() -> std::result::Result<R, E>,
+    ) -> std::result::Result<(R, f32), E> {
+        match self.0 {}
+    }
+    pub(crate) fn copy_bandwidth(&self) -> Result<f64> {
         match self.0 {}
     }
     /// # Safety

@@ -4,11 +4,11 @@
 //! ordered zero fill, copy and event timing that the GPU benchmark uses. Crate-private, like
 //! the rest of `driver`.
 
-use super::{Buf, Device, drv};
+use super::{Buf, Counters, Device, drv};
 use crate::cuda::kernels::Kernel;
 use crate::error::{KernelError, Result};
-use cudarc::driver::sys;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{result, sys};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 /// A 2-D tiled TMA descriptor of bytes (e4m3 codes): the 128 bytes `cuTensorMapEncodeTiled`
@@ -36,6 +36,7 @@ impl Device {
         let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: smem };
         let mut b = self.stream.launch_builder(f);
         b.arg(p);
+        Counters::bump(&self.counters.launches);
         // SAFETY: the caller upholds this function's contract, which is the kernel's.
         unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| KernelError::Cuda(format!("launching `{name}`: {e}")))
     }
@@ -87,26 +88,32 @@ impl Device {
         if range.is_empty() {
             return Ok(());
         }
-        let s = b.0.as_mut().ok_or_else(|| KernelError::Cuda("zero fill out of bounds".into()))?;
-        let mut v = s.try_slice_mut(range).ok_or_else(|| KernelError::Cuda("zero fill out of bounds".into()))?;
-        self.stream.memset_zeros(&mut v).map_err(drv)
+        if range.end > b.bytes() {
+            return Err(KernelError::Cuda("zero fill out of bounds".into()));
+        }
+        let (p, _g) = self.addr_mut(b);
+        // SAFETY: range lies inside the buffer (checked), live device memory of this stream.
+        unsafe { result::memset_d8_async(p + range.start as u64, 0, range.len(), self.stream.cu_stream()) }.map_err(drv)
     }
 
     /// Copies all of `src` over the start of `dst` (device to device, in stream order).
     pub(crate) fn sm90_copy(&self, src: &Buf, dst: &mut Buf) -> Result<()> {
-        match (&src.0, &mut dst.0) {
-            (None, _) => Ok(()),
-            (Some(s), Some(d)) if d.len() >= s.len() => self.stream.memcpy_dtod(s, d).map_err(drv),
-            _ => Err(KernelError::Cuda("copy destination is smaller than the source".into())),
+        let n = src.bytes();
+        if n == 0 {
+            return Ok(());
         }
+        if dst.bytes() < n {
+            return Err(KernelError::Cuda("copy destination is smaller than the source".into()));
+        }
+        let (s, _gs) = self.addr(src);
+        let (d, _gd) = self.addr_mut(dst);
+        // SAFETY: n bytes of src and the first n of dst (checked) are live device memory of
+        // distinct buffers (one is borrowed mutably).
+        unsafe { result::memcpy_dtod_async(d, s, n, self.stream.cu_stream()) }.map_err(drv)
     }
 
     /// Milliseconds of GPU time that the work `f` enqueues takes, between two events.
     pub(crate) fn sm90_time(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f32> {
-        let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let start = self.stream.record_event(flags).map_err(drv)?;
-        f()?;
-        let end = self.stream.record_event(flags).map_err(drv)?;
-        start.elapsed_ms(&end).map_err(drv)
+        self.timed(f).map(|((), ms)| ms)
     }
 }

@@ -25,7 +25,7 @@ pub struct DeviceFp8Stack {
 #[derive(Debug, Clone, Copy)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // read by the launches only
 pub(in crate::cuda) struct StackRange<'a> {
-    pub(super) stack: &'a DeviceFp8Stack,
+    pub(in crate::cuda) stack: &'a DeviceFp8Stack,
     pub(super) first: usize,
     pub(super) groups: usize,
 }
@@ -41,7 +41,7 @@ impl<'a> StackRange<'a> {
     }
     /// Byte offsets of entry `first`'s codes and scales from the starts of the stack's buffers.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub(super) fn offsets(&self) -> (u64, u64) {
+    pub(in crate::cuda) fn offsets(&self) -> (u64, u64) {
         let s = self.stack;
         ((self.first * s.n * s.k) as u64, (self.first * blocks(s.n) * blocks(s.k) * size_of::<f32>()) as u64)
     }
