@@ -168,7 +168,9 @@ fn batched<B: Backend>(
     (bandwidth, bandwidth_source): (f64, &str),
 ) -> Result<serde_json::Value> {
     let vocab = m.config().vocab_size;
-    let mut cache = m.new_cache_with(b, n * (prompt + steps + 2), runner.pad_rows())?;
+    // Whole pages per sequence: a sequence never shares a page.
+    let per_seq = (prompt + steps + 2).div_ceil(dsv3_runtime::mla::PAGE_SIZE) * dsv3_runtime::mla::PAGE_SIZE;
+    let mut cache = m.new_cache_with(b, n * per_seq, runner.pad_rows())?;
     let seqs: Vec<_> = (0..n).map(|_| cache.add_sequence()).collect();
     let prompts: Vec<Vec<u32>> = (0..n).map(|k| bench_prompt(vocab, prompt, k)).collect();
     let batch: Vec<_> = seqs.iter().zip(&prompts).map(|(&s, p)| (s, &p[..])).collect();

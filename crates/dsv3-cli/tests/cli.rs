@@ -87,6 +87,30 @@ fn an_unavailable_gpu_is_a_one_line_error() {
     }
 }
 
+/// `dsv3 bench` on the CPU: per batch the fields the GPU run reports too (prefill tokens/s,
+/// decode step, tokens/s, GB/s against the measured bandwidth, per-step counters), with the
+/// host time `null` and saying why (no device clock: all of a CPU step is host time).
+#[test]
+fn bench_reports_every_batch_field() {
+    let o = dsv3(&["bench", "--preset", "tiny", "--batch", "1,3", "--prompt-tokens", "5", "--decode-tokens", "2", "--graphs", "off"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = last_json(&o);
+    let batches = r["batches"].as_array().expect("batches");
+    assert_eq!(batches.len(), 2);
+    for (b, n) in batches.iter().zip([1, 3]) {
+        assert_eq!(b["batch"], n);
+        for k in ["prefill_tokens_per_s", "decode_step_s", "decode_tokens_per_s", "decode_gb_per_s", "decode_ratio_to_bandwidth"] {
+            assert!(b[k].as_f64().is_some_and(|v| v > 0.0), "batch {n}: {k} = {}", b[k]);
+        }
+        assert!(b["bandwidth_source"].as_str().unwrap().contains("host memory"));
+        assert!(b["host_step_s"].is_null() && b["host_step_note"].as_str().unwrap().starts_with("n/a"));
+        assert_eq!(b["per_step"]["host_syncs"], 0, "the CPU has no device to wait for");
+        assert_eq!(b["graphs"], false);
+    }
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("batch ")).count(), 2, "{stdout}");
+}
+
 #[test]
 fn serve_refuses_mtp_with_a_reason() {
     let o = dsv3(&["serve", "--preset", "tiny", "--mtp", "--port", "0"]);

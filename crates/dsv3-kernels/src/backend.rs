@@ -102,6 +102,13 @@ pub trait Backend: Send + Sync + Debug {
     fn upload_many<T: Elem>(&self, parts: &[&[T]]) -> Result<Vec<Self::Buf<T>>> {
         parts.iter().map(|p| self.upload(p)).collect()
     }
+    /// [`Backend::write`] of several buffers at once (`bufs[i]` gets `hosts[i]`, same
+    /// lengths). Buffers made by one [`Backend::upload_many`] are written in one copy on a
+    /// device backend that made them one allocation.
+    fn write_many<T: Elem>(&self, bufs: &mut [&mut Self::Buf<T>], hosts: &[&[T]]) -> Result<()> {
+        crate::error::check_len("write_many", "hosts", hosts.len(), bufs.len())?;
+        bufs.iter_mut().zip(hosts).try_for_each(|(b, h)| self.write(b, h))
+    }
     /// Makes a weight resident. A host backend may share the storage of the view's
     /// [`Fp8WeightRef::source`] instead of copying (the CPU backend does, so a weight read in
     /// place from a memory-mapped checkpoint stays in the map).

@@ -241,30 +241,27 @@ impl<B: Backend> PlanBufs<B> {
         Ok(PlanBufs { positions: next()?, slots: next()?, seq_table: next()?, seq_lens: next()?, cu_q: next()?, cu_k: next()? })
     }
 
-    /// Buffers shaped for `t` (zeros), to be rewritten by later steps of the same shape.
+    /// Buffers shaped for `t` (zeros, one allocation on a device backend), to be rewritten by
+    /// later steps of the same shape.
     pub fn zeros_like(b: &B, t: &PlanTables) -> Result<PlanBufs<B>> {
-        let z = |p: &[u32]| b.zeros::<u32>(p.len());
-        let [a, c, d, e, f, g] = t.parts();
-        Ok(PlanBufs { positions: z(a)?, slots: z(c)?, seq_table: z(d)?, seq_lens: z(e)?, cu_q: z(f)?, cu_k: z(g)? })
+        let zeros: Vec<Vec<u32>> = t.parts().iter().map(|p| vec![0u32; p.len()]).collect();
+        let parts: Vec<&[u32]> = zeros.iter().map(Vec::as_slice).collect();
+        let mut v = b.upload_many(&parts)?.into_iter();
+        let mut next = || v.next().ok_or_else(|| invalid("plan", "upload_many returned too few buffers"));
+        Ok(PlanBufs { positions: next()?, slots: next()?, seq_table: next()?, seq_lens: next()?, cu_q: next()?, cu_k: next()? })
     }
 
-    /// Overwrites every table with `t`'s (the lengths must match: same batch shape).
+    /// Overwrites every table with `t`'s (the lengths must match: same batch shape), in one
+    /// copy on a device backend ([`Backend::write_many`]).
     fn write(&mut self, b: &B, t: &PlanTables) -> Result<()> {
-        let [a, c, d, e, f, g] = t.parts();
-        for (buf, host) in [
-            (&mut self.positions, a),
-            (&mut self.slots, c),
-            (&mut self.seq_table, d),
-            (&mut self.seq_lens, e),
-            (&mut self.cu_q, f),
-            (&mut self.cu_k, g),
-        ] {
+        let hosts = t.parts();
+        let mut bufs = [&mut self.positions, &mut self.slots, &mut self.seq_table, &mut self.seq_lens, &mut self.cu_q, &mut self.cu_k];
+        for (buf, host) in bufs.iter().zip(hosts) {
             if b.len(buf) != host.len() {
                 return Err(invalid("plan", format!("a table of {} entries for buffers of {}", host.len(), b.len(buf))));
             }
-            b.write(buf, host)?;
         }
-        Ok(())
+        Ok(b.write_many(&mut bufs, &hosts)?)
     }
 }
 

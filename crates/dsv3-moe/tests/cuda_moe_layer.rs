@@ -4,7 +4,8 @@
 //! 0 / 1 / few / many tokens. The grid router (tests/common) makes the gate logits exact in
 //! any summation order, so the routing must be equal bit for bit (ids, weights, load stats);
 //! the outputs agree within `1e-5 · max` on the Reference path and DeepGEMM's
-//! `calc_diff < 1e-5` on the fp8 path.
+//! `calc_diff < 1e-5` on the fp8 path; `forward_y` (the plan on the device, inside a step)
+//! the same.
 //!
 //! Ignored, and reported `SKIPPED` without a GPU (`DSV3_REQUIRE_GPU` turns that into a
 //! failure); build it for a GPU with `--features dsv3-kernels/cuda`.
@@ -60,6 +61,12 @@ fn sweep<G: Backend>(gpu: &G, tokens_list: &[usize]) -> u64 {
                         let (og, oc) = (lg.forward(gpu, &xg, tokens).unwrap(), lc.forward(&Cpu, &x, tokens).unwrap());
                         assert_eq!(og.stats, oc.stats, "{what}: load stats");
                         compare(&gpu.download(&og.y).unwrap(), &oc.y, path, &what);
+                        // What a model step runs: the plan stays on the device (the grouped
+                        // GEMMs' tile list built there), inside a step (deferred checks).
+                        gpu.begin_step().unwrap();
+                        let yg = lg.forward_y(gpu, &xg, tokens).unwrap();
+                        gpu.end_step().unwrap();
+                        compare(&gpu.download(&yg).unwrap(), &oc.y, path, &format!("{what} forward_y"));
                     }
                 }
             }

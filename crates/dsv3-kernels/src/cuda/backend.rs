@@ -85,6 +85,10 @@ impl Backend for Cuda {
     fn upload_many<T: Elem>(&self, parts: &[&[T]]) -> Result<Vec<DeviceBuf<T>>> {
         self.dev.upload_many(parts)
     }
+    /// One copy when the buffers are the parts of one [`Backend::upload_many`], in order.
+    fn write_many<T: Elem>(&self, bufs: &mut [&mut DeviceBuf<T>], hosts: &[&[T]]) -> Result<()> {
+        self.dev.write_many(bufs, hosts)
+    }
 
     fn begin_step(&self) -> Result<()> {
         self.dev.begin_step()

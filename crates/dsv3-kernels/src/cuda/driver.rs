@@ -400,7 +400,6 @@ impl Device {
             // Every part keeps the workspace block (if any): it is released with the last one.
             out.push(Buf { mem, shadow, graph_written: false, _ticket: ticket.clone() });
         }
-        Counters::bump(&self.counters.uploads);
         Ok(out)
     }
 
@@ -459,7 +458,51 @@ impl Device {
             }
             Mem::Empty => return Err(oob()),
         }
+        Counters::bump(&self.counters.uploads);
         b.shadow = (!b.graph_written && offset == 0 && end == b.bytes() && end <= SHADOW_MAX).then(|| Arc::<[u8]>::from(host));
+        Ok(())
+    }
+
+    /// `bufs[i] = hosts[i]` (same byte lengths, checked by the caller): one copy when the
+    /// buffers are parts of one allocation at ascending addresses (what `upload_parts` makes;
+    /// the bytes between parts belong to no buffer), else one copy each. Shadows as `write`.
+    pub(crate) fn write_parts(&self, bufs: &mut [&mut Buf], hosts: &[&[u8]]) -> Result<()> {
+        let spans: Option<Vec<(u64, usize)>> = bufs
+            .iter()
+            .map(|b| match &b.mem {
+                Mem::Part { ptr, len, .. } => Some((*ptr, *len)),
+                Mem::Empty => None,
+            })
+            .collect();
+        let one = |i: usize| match (&bufs[0].mem, &bufs[i].mem) {
+            (Mem::Part { keep: a, .. }, Mem::Part { keep: b, .. }) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        let contiguous =
+            spans.as_ref().is_some_and(|s| s.len() > 1 && s.windows(2).all(|w| w[0].0 + w[0].1 as u64 <= w[1].0) && (1..s.len()).all(one));
+        if !contiguous || self.state().capturing {
+            for (b, h) in bufs.iter_mut().zip(hosts) {
+                self.write(b, 0, h)?;
+            }
+            return Ok(());
+        }
+        let spans = spans.unwrap_or_default();
+        let (base, last) = (spans[0].0, spans[spans.len() - 1]);
+        let total = (last.0 - base) as usize + last.1;
+        let mut packed = vec![0u8; total];
+        for (&(ptr, len), h) in spans.iter().zip(hosts) {
+            let at = (ptr - base) as usize;
+            packed[at..at + len.min(h.len())].copy_from_slice(&h[..len.min(h.len())]);
+        }
+        // SAFETY: base .. base + total runs from the first part's start to the last part's end,
+        // all inside the one live allocation the parts share (checked: same `keep`, ascending,
+        // not overlapping); the bytes between parts belong to no buffer. The driver stages the
+        // pageable source before returning.
+        unsafe { result::memcpy_htod_async(base, &packed, self.stream.cu_stream()) }.map_err(drv)?;
+        Counters::bump(&self.counters.uploads);
+        for (b, h) in bufs.iter_mut().zip(hosts) {
+            b.shadow = (!b.graph_written && h.len() == b.bytes() && h.len() <= SHADOW_MAX).then(|| Arc::<[u8]>::from(*h));
+        }
         Ok(())
     }
 

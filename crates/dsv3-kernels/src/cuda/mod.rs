@@ -177,6 +177,18 @@ impl CudaDevice {
         Ok(bufs.into_iter().zip(parts).map(|(imp, p)| DeviceBuf { imp, len: p.len(), _t: PhantomData }).collect())
     }
 
+    /// Overwrites each buffer with its host array (same lengths): one copy when the buffers are
+    /// the parts of one [`CudaDevice::upload_many`] in order, one per buffer otherwise.
+    pub fn write_many<T: Elem>(&self, bufs: &mut [&mut DeviceBuf<T>], hosts: &[&[T]]) -> Result<()> {
+        crate::error::check_len("write_many", "hosts", hosts.len(), bufs.len())?;
+        for (b, h) in bufs.iter().zip(hosts) {
+            crate::error::check_len("write_many", "host", h.len(), b.len)?;
+        }
+        let bytes: Vec<&[u8]> = hosts.iter().map(|h| bytemuck::cast_slice::<T, u8>(h)).collect();
+        let mut imps: Vec<&mut imp::Buf> = bufs.iter_mut().map(|b| &mut b.imp).collect();
+        self.imp.write_parts(&mut imps, &bytes)
+    }
+
     /// The contents of a small index buffer: its host copy when it has one (no waiting), else
     /// a read-back (which waits, and is refused while a graph is being captured).
     pub(crate) fn host_copy<T: Elem>(&self, buf: &DeviceBuf<T>) -> Result<Vec<T>> {

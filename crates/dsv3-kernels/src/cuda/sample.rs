@@ -42,7 +42,8 @@ impl CudaDevice {
     /// one), so probabilities agree to f64 rounding and a draw can differ only for a uniform
     /// within ~1e-15 of a boundary. The rows' parameters are checked on their host copy (a
     /// step's rows always have one). Scratch: `rows · next_power_of_two(candidates)` 64-bit
-    /// sort keys and `rows · candidates` f64 (from the workspace inside a step).
+    /// sort keys and `rows · candidates` f64 (from the workspace inside a step; allocated even
+    /// for greedy rows there, since a captured step must serve any rows).
     pub fn sample_rows(
         &self,
         logits: &DeviceBuf<f32>,
@@ -56,7 +57,9 @@ impl CudaDevice {
         for (r, p) in host.iter().enumerate() {
             p.validate(r)?;
         }
-        if host.iter().all(|p| p.params().is_greedy()) {
+        // Outside a step, all-greedy rows take the plain argmax kernel. Inside one the kernel
+        // must not depend on the rows' values: a captured step is replayed with other rows.
+        if !self.in_step() && host.iter().all(|p| p.params().is_greedy()) {
             return self.sample_greedy(logits, shape, out);
         }
         let padded = n.next_power_of_two();

@@ -47,6 +47,9 @@ impl Device {
     pub(crate) fn write(&self, _b: &mut Buf, _offset: usize, _host: &[u8]) -> Result<()> {
         match self.0 {}
     }
+    pub(crate) fn write_parts(&self, _bufs: &mut [&mut Buf], _hosts: &[&[u8]]) -> Result<()> {
+        match self.0 {}
+    }
     pub(crate) fn memset_zero(&self, _b: &mut Buf) -> Result<()> {
         match self.0 {}
     }
