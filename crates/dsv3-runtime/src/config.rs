@@ -23,7 +23,7 @@
 //! a `rope_scaling` type other than yarn, a quantization other than fp8 e4m3 128x128.
 
 use crate::error::{Result, RuntimeError};
-use crate::json::{Obj, read_json_file};
+use crate::json::{Obj, parse_json_bytes, read_json_file};
 use dsv3_kernels::fp8::{BLOCK, ScaleFmt};
 use dsv3_kernels::gating::{RouteCfg, RouteMethod};
 use dsv3_kernels::rope::{self, RopeCfg, Yarn};
@@ -132,6 +132,13 @@ impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let v = read_json_file(path)?;
         Self::from_json_value(&v, &path.display().to_string())
+    }
+
+    /// Parses and validates the bytes of a `config.json` (at most the JSON size limit, 64 MiB);
+    /// `source` names it in errors. What [`ModelConfig::from_file`] does after reading.
+    pub fn from_json_bytes(bytes: &[u8], source: &str) -> Result<Self> {
+        let v = parse_json_bytes(Path::new(source), bytes)?;
+        Self::from_json_value(&v, source)
     }
 
     /// Parses and validates a `config.json` text; `source` names it in errors.

@@ -146,14 +146,24 @@ pub(crate) fn short(v: &Value) -> String {
     if s.chars().count() <= 40 { s } else { kind(v).to_string() }
 }
 
-/// Reads a JSON file of at most [`MAX_JSON_BYTES`] and parses it, naming the file on error.
-pub(crate) fn read_json_file(path: &std::path::Path) -> Result<Value> {
+/// Reads the bytes of a JSON file of at most [`MAX_JSON_BYTES`] (never more is read).
+pub(crate) fn read_json_bytes(path: &std::path::Path) -> Result<Vec<u8>> {
     use std::io::Read;
     let f = std::fs::File::open(path).map_err(crate::error::io_err(path, "open"))?;
     let mut bytes = Vec::new();
     f.take(MAX_JSON_BYTES + 1).read_to_end(&mut bytes).map_err(crate::error::io_err(path, "read"))?;
+    Ok(bytes)
+}
+
+/// Parses JSON bytes of at most [`MAX_JSON_BYTES`], naming `origin` on error.
+pub(crate) fn parse_json_bytes(origin: &std::path::Path, bytes: &[u8]) -> Result<Value> {
     if bytes.len() as u64 > MAX_JSON_BYTES {
-        return Err(crate::error::format_err(path, format!("larger than the {MAX_JSON_BYTES}-byte limit for JSON files")));
+        return Err(crate::error::format_err(origin, format!("larger than the {MAX_JSON_BYTES}-byte limit for JSON files")));
     }
-    serde_json::from_slice(&bytes).map_err(|e| crate::error::format_err(path, format!("invalid JSON: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| crate::error::format_err(origin, format!("invalid JSON: {e}")))
+}
+
+/// Reads a JSON file of at most [`MAX_JSON_BYTES`] and parses it, naming the file on error.
+pub(crate) fn read_json_file(path: &std::path::Path) -> Result<Value> {
+    parse_json_bytes(path, &read_json_bytes(path)?)
 }

@@ -125,6 +125,41 @@ pub fn tensor_plan(cfg: &ModelConfig) -> TensorPlan {
     TensorPlan { main, mtp }
 }
 
+/// The number of tensors [`TensorPlan::stored`] lists for `cfg` (scales included), computed
+/// without building the plan, saturating. [`ModelConfig`] validation refuses a config whose
+/// count exceeds [`MAX_PLANNED_TENSORS`], so building the plan of a valid config is bounded.
+pub fn planned_tensor_count(cfg: &ModelConfig) -> u64 {
+    let linear: u64 = if cfg.is_fp8() { 2 } else { 1 };
+    let q = match cfg.q_lora_rank {
+        Some(_) => 2 * linear + 1,
+        None => linear,
+    };
+    // Norms (input, kv_a, post-attention) + q + kv_a, kv_b, o.
+    let attn = 3 + q + 3 * linear;
+    let mlp = 3 * linear;
+    let experts = (cfg.n_routed_experts as u64).saturating_mul(mlp);
+    let moe = 1 + u64::from(cfg.has_router_bias()) + experts.saturating_add(if cfg.n_shared_experts > 0 { mlp } else { 0 });
+    // MoE layers in `range`: indices >= first_k_dense_replace that are multiples of moe_layer_freq.
+    let moe_layers = |start: usize, end: usize| -> u64 {
+        let (a, f) = (start.max(cfg.first_k_dense_replace) as u64, cfg.moe_layer_freq.max(1) as u64);
+        let end = end as u64;
+        if a >= end { 0 } else { end.div_ceil(f) - a.div_ceil(f) }
+    };
+    let layers = |start: usize, n: usize| -> u64 {
+        let m = moe_layers(start, start + n);
+        let d = n as u64 - m;
+        (n as u64).saturating_mul(attn).saturating_add(d.saturating_mul(mlp)).saturating_add(m.saturating_mul(moe))
+    };
+    let main = layers(0, cfg.num_hidden_layers).saturating_add(3);
+    // Each MTP module: embed, enorm, hnorm, eh_proj, its block, shared_head norm and head.
+    let mtp = (cfg.num_nextn_predict_layers as u64 * 6).saturating_add(layers(cfg.num_hidden_layers, cfg.num_nextn_predict_layers));
+    main.saturating_add(mtp)
+}
+
+/// Most tensors a checkpoint may hold (V3: about 91 000 with scales; a 384-expert model of
+/// the same shape about 140 000).
+pub const MAX_PLANNED_TENSORS: u64 = 1 << 19;
+
 impl TensorPlan {
     /// Every logical tensor, main model first, then the MTP modules.
     pub fn iter(&self) -> impl Iterator<Item = &PlannedTensor> {

@@ -16,7 +16,7 @@
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::config::ModelConfig;
 use crate::error::{Result, RuntimeError, io_err};
-use crate::json::{Obj, read_json_file};
+use crate::json::{Obj, parse_json_bytes, read_json_bytes};
 use serde_json::Value;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -66,10 +66,21 @@ impl Tokenizer {
         let f = std::fs::File::open(tokenizer_json).map_err(io_err(tokenizer_json, "open"))?;
         let mut bytes = Vec::new();
         f.take(MAX_TOKENIZER_BYTES + 1).read_to_end(&mut bytes).map_err(io_err(tokenizer_json, "read"))?;
+        let config = match tokenizer_config {
+            Some(p) => Some((p, read_json_bytes(p)?)),
+            None => None,
+        };
+        Self::from_bytes(tokenizer_json, &bytes, config.as_ref().map(|(p, b)| (*p, b.as_slice())))
+    }
+
+    /// Loads a tokenizer from the bytes of its `tokenizer.json` and, optionally, of its
+    /// `tokenizer_config.json` (each paired with the path that names it in errors): what
+    /// [`Tokenizer::from_files`] does after reading the files.
+    pub fn from_bytes(tokenizer_json: &Path, bytes: &[u8], tokenizer_config: Option<(&Path, &[u8])>) -> Result<Tokenizer> {
         if bytes.len() as u64 > MAX_TOKENIZER_BYTES {
             return Err(tok_err(tokenizer_json, format!("larger than the {MAX_TOKENIZER_BYTES}-byte limit")));
         }
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| tok_err(tokenizer_json, format!("cannot load: {e}")))?;
+        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| tok_err(tokenizer_json, format!("cannot load: {e}")))?;
         let token_count = inner.get_vocab(true).values().map(|&id| id as usize + 1).max().unwrap_or(0);
         if token_count == 0 {
             return Err(tok_err(tokenizer_json, "has an empty vocabulary"));
@@ -79,14 +90,14 @@ impl Tokenizer {
         if matches!(t.inner.get_decoder(), Some(DecoderWrapper::ByteLevel(_))) {
             t.id_bytes = Some(t.byte_table());
         }
-        if let Some(tc) = tokenizer_config {
-            t.read_config(tc)?;
+        if let Some((path, bytes)) = tokenizer_config {
+            t.read_config(path, bytes)?;
         }
         Ok(t)
     }
 
-    fn read_config(&mut self, path: &Path) -> Result<()> {
-        let v = read_json_file(path)?;
+    fn read_config(&mut self, path: &Path, bytes: &[u8]) -> Result<()> {
+        let v = parse_json_bytes(path, bytes)?;
         let file = path.display().to_string();
         let o = Obj::root(&v, &file)?;
         for (field, slot) in [("bos_token", &mut self.bos), ("eos_token", &mut self.eos)] {
@@ -232,6 +243,11 @@ impl Tokenizer {
     /// The chat template of `tokenizer_config.json`, if it has one.
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.template.as_ref()
+    }
+
+    /// The chat template, to change its limits ([`ChatTemplate::set_fuel`]).
+    pub fn chat_template_mut(&mut self) -> Option<&mut ChatTemplate> {
+        self.template.as_mut()
     }
 
     /// Renders the chat template with `bos_token` / `eos_token` from the tokenizer config.
