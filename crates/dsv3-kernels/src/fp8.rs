@@ -264,6 +264,27 @@ impl Fp8Weight {
         Fp8Weight::new(rows, cols, data, scale_inv)
     }
 
+    /// This weight zero-padded to `[rows, cols]`, each at least the current size and covering
+    /// the same number of 128-blocks, so the scales are unchanged. The new entries are code 0
+    /// (+0.0): a GEMM whose K is padded this way, with an activation padded by zeros, adds
+    /// exact zeros and gives what the unpadded weight gives. This is how a K that is not a
+    /// multiple of 128 (DeepSeek-V2-Lite's dense MLP: 10944) runs on the fp8 path. Copies
+    /// the codes.
+    pub fn zero_padded(&self, rows: usize, cols: usize) -> Result<Fp8Weight> {
+        const OP: &str = "Fp8Weight::zero_padded";
+        if rows < self.rows || cols < self.cols || blocks(rows) != blocks(self.rows) || blocks(cols) != blocks(self.cols) {
+            return Err(shape_err(
+                OP,
+                format!("[{}, {}] cannot be padded to [{rows}, {cols}] in the same 128-blocks", self.rows, self.cols),
+            ));
+        }
+        let mut data = vec![0u8; checked_mul(OP, "data", rows, cols)?];
+        for (dst, src) in data.chunks_exact_mut(cols).zip(self.data.chunks_exact(self.cols)) {
+            dst[..self.cols].copy_from_slice(src);
+        }
+        Fp8Weight::new(rows, cols, data, self.scale_inv.clone())
+    }
+
     /// The borrowed view the kernels take.
     pub fn view(&self) -> Fp8WeightRef<'_> {
         Fp8WeightRef { rows: self.rows, cols: self.cols, data: &self.data, scale_inv: &self.scale_inv, source: Some(self) }

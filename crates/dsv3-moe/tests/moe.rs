@@ -171,6 +171,23 @@ fn fp8_path_close_to_reference_path() {
     assert!(d < 1e-3, "calc_diff(fp8, reference) = {d}");
 }
 
+/// Experts whose width is not a multiple of 128 run on the fp8 path (zero-padded K of
+/// down_proj), close to the reference path, in both grouped layouts.
+#[test]
+fn fp8_path_takes_expert_widths_off_the_128_grid() {
+    for layout in [GroupedLayout::Contiguous, GroupedLayout::Masked] {
+        let mut cfg = small_cfg(Family::V3, 256, 176, 16, 1, GemmPath::Reference);
+        cfg.layout = layout;
+        let w = MoeWeights::random(&cfg, 5).unwrap();
+        let x = rand_x(5, 9 * 256);
+        let y_ref = MoeLayer::new(&Cpu, cfg, &w).unwrap().forward(&Cpu, &x, 9).unwrap().y;
+        cfg.gemm_path = GemmPath::Fp8;
+        let y_fp8 = MoeLayer::new(&Cpu, cfg, &w).unwrap().forward(&Cpu, &x, 9).unwrap().y;
+        let d = calc_diff(&y_fp8, &y_ref);
+        assert!(d < 1e-3, "{layout:?}: calc_diff(fp8, reference) = {d}");
+    }
+}
+
 #[test]
 fn load_stats_by_hand() {
     // 4 tokens, top-2, 4 experts on 2 ranks: expert 0 gets 4 rows, 1 gets 3, 2 gets 1, 3 none.

@@ -221,7 +221,9 @@ impl ModelConfig {
             "tie_word_embeddings": false,
             "torch_dtype": "bfloat16",
             "bos_token_id": self.bos_token_id,
+            // Absent when there is none: `[]` is refused on reading (found by fuzzing).
             "eos_token_id": match self.eos_token_ids.as_slice() {
+                [] => Value::Null,
                 [one] => json!(one),
                 many => json!(many),
             },

@@ -429,3 +429,28 @@ impl TapMkdir for PathBuf {
         self
     }
 }
+
+// ----- found by fuzzing (fuzz/corpus/*/crash-*; docs/fuzzing.md) -----
+
+/// A header naming one tensor twice: serde_json keeps the last entry, other readers the first
+/// or an error, so the file would mean different tensors to different tools. Refused.
+#[test]
+fn duplicate_tensor_name_in_header() {
+    // The fuzzer's find had a malformed first `a` (refused for that); both well-formed here.
+    let header = br#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    bytes.extend_from_slice(&[0; 8]);
+    expect_err(dsv3_runtime::tensor_file::parse_bytes(Path::new(SINGLE_FILE), &bytes), &[SINGLE_FILE, "`a`", "twice"]);
+}
+
+/// A config without `eos_token_id` writes itself back without one (it wrote `[]`, which is
+/// refused on reading).
+#[test]
+fn config_without_eos_round_trips() {
+    let mut v = small_cfg().to_json();
+    v.as_object_mut().unwrap().remove("eos_token_id");
+    let c = ModelConfig::from_json_value(&v, "config.json").unwrap();
+    assert!(c.eos_token_ids.is_empty());
+    assert_eq!(ModelConfig::from_json_value(&c.to_json(), "again").unwrap(), c);
+}
