@@ -74,8 +74,21 @@ execs=$(awk '/^stat::number_of_executed_units:/ {s += $2} END {print s + 0}' "$l
 crashes=$(( $(ls "$artifacts" | wc -l) - before ))
 tail -n 5 "$log" >&2
 
-echo "== merging what adds coverage into $seeds (minimised: only inputs with new features)" >&2
-"$bin" "${common[@]}" -merge=1 "$seeds" "$work" >>"$log" 2>&1 || echo "fuzz.sh: merge failed (see $log)" >&2
+# Minimise: the smallest set of inputs covering every feature of the committed corpus and the
+# work corpus replaces the generated files (hash names) of fuzz/corpus/TARGET; the hand-made
+# seed-* and the crash-* regression inputs always stay.
+echo "== minimising the corpus into $seeds" >&2
+min="$(mktemp -d)"
+if "$bin" "${common[@]}" -merge=1 "$min" "$seeds" "$work" >>"$log" 2>&1; then
+    find "$seeds" -maxdepth 1 -type f ! -name 'seed-*' ! -name 'crash-*' -delete
+    for f in "$seeds"/seed-* "$seeds"/crash-*; do
+        [[ -e "$f" ]] && rm -f "$min/$(sha1sum "$f" | cut -c1-40)"
+    done
+    cp "$min"/* "$seeds"/ 2>/dev/null || true
+else
+    echo "fuzz.sh: minimising failed (see $log); corpus left as it was" >&2
+fi
+rm -rf "$min"
 line="$(date -u +%FT%TZ) target=$target minutes=$minutes jobs=$jobs execs=$execs new_crashes=$crashes exit=$status corpus_files=$(ls "$seeds" | wc -l) corpus_kib=$(du -sk "$seeds" | cut -f1)"
 echo "$line" | tee -a "$CARGO_TARGET_DIR/runs.log" >&2
 if [[ "$crashes" -gt 0 || "$status" -ne 0 ]]; then

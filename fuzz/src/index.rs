@@ -11,8 +11,11 @@ use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::OnceLock;
 
-/// The shard files of the fixture directory: name → tensors (name, dtype, shape).
-pub const SHARDS: &[(&str, &[(&str, Dtype, &[usize])])] = &[
+/// One tensor of a fixture shard: name, dtype, shape.
+type Tensor = (&'static str, Dtype, &'static [usize]);
+
+/// The shard files of the fixture directory: name → tensors.
+pub const SHARDS: &[(&str, &[Tensor])] = &[
     ("model-00001-of-00002.safetensors", &[("a", Dtype::F32, &[2]), ("b", Dtype::Bf16, &[2, 2])]),
     ("model-00002-of-00002.safetensors", &[("c", Dtype::F8E4M3, &[1, 1]), ("c_scale_inv", Dtype::F32, &[1, 1])]),
     ("sub/model-extra.safetensors", &[("d", Dtype::Bf16, &[1])]),
@@ -37,7 +40,7 @@ fn fixture() -> &'static Path {
     })
 }
 
-fn write_shard(path: &Path, tensors: &[(&str, Dtype, &[usize])]) {
+fn write_shard(path: &Path, tensors: &[Tensor]) {
     std::fs::create_dir_all(path.parent().expect("a shard has a parent")).expect("create the shard folder");
     let specs: Vec<TensorSpec> =
         tensors.iter().map(|&(n, dtype, shape)| TensorSpec { name: n.into(), dtype, shape: shape.to_vec() }).collect();

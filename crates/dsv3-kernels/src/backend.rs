@@ -104,6 +104,12 @@ pub trait Backend: Send + Sync + Debug {
     ) -> Result<()>;
 
     // --- GEMM ---------------------------------------------------------------------------
+    /// Whether the fp8 GEMM path honours a weight's activation scale format `fmt`
+    /// ([`Fp8Weight::with_act_scale_fmt`]). Every backend does `Float`; the CPU backend also
+    /// `Ue8m0`. A model refuses, naming the config field, to run a format its backend lacks.
+    fn supports_act_scale_fmt(&self, fmt: ScaleFmt) -> bool {
+        fmt == ScaleFmt::Float
+    }
     /// `out = a · wᵀ` (`a` `[m, k]` f32, `w` `[n, k]`) on either path (`docs/model.md` §4.5);
     /// the fp8 path quantises `a` per 1x128 tile with [`ScaleFmt::Float`] scales.
     fn gemm(&self, a: &Self::Buf<f32>, w: &Self::Weight, shape: GemmShape, path: GemmPath, out: &mut Self::Buf<f32>) -> Result<()>;
@@ -315,7 +321,13 @@ impl Backend for Cpu {
         fp8::act_quant(x, shape, fmt, q, scales)
     }
 
+    fn supports_act_scale_fmt(&self, _fmt: ScaleFmt) -> bool {
+        true
+    }
     fn gemm(&self, a: &Vec<f32>, w: &Fp8Weight, shape: GemmShape, path: GemmPath, out: &mut Vec<f32>) -> Result<()> {
+        if path == GemmPath::Fp8 && w.act_scale_fmt() != ScaleFmt::Float {
+            return crate::gemm_fmt::gemm(a, w, shape, out);
+        }
         gemm::gemm(a, w.view(), shape, path, out)
     }
     fn gemm_quantized(&self, a_q: &Vec<u8>, a_s: &Vec<f32>, w: &Fp8Weight, shape: GemmShape, out: &mut Vec<f32>) -> Result<()> {
@@ -332,6 +344,9 @@ impl Backend for Cpu {
         path: GemmPath,
         out: &mut Vec<f32>,
     ) -> Result<()> {
+        if path == GemmPath::Fp8 && w.iter().any(|w| w.act_scale_fmt() != ScaleFmt::Float) {
+            return crate::gemm_fmt::grouped_contiguous(a, offsets, w, out);
+        }
         let views: Vec<Fp8WeightRef<'_>> = w.iter().map(|w| w.view()).collect();
         gemm::grouped_contiguous(a, offsets, &views, path, out)
     }
@@ -344,6 +359,9 @@ impl Backend for Cpu {
         path: GemmPath,
         out: &mut Vec<f32>,
     ) -> Result<()> {
+        if path == GemmPath::Fp8 && w.iter().any(|w| w.act_scale_fmt() != ScaleFmt::Float) {
+            return crate::gemm_fmt::grouped_masked(a, counts, capacity, w, out);
+        }
         let views: Vec<Fp8WeightRef<'_>> = w.iter().map(|w| w.view()).collect();
         gemm::grouped_masked(a, counts, capacity, &views, path, out)
     }

@@ -225,6 +225,8 @@ pub struct Fp8Weight {
     cols: usize,
     data: Storage<u8>,
     scale_inv: Vec<f32>,
+    /// The scale format of the activations this weight meets on the fp8 path.
+    act_fmt: ScaleFmt,
 }
 
 impl Fp8Weight {
@@ -237,7 +239,7 @@ impl Fp8Weight {
     /// are faulted in here) and takes ownership of codes that may live in a map.
     pub fn from_storage(rows: usize, cols: usize, data: Storage<u8>, scale_inv: Vec<f32>) -> Result<Self> {
         Fp8WeightRef::new(rows, cols, &data, &scale_inv)?;
-        Ok(Fp8Weight { rows, cols, data, scale_inv })
+        Ok(Fp8Weight { rows, cols, data, scale_inv, act_fmt: ScaleFmt::Float })
     }
 
     /// Quantises an f32 matrix per 128x128 block, as the checkpoints were made:
@@ -282,7 +284,21 @@ impl Fp8Weight {
         for (dst, src) in data.chunks_exact_mut(cols).zip(self.data.chunks_exact(self.cols)) {
             dst[..self.cols].copy_from_slice(src);
         }
-        Fp8Weight::new(rows, cols, data, self.scale_inv.clone())
+        Ok(Fp8Weight::new(rows, cols, data, self.scale_inv.clone())?.with_act_scale_fmt(self.act_fmt))
+    }
+
+    /// This weight with the activation scale format of its checkpoint: on the fp8 GEMM path
+    /// the activation it multiplies is quantised with `fmt` (`Ue8m0` for `scale_fmt: "ue8m0"`
+    /// checkpoints, V3.1 and later; `Float` by default). A model sets it when it loads its
+    /// weights; a backend that cannot honour it says so ([`crate::Backend::supports_act_scale_fmt`]).
+    pub fn with_act_scale_fmt(mut self, fmt: ScaleFmt) -> Self {
+        self.act_fmt = fmt;
+        self
+    }
+
+    /// See [`Fp8Weight::with_act_scale_fmt`].
+    pub fn act_scale_fmt(&self) -> ScaleFmt {
+        self.act_fmt
     }
 
     /// The borrowed view the kernels take.

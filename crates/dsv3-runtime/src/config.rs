@@ -20,7 +20,14 @@
 //!
 //! Refused because the engine would silently compute something else: `hidden_act` other than
 //! silu, `attention_bias: true`, `tie_word_embeddings: true`, `rope_interleave: false`,
-//! a `rope_scaling` type other than yarn, a quantization other than fp8 e4m3 128x128.
+//! a `rope_scaling` type other than yarn, a quantization other than fp8 e4m3 128x128, and
+//! DeepSeek-V3.2's sparse attention (`model_type: deepseek_v32`, `index_topk`,
+//! `index_n_heads`, `index_head_dim`).
+//!
+//! Later releases in the V3 format load as V3: V3-0324, R1 and R1-0528 add no field;
+//! V3.1 (and V3.1-Terminus) add `quantization_config.scale_fmt: "ue8m0"` (power-of-two
+//! activation scales on the fp8 GEMM path). Fields used only for training or bookkeeping
+//! (`aux_loss_alpha`, `seq_aux`, `ep_size`, `auto_map`, ...) are ignored.
 
 use crate::error::{Result, RuntimeError};
 use crate::json::{Obj, parse_json_bytes, read_json_file};
@@ -333,6 +340,13 @@ fn parse(o: Obj<'_>) -> Result<ModelConfig> {
     let model_type = match o.opt_str("model_type")? {
         Some("deepseek_v3") => ModelType::DeepseekV3,
         Some("deepseek_v2") => ModelType::DeepseekV2,
+        Some("deepseek_v32") => {
+            return Err(o.err(
+                "model_type",
+                "\"deepseek_v32\" (DeepSeek-V3.2: sparse attention through a lightning indexer, fields index_topk, \
+                 index_n_heads, index_head_dim) is not supported; this engine computes dense MLA attention",
+            ));
+        }
         Some(other) => return Err(o.err("model_type", format!("unsupported \"{other}\", expected \"deepseek_v3\" or \"deepseek_v2\""))),
         None => return Err(o.err("model_type", "missing (required)")),
     };
@@ -411,6 +425,16 @@ fn parse(o: Obj<'_>) -> Result<ModelConfig> {
 }
 
 fn refuse_unsupported(o: &Obj<'_>) -> Result<()> {
+    // V3.2's sparse-attention indexer: its weights and top-k selection are not implemented,
+    // and dense attention differs from it past index_topk tokens.
+    for field in ["index_topk", "index_n_heads", "index_head_dim"] {
+        if o.contains_key(field) {
+            return Err(o.err(
+                field,
+                "DeepSeek Sparse Attention (V3.2's lightning indexer) is not supported; this engine computes dense MLA attention",
+            ));
+        }
+    }
     if let Some(act) = o.opt_str("hidden_act")?
         && act != "silu"
     {

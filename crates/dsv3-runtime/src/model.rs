@@ -6,12 +6,21 @@
 //! expanded form when a step appends several tokens to a sequence (prefill, chunked prefill)
 //! and in the weight-absorbed form on the paged latent cache when every sequence appends one
 //! token (batched decode).
+//!
+//! **Numerical hazards.** A step refuses, before any work, token ids outside the vocabulary
+//! and positions past `max_position_embeddings`. A non-finite activation never becomes silent
+//! garbage: the final hidden state of every step is checked (one pass over `[tokens,
+//! hidden]`), and `DSV3_CHECK_FINITE=layers` (or [`Model::set_finite_check`]) checks the
+//! output of every attention and MLP, so the error names the layer that produced it; an
+//! error raised inside a layer (the fp8 path's activation quantiser refuses NaN and ±inf)
+//! names its layer too.
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{LayerKind, ModelConfig};
 use crate::error::{Result, RuntimeError};
 use dsv3_kernels::Backend;
 use dsv3_kernels::embed::EmbedShape;
+use dsv3_kernels::fp8::{Fp8Weight, ScaleFmt};
 use dsv3_kernels::gemm::{GemmPath, GemmShape};
 use dsv3_kernels::norm::RowsShape;
 use dsv3_mla::{CacheConfig, HostQProj, MlaConfig, MlaContext, MlaHostWeights, MlaWeights, PagedLatentCache, SeqId, StepPlan};
@@ -52,6 +61,39 @@ pub enum AttnForm {
     Expanded,
 }
 
+/// Where a step looks for non-finite activations (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FiniteCheck {
+    /// No check.
+    Off,
+    /// The final hidden state (cheap: one pass over it).
+    #[default]
+    Final,
+    /// Every attention and MLP output too, naming the layer (a debugging mode).
+    Layers,
+}
+
+impl FiniteCheck {
+    /// From `DSV3_CHECK_FINITE` (`off`, `final`, `layers`; unset: `final`).
+    pub fn from_env() -> Result<FiniteCheck> {
+        match std::env::var("DSV3_CHECK_FINITE").as_deref() {
+            Err(_) | Ok("") | Ok("final") => Ok(FiniteCheck::Final),
+            Ok("layers") => Ok(FiniteCheck::Layers),
+            Ok("off") => Ok(FiniteCheck::Off),
+            Ok(other) => Err(RuntimeError::Request(format!("DSV3_CHECK_FINITE={other}: expected off, final or layers"))),
+        }
+    }
+}
+
+/// Errors if `x` (`[rows, width]`) holds a NaN or an infinity, naming `at` and the first one.
+pub(crate) fn check_finite<B: Backend>(b: &B, x: &B::Buf<f32>, width: usize, at: impl FnOnce() -> String) -> Result<()> {
+    let v = b.download(x)?;
+    match v.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(RuntimeError::NonFinite { at: at(), row: i / width.max(1), col: i % width.max(1), value: v[i] }),
+    }
+}
+
 /// A loaded model on backend `B`.
 #[derive(Debug)]
 pub struct Model<B: Backend> {
@@ -63,6 +105,7 @@ pub struct Model<B: Backend> {
     norm: B::Buf<f32>,
     lm_head: Arc<B::DenseWeight>,
     path: GemmPath,
+    check: FiniteCheck,
 }
 
 impl<B: Backend> Layer<B> {
@@ -70,13 +113,14 @@ impl<B: Backend> Layer<B> {
     pub(crate) fn load(b: &B, ck: &Checkpoint, cfg: &ModelConfig, mla: &MlaConfig, l: usize, path: GemmPath) -> Result<Layer<B>> {
         let h = cfg.hidden_size;
         let p = format!("model.layers.{l}");
-        let attn = MlaWeights::new(b, mla, &load_attention(ck, &format!("{p}.self_attn"), mla)?)?;
+        let w = Weights { ck, fmt: cfg.scale_fmt() };
+        let attn = MlaWeights::new(b, mla, &load_attention(&w, &format!("{p}.self_attn"), mla)?)?;
         let ffn = match cfg.layer_kind(l) {
             LayerKind::Dense => {
                 let dc = DenseMlpConfig { hidden: h, intermediate: cfg.intermediate_size, gemm_path: path };
-                Ffn::Dense(DenseMlp::new(b, dc, &load_mlp(ck, &format!("{p}.mlp"), &dc)?)?)
+                Ffn::Dense(DenseMlp::new(b, dc, &load_mlp(&w, &format!("{p}.mlp"), &dc)?)?)
             }
-            LayerKind::Moe => Ffn::Moe(Box::new(MoeLayer::new(b, moe_config(cfg, path), &load_moe(ck, &format!("{p}.mlp"), cfg, path)?)?)),
+            LayerKind::Moe => Ffn::Moe(Box::new(MoeLayer::new(b, moe_config(cfg, path), &load_moe(&w, &format!("{p}.mlp"), cfg, path)?)?)),
         };
         Ok(Layer {
             input_norm: b.upload(&ck.norm_weight(&format!("{p}.input_layernorm.weight"), h)?)?,
@@ -96,6 +140,9 @@ pub(crate) struct Stack<'a, B: Backend> {
     pub final_norm: &'a B::Buf<f32>,
     pub hidden: usize,
     pub eps: f32,
+    /// The model layer index of `layers[0]` (0, or `num_hidden_layers` for the MTP block).
+    pub first_layer: usize,
+    pub check: FiniteCheck,
 }
 
 impl<B: Backend> Stack<'_, B> {
@@ -113,21 +160,37 @@ impl<B: Backend> Stack<'_, B> {
         let mut residual = b.zeros::<f32>(t * self.hidden)?;
         let mut normed = b.zeros::<f32>(t * self.hidden)?;
         let mut attn_out = b.zeros::<f32>(t * self.hidden)?;
+        let layers = self.check == FiniteCheck::Layers;
         for (l, layer) in self.layers.iter().enumerate() {
-            b.add_rms_norm(&x, &mut residual, &layer.input_norm, rows, self.eps, &mut normed)?;
+            let at = self.first_layer + l;
+            let in_layer = |e: RuntimeError| RuntimeError::Layer { layer: at, source: Box::new(e) };
+            b.add_rms_norm(&x, &mut residual, &layer.input_norm, rows, self.eps, &mut normed).map_err(|e| in_layer(e.into()))?;
             let mut lc = cache.layer(plan, l)?;
             if absorbed {
-                layer.attn.decode(b, self.ctx, &mut lc, &normed, &mut attn_out)?;
+                layer.attn.decode(b, self.ctx, &mut lc, &normed, &mut attn_out).map_err(|e| in_layer(e.into()))?;
             } else {
-                layer.attn.prefill(b, self.ctx, &mut lc, &normed, &mut attn_out)?;
+                layer.attn.prefill(b, self.ctx, &mut lc, &normed, &mut attn_out).map_err(|e| in_layer(e.into()))?;
             }
-            b.add_rms_norm(&attn_out, &mut residual, &layer.post_norm, rows, self.eps, &mut normed)?;
+            if layers {
+                check_finite(b, &attn_out, self.hidden, || format!("layer {at} attention output"))?;
+            }
+            b.add_rms_norm(&attn_out, &mut residual, &layer.post_norm, rows, self.eps, &mut normed).map_err(|e| in_layer(e.into()))?;
             x = match &layer.ffn {
-                Ffn::Dense(mlp) => mlp.forward(b, &normed, t)?,
-                Ffn::Moe(moe) => moe.forward(b, &normed, t)?.y,
-            };
+                Ffn::Dense(mlp) => mlp.forward(b, &normed, t),
+                Ffn::Moe(moe) => moe.forward(b, &normed, t).map(|o| o.y),
+            }
+            .map_err(|e| in_layer(e.into()))?;
+            if layers {
+                check_finite(b, &x, self.hidden, || format!("layer {at} MLP output"))?;
+            }
         }
         b.add_rms_norm(&x, &mut residual, self.final_norm, rows, self.eps, &mut normed)?;
+        if self.check != FiniteCheck::Off {
+            let last = self.first_layer + self.layers.len();
+            check_finite(b, &normed, self.hidden, || {
+                format!("the final hidden state (after layers {}..{last}; DSV3_CHECK_FINITE=layers names the layer)", self.first_layer)
+            })?;
+        }
         Ok(normed)
     }
 }
@@ -161,30 +224,44 @@ pub fn moe_config(cfg: &ModelConfig, path: GemmPath) -> MoeConfig {
     }
 }
 
-fn load_mlp(ck: &Checkpoint, prefix: &str, cfg: &DenseMlpConfig) -> Result<MlpWeights> {
+/// The checkpoint's projection weights, tagged with the activation scale format of its
+/// `quantization_config` (`ue8m0` for V3.1 and later) for the fp8 GEMM path.
+struct Weights<'a> {
+    ck: &'a Checkpoint,
+    fmt: ScaleFmt,
+}
+
+impl Weights<'_> {
+    fn fp8(&self, name: &str, rows: usize, cols: usize) -> Result<Fp8Weight> {
+        Ok(self.ck.fp8_weight(name, rows, cols)?.with_act_scale_fmt(self.fmt))
+    }
+}
+
+fn load_mlp(w: &Weights<'_>, prefix: &str, cfg: &DenseMlpConfig) -> Result<MlpWeights> {
     let (h, i) = (cfg.hidden, cfg.intermediate);
-    let gate = ck.fp8_weight(&format!("{prefix}.gate_proj.weight"), i, h)?;
-    let up = ck.fp8_weight(&format!("{prefix}.up_proj.weight"), i, h)?;
-    let down = ck.fp8_weight(&format!("{prefix}.down_proj.weight"), h, i)?;
+    let gate = w.fp8(&format!("{prefix}.gate_proj.weight"), i, h)?;
+    let up = w.fp8(&format!("{prefix}.up_proj.weight"), i, h)?;
+    let down = w.fp8(&format!("{prefix}.down_proj.weight"), h, i)?;
     Ok(MlpWeights::new(cfg, prefix, gate, up, down)?)
 }
 
-fn load_attention(ck: &Checkpoint, p: &str, c: &MlaConfig) -> Result<MlaHostWeights> {
+fn load_attention(w: &Weights<'_>, p: &str, c: &MlaConfig) -> Result<MlaHostWeights> {
+    let ck = w.ck;
     let q = match c.q_lora_rank {
         Some(r) => HostQProj::Lora {
-            q_a_proj: ck.fp8_weight(&format!("{p}.q_a_proj.weight"), r, c.hidden)?,
+            q_a_proj: w.fp8(&format!("{p}.q_a_proj.weight"), r, c.hidden)?,
             q_a_layernorm: ck.norm_weight(&format!("{p}.q_a_layernorm.weight"), r)?,
-            q_b_proj: ck.fp8_weight(&format!("{p}.q_b_proj.weight"), c.q_dim(), r)?,
+            q_b_proj: w.fp8(&format!("{p}.q_b_proj.weight"), c.q_dim(), r)?,
         },
-        None => HostQProj::Direct { q_proj: ck.fp8_weight(&format!("{p}.q_proj.weight"), c.q_dim(), c.hidden)? },
+        None => HostQProj::Direct { q_proj: w.fp8(&format!("{p}.q_proj.weight"), c.q_dim(), c.hidden)? },
     };
     let kv_b_rows = c.n_heads * (c.qk_nope_head_dim + c.v_head_dim);
     Ok(MlaHostWeights {
         q,
-        kv_a_proj_with_mqa: ck.fp8_weight(&format!("{p}.kv_a_proj_with_mqa.weight"), c.kv_lora_rank + c.qk_rope_head_dim, c.hidden)?,
+        kv_a_proj_with_mqa: w.fp8(&format!("{p}.kv_a_proj_with_mqa.weight"), c.kv_lora_rank + c.qk_rope_head_dim, c.hidden)?,
         kv_a_layernorm: ck.norm_weight(&format!("{p}.kv_a_layernorm.weight"), c.kv_lora_rank)?,
-        kv_b_proj: ck.fp8_weight(&format!("{p}.kv_b_proj.weight"), kv_b_rows, c.kv_lora_rank)?,
-        o_proj: ck.fp8_weight(&format!("{p}.o_proj.weight"), c.hidden, c.o_dim())?,
+        kv_b_proj: w.fp8(&format!("{p}.kv_b_proj.weight"), kv_b_rows, c.kv_lora_rank)?,
+        o_proj: w.fp8(&format!("{p}.o_proj.weight"), c.hidden, c.o_dim())?,
     })
 }
 
@@ -193,6 +270,18 @@ impl<B: Backend> Model<B> {
     /// checkpoint whose tensors were validated against `cfg`.
     pub fn load(b: &B, ck: &Checkpoint, cfg: &ModelConfig, path: GemmPath) -> Result<Model<B>> {
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let check = FiniteCheck::from_env()?;
+        if path == GemmPath::Fp8 && !b.supports_act_scale_fmt(cfg.scale_fmt()) {
+            return Err(RuntimeError::Config {
+                file: ck.dir().join("config.json").display().to_string(),
+                field: "quantization_config.scale_fmt".into(),
+                detail: format!(
+                    "{:?} activation scales on the fp8 GEMM path are not implemented on the {} backend (the reference path works)",
+                    cfg.scale_fmt(),
+                    b.name()
+                ),
+            });
+        }
         let mla = mla_config(cfg);
         let ctx = MlaContext::new(b, mla, path)?;
         let embed_w = ck.bf16_weight("model.embed_tokens.weight", v, h)?;
@@ -202,7 +291,7 @@ impl<B: Backend> Model<B> {
         let norm = b.upload(&ck.norm_weight("model.norm.weight", h)?)?;
         let lm_head = Arc::new(b.upload_dense_weight(ck.bf16_weight("lm_head.weight", v, h)?.view())?);
         ck.finish_progress();
-        Ok(Model { cfg: cfg.clone(), mla, ctx, embed, layers, norm, lm_head, path })
+        Ok(Model { cfg: cfg.clone(), mla, ctx, embed, layers, norm, lm_head, path, check })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -211,6 +300,15 @@ impl<B: Backend> Model<B> {
 
     pub fn gemm_path(&self) -> GemmPath {
         self.path
+    }
+
+    /// Where steps look for non-finite activations (default: `DSV3_CHECK_FINITE`, else the
+    /// final hidden state).
+    pub fn set_finite_check(&mut self, check: FiniteCheck) {
+        self.check = check;
+    }
+    pub fn finite_check(&self) -> FiniteCheck {
+        self.check
     }
 
     /// A paged latent cache for this model with room for `tokens` tokens in all.
@@ -236,6 +334,7 @@ impl<B: Backend> Model<B> {
     ) -> Result<B::Buf<f32>> {
         let ids: Vec<u32> = batch.iter().flat_map(|(_, t)| t.iter().copied()).collect();
         let sizes: Vec<(SeqId, usize)> = batch.iter().map(|(s, toks)| (*s, toks.len())).collect();
+        self.check_step(cache, &ids, &sizes)?;
         let x = self.embed(b, &ids)?;
         let plan = cache.plan(b, &sizes)?;
         let absorbed = match form {
@@ -244,6 +343,25 @@ impl<B: Backend> Model<B> {
             AttnForm::Expanded => false,
         };
         self.stack().run(b, cache, &plan, x, absorbed)
+    }
+
+    /// Refuses a step before any work: an id outside the vocabulary, or a sequence that would
+    /// pass `max_position_embeddings`.
+    pub(crate) fn check_step(&self, cache: &PagedLatentCache<B>, ids: &[u32], sizes: &[(SeqId, usize)]) -> Result<()> {
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            return Err(RuntimeError::TokenId { id: bad as u64, vocab_size: self.cfg.vocab_size });
+        }
+        let max = self.cfg.max_position_embeddings;
+        for &(seq, n) in sizes {
+            let len = cache.seq_len(seq)?;
+            if len.checked_add(n).is_none_or(|end| end > max) {
+                return Err(RuntimeError::Request(format!(
+                    "sequence {seq}: positions {len}..{} pass max_position_embeddings = {max} (config.json); nothing was computed",
+                    len.saturating_add(n)
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Embedding rows of `ids` (checked against the vocabulary).
@@ -258,7 +376,15 @@ impl<B: Backend> Model<B> {
     }
 
     fn stack(&self) -> Stack<'_, B> {
-        Stack { ctx: &self.ctx, layers: &self.layers, final_norm: &self.norm, hidden: self.cfg.hidden_size, eps: self.cfg.norm_eps() }
+        Stack {
+            ctx: &self.ctx,
+            layers: &self.layers,
+            final_norm: &self.norm,
+            hidden: self.cfg.hidden_size,
+            eps: self.cfg.norm_eps(),
+            first_layer: 0,
+            check: self.check,
+        }
     }
 
     /// `logits [rows, vocab] = hidden[rows] · lm_headᵀ` for the given rows of `hidden`.
@@ -334,7 +460,8 @@ pub(crate) fn head_logits<B: Backend>(
     Ok(b.download(&out)?)
 }
 
-fn load_moe(ck: &Checkpoint, p: &str, cfg: &ModelConfig, path: GemmPath) -> Result<MoeWeights> {
+fn load_moe(w: &Weights<'_>, p: &str, cfg: &ModelConfig, path: GemmPath) -> Result<MoeWeights> {
+    let ck = w.ck;
     let mc = moe_config(cfg, path);
     let h = cfg.hidden_size;
     let ec = DenseMlpConfig { hidden: h, intermediate: cfg.moe_intermediate_size, gemm_path: path };
@@ -342,10 +469,10 @@ fn load_moe(ck: &Checkpoint, p: &str, cfg: &ModelConfig, path: GemmPath) -> Resu
     let bias =
         if cfg.has_router_bias() { Some(ck.f32_vec(&format!("{p}.gate.e_score_correction_bias"), cfg.n_routed_experts)?) } else { None };
     let experts =
-        (0..cfg.n_routed_experts).map(|e| load_mlp(ck, &format!("{p}.experts.{e}"), &ec).map(Arc::new)).collect::<Result<Vec<_>>>()?;
+        (0..cfg.n_routed_experts).map(|e| load_mlp(w, &format!("{p}.experts.{e}"), &ec).map(Arc::new)).collect::<Result<Vec<_>>>()?;
     let shared = if cfg.n_shared_experts > 0 {
         let sc = DenseMlpConfig { hidden: h, intermediate: cfg.shared_intermediate(), gemm_path: path };
-        Some(load_mlp(ck, &format!("{p}.shared_experts"), &sc)?)
+        Some(load_mlp(w, &format!("{p}.shared_experts"), &sc)?)
     } else {
         None
     };

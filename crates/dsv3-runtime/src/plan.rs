@@ -26,6 +26,9 @@ pub enum TensorRole {
     Norm,
     /// An F32 vector (the router's `e_score_correction_bias`).
     F32,
+    /// The MTP `eh_proj`: BF16 as DeepSeek ships it, or FP8 with a `weight_scale_inv` as some
+    /// converted checkpoints store it (accepted in any config; the writer uses BF16).
+    Bf16OrFp8,
 }
 
 /// One logical tensor.
@@ -114,7 +117,7 @@ pub fn tensor_plan(cfg: &ModelConfig) -> TensorPlan {
                 t(n("embed_tokens.weight"), &[vocab, h], Bf16),
                 t(n("enorm.weight"), &[h], Norm),
                 t(n("hnorm.weight"), &[h], Norm),
-                t(n("eh_proj.weight"), &[h, 2 * h], Bf16),
+                t(n("eh_proj.weight"), &[h, 2 * h], Bf16OrFp8),
             ];
             v.extend(layer_tensors(cfg, layer));
             v.push(t(n("shared_head.norm.weight"), &[h], Norm));
@@ -179,6 +182,7 @@ impl TensorPlan {
                     out.push((spec(format!("{}_scale_inv", p.name), Dtype::F32, vec![blocks(r), blocks(c)]), &[Dtype::F32][..]));
                 }
                 TensorRole::Linear | TensorRole::Bf16 => out.push((spec(p.name.clone(), Dtype::Bf16, p.shape.clone()), &[Dtype::Bf16][..])),
+                TensorRole::Bf16OrFp8 => out.push((spec(p.name.clone(), Dtype::Bf16, p.shape.clone()), &[Dtype::Bf16, Dtype::F8E4M3][..])),
                 TensorRole::Norm => out.push((spec(p.name.clone(), Dtype::Bf16, p.shape.clone()), &[Dtype::Bf16, Dtype::F32][..])),
                 TensorRole::F32 => out.push((spec(p.name.clone(), Dtype::F32, p.shape.clone()), &[Dtype::F32][..])),
             }
@@ -200,6 +204,7 @@ impl Checkpoint {
         let plan = tensor_plan(cfg);
         let stored = plan.stored(cfg);
         let mut expected = BTreeSet::new();
+        let mut scales = Vec::new();
         for (spec, dtypes) in &stored {
             let (path, info) = self.info(&spec.name).map_err(|_| {
                 let detail = match layer_of(&spec.name) {
@@ -223,7 +228,20 @@ impl Checkpoint {
                 return Err(tensor_err(path, &spec.name, format!("shape {:?}, expected {:?}", info.shape, spec.shape)));
             }
             expected.insert(spec.name.as_str());
+            // An FP8 tensor where BF16 is the plan's form (the MTP eh_proj) brings its scale.
+            if info.dtype == Dtype::F8E4M3 && spec.dtype == Dtype::Bf16 {
+                scales.push(format!("{}_scale_inv", spec.name));
+                let (name, want) = (scales.last().map_or("", String::as_str), [blocks(spec.shape[0]), blocks(spec.shape[1])]);
+                let (spath, sinfo) = self.info(name).map_err(|_| {
+                    tensor_err(path, name, format!("missing: the F8_E4M3 weight `{}` needs its F32 scale tensor", spec.name))
+                })?;
+                if sinfo.dtype != Dtype::F32 || sinfo.shape != want {
+                    let detail = format!("{} {:?}, expected F32 {want:?}", sinfo.dtype.as_str(), sinfo.shape);
+                    return Err(tensor_err(spath, name, detail));
+                }
+            }
         }
+        expected.extend(scales.iter().map(String::as_str));
         if let Some(extra) = self.names().find(|n| !expected.contains(n)) {
             let path = self.info(extra)?.0;
             let detail = match layer_of(extra) {

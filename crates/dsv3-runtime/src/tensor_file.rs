@@ -256,18 +256,14 @@ pub fn parse_header(path: &Path, header: &[u8], data_len: u64) -> Result<Parsed>
     if header.first() != Some(&b'{') {
         return Err(format_err(path, "header does not start with '{' (not a safetensors file?)"));
     }
-    let Entries(entries) = serde_json::from_slice(header)
-        .map_err(|e| format_err(path, format!("header is not valid JSON (an object of tensor entries): {e}")))?;
+    // JSON leaves duplicate keys to the reader (first wins, last wins, or an error): a header
+    // with one would mean different tensors to different tools, so any is refused.
+    let v = crate::json::from_slice_unique_keys(header).map_err(|e| format_err(path, format!("header is not valid JSON: {e}")))?;
+    let Value::Object(map) = v else { return Err(format_err(path, "header is not a JSON object")) };
     let mut tensors = BTreeMap::new();
     let mut metadata = BTreeMap::new();
-    let mut ranges: Vec<(u64, u64, &str)> = Vec::with_capacity(entries.len());
-    let mut seen = std::collections::BTreeSet::new();
-    for (name, entry) in &entries {
-        // JSON leaves duplicate keys to the reader (first wins, last wins, or an error); a
-        // header with one would mean different tensors to different tools.
-        if !seen.insert(name.as_str()) {
-            return Err(tensor_err(path, name, "appears twice in the header"));
-        }
+    let mut ranges: Vec<(u64, u64, &str)> = Vec::with_capacity(map.len());
+    for (name, entry) in &map {
         if name == "__metadata__" {
             metadata = parse_metadata(path, entry)?;
             continue;
@@ -302,29 +298,6 @@ pub fn parse_header(path: &Path, header: &[u8], data_len: u64) -> Result<Parsed>
         info.offset += base;
     }
     Ok((tensors, metadata))
-}
-
-/// A JSON object's entries in file order, duplicates kept (serde_json's `Map` keeps the last).
-struct Entries(Vec<(String, Value)>);
-
-impl<'de> serde::Deserialize<'de> for Entries {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Entries;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> std::result::Result<Entries, A::Error> {
-                let mut v = Vec::new();
-                while let Some(entry) = m.next_entry()? {
-                    v.push(entry);
-                }
-                Ok(Entries(v))
-            }
-        }
-        d.deserialize_map(V)
-    }
 }
 
 fn parse_metadata(path: &Path, v: &Value) -> Result<BTreeMap<String, String>> {

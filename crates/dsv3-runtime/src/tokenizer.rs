@@ -80,7 +80,9 @@ impl Tokenizer {
         if bytes.len() as u64 > MAX_TOKENIZER_BYTES {
             return Err(tok_err(tokenizer_json, format!("larger than the {MAX_TOKENIZER_BYTES}-byte limit")));
         }
-        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| tok_err(tokenizer_json, format!("cannot load: {e}")))?;
+        let inner = contain(|| tokenizers::Tokenizer::from_bytes(bytes))
+            .map_err(|e| tok_err(tokenizer_json, format!("cannot load: {e}")))?
+            .map_err(|e| tok_err(tokenizer_json, format!("cannot load: {e}")))?;
         let token_count = inner.get_vocab(true).values().map(|&id| id as usize + 1).max().unwrap_or(0);
         if token_count == 0 {
             return Err(tok_err(tokenizer_json, "has an empty vocabulary"));
@@ -256,6 +258,16 @@ impl Tokenizer {
         let messages = serde_json::to_value(messages).map_err(|e| RuntimeError::Template { detail: e.to_string() })?;
         t.render(&messages, add_generation_prompt, self.bos_token().unwrap_or(""), self.eos_token().unwrap_or(""))
     }
+}
+
+/// Runs `f`, turning a panic inside the `tokenizers` library into an error: some malformed
+/// `tokenizer.json` files make it panic instead of failing (a broken `decoder` object:
+/// `expect("Helper")` in its deserializer; found by fuzzing).
+fn contain<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
+        format!("the tokenizers library panicked: {}", msg.unwrap_or_else(|| "(no message)".into()))
+    })
 }
 
 /// GPT-2's byte-level map, reversed: the printable stand-in character of each byte → the byte.

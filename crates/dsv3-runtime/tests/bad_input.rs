@@ -442,6 +442,12 @@ fn duplicate_tensor_name_in_header() {
     bytes.extend_from_slice(header);
     bytes.extend_from_slice(&[0; 8]);
     expect_err(dsv3_runtime::tensor_file::parse_bytes(Path::new(SINGLE_FILE), &bytes), &[SINGLE_FILE, "`a`", "twice"]);
+    // The same inside an entry (found next): `shape` twice.
+    let header = br#"{"a":{"dtype":"F32","shape":[1],"shape":[2],"data_offsets":[0,8]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    bytes.extend_from_slice(&[0; 8]);
+    expect_err(dsv3_runtime::tensor_file::parse_bytes(Path::new(SINGLE_FILE), &bytes), &[SINGLE_FILE, "`shape`", "twice"]);
 }
 
 /// A config without `eos_token_id` writes itself back without one (it wrote `[]`, which is

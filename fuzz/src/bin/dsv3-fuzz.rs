@@ -9,6 +9,10 @@ static RUN: std::sync::OnceLock<fn(&[u8])> = std::sync::OnceLock::new();
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let run = RUN.get_or_init(|| {
+        // libfuzzer-sys aborts on any panic, even one the library catches (it contains the
+        // `tokenizers` crate's panics and returns an error). Restore the default hook: a panic
+        // that escapes the target still aborts, in libfuzzer-sys's own catch_unwind.
+        drop(std::panic::take_hook());
         let name = std::env::var("DSV3_FUZZ_TARGET").unwrap_or_default();
         match dsv3_fuzz::target(&name) {
             Some(t) => t.run,
