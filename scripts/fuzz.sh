@@ -74,12 +74,13 @@ execs=$(awk '/^stat::number_of_executed_units:/ {s += $2} END {print s + 0}' "$l
 crashes=$(( $(ls "$artifacts" | wc -l) - before ))
 tail -n 5 "$log" >&2
 
-# Minimise: the smallest set of inputs covering every feature of the committed corpus and the
-# work corpus replaces the generated files (hash names) of fuzz/corpus/TARGET; the hand-made
-# seed-* and the crash-* regression inputs always stay.
+# Minimise: a small set of inputs covering every edge that the committed corpus and the work
+# corpus reach (set cover over edges, hit counts ignored, so the committed corpus stays small)
+# replaces the generated files (hash names) of fuzz/corpus/TARGET; the hand-made seed-* and the
+# crash-* regression inputs always stay.
 echo "== minimising the corpus into $seeds" >&2
 min="$(mktemp -d)"
-if "$bin" "${common[@]}" -merge=1 "$min" "$seeds" "$work" >>"$log" 2>&1; then
+if "$bin" "${common[@]}" -set_cover_merge=1 -use_counters=0 "$min" "$seeds" "$work" >>"$log" 2>&1; then
     find "$seeds" -maxdepth 1 -type f ! -name 'seed-*' ! -name 'crash-*' -delete
     for f in "$seeds"/seed-* "$seeds"/crash-*; do
         [[ -e "$f" ]] && rm -f "$min/$(sha1sum "$f" | cut -c1-40)"
