@@ -5,6 +5,7 @@
 #   scripts/fuzz.sh TARGET MINUTES          fuzz TARGET for MINUTES, then merge what adds
 #                                           coverage into fuzz/corpus/TARGET/ (minimised)
 #   scripts/fuzz.sh TARGET 0 FILE...        run FILE(s) once through TARGET (reproduce a crash)
+#   scripts/fuzz.sh TARGET 0                only minimise fuzz/corpus/TARGET with the work corpus
 #   scripts/fuzz.sh list                    the targets
 #
 # Targets and invariants: docs/fuzzing.md. Crashes land in target/fuzz/artifacts/TARGET/ and
@@ -53,8 +54,7 @@ mkdir -p "$work" "$artifacts"
 common=(-max_len="$max_len" -timeout=20 -rss_limit_mb=2048 -artifact_prefix="$artifacts/")
 [[ -f "fuzz/dict/$target.dict" ]] && common+=(-dict="fuzz/dict/$target.dict")
 
-if [[ "$minutes" == 0 ]]; then
-    [[ $# -gt 0 ]] || { echo "fuzz.sh: MINUTES=0 needs files to run" >&2; exit 2; }
+if [[ "$minutes" == 0 && $# -gt 0 ]]; then
     exec "$bin" "${common[@]}" "$@"
 fi
 
@@ -63,7 +63,10 @@ jobs="${FUZZ_JOBS:-1}"
 before=$(ls "$artifacts" | wc -l)
 echo "== fuzzing $target for $minutes min ($jobs process(es)); log: $log" >&2
 status=0
-if [[ "$jobs" -gt 1 ]]; then
+if [[ "$minutes" == 0 ]]; then
+    echo "(0 minutes: only minimising the corpus)" >&2
+    : >"$log"
+elif [[ "$jobs" -gt 1 ]]; then
     "$bin" "${common[@]}" -max_total_time=$((minutes * 60)) -print_final_stats=1 -jobs="$jobs" -workers="$jobs" \
         "$work" "$seeds" >"$log" 2>&1 || status=$?
     cat fuzz-*.log >>"$log" 2>/dev/null && rm -f fuzz-*.log
