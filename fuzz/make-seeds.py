@@ -184,6 +184,7 @@ huge_id["added_tokens"].append({"id": 4294967295, "content": "<huge>", "single_w
 put("tokenizer", "broken-huge-added-id", b"".join([json.dumps(huge_id).encode(), SEP, b"", SEP, b"<huge> hi"]))
 put("tokenizer", "broken-template-loop", b"".join([T, SEP, tcfg("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"), SEP, msgs]))
 put("tokenizer", "broken-template-big-string", b"".join([T, SEP, tcfg("{{ 'x' * 100000000 }}{{ 'y' * 1000000 * 1000 }}"), SEP, msgs]))
+put("tokenizer", "broken-template-gigabyte-string", b"".join([T, SEP, tcfg("{% set s = 'y' * 1000000000 %}{{ s|length }}"), SEP, msgs]))
 put("tokenizer", "broken-template-recursion", b"".join([T, SEP, tcfg("{% macro m(n) %}{{ m(n) }}{% endmacro %}{{ m(1) }}"), SEP, msgs]))
 put("tokenizer", "broken-template-syntax", b"".join([T, SEP, tcfg("{% if %}"), SEP, msgs]))
 put("tokenizer", "broken-template-raise", b"".join([T, SEP, tcfg("{{ raise_exception('no') }}"), SEP, msgs]))
