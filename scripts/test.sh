@@ -50,5 +50,8 @@ fi
 echo "== dsv3 serve end to end: the openai client, a bounded load test, SIGTERM"
 scripts/serve-check.sh test-opt
 
-echo "== benchmarks compile"
-cargo bench --workspace --no-run
+echo "== benchmarks compile (in the test profile: a second optimised build would double target/)"
+cargo bench --workspace --no-run --profile test-opt
+
+echo "== disk used by the build (CI's disk is not large: keep this well under 5 GB)"
+du -sh target 2>/dev/null || true
