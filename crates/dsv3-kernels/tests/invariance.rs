@@ -6,7 +6,8 @@
 
 mod common;
 
-use common::{Rng, small_dim};
+use common::{Rng, paged, small_dim};
+use dsv3_kernels::attention::{self, DecodeParams, MlaDims, PrefillInputs, PrefillParams};
 use dsv3_kernels::fp8::Fp8Weight;
 use dsv3_kernels::gemm::{self, GemmPath, GemmShape};
 use proptest::prelude::*;
@@ -126,5 +127,102 @@ fn gemm_rows_equal_one_row_gemms_at_v3_widths() {
                 }
             }
         }
+    }
+}
+
+/// `(kv_lora, rope)` for the attention tests: small, tile-edge and the V3 widths.
+fn latent() -> impl Strategy<Value = (usize, usize)> {
+    prop_oneof![
+        3 => (proptest::sample::select(&[8usize, 16, 20, 64][..]), proptest::sample::select(&[2usize, 8, 16][..])),
+        1 => Just((512usize, 64usize)),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Each decode row (its own block table and length) gets the same bits alone as in a batch
+    /// of rows of other lengths, short and long (long rows are split into key ranges).
+    #[test]
+    fn decode_rows_are_batch_invariant(
+        seed in any::<u64>(),
+        heads in 1usize..=6,
+        (kv_lora, rope) in latent(),
+        page_size in proptest::sample::select(&[16usize, 64][..]),
+        lens in proptest::collection::vec(prop_oneof![1 => 1u32..64, 2 => 200u32..1500], 2..=6),
+    ) {
+        let mut rng = Rng::new(seed);
+        let (pool_data, table, max_blocks, pool) = paged(&mut rng, &lens, page_size, kv_lora, rope);
+        let (w, b_n) = (pool.width(), lens.len());
+        let q = rng.vec(b_n * heads * w, 1.0);
+        let p = DecodeParams { batch: b_n, heads, max_blocks, pool, scale: 0.3 };
+        let mut all = vec![f32::NAN; b_n * heads * kv_lora];
+        attention::decode(&q, &pool_data, &table, &lens, &p, &mut all).unwrap();
+        for b in 0..b_n {
+            let mut one = vec![f32::NAN; heads * kv_lora];
+            let q1 = &q[b * heads * w..(b + 1) * heads * w];
+            let t1 = &table[b * max_blocks..(b + 1) * max_blocks];
+            attention::decode(q1, &pool_data, t1, &lens[b..b + 1], &DecodeParams { batch: 1, ..p }, &mut one).unwrap();
+            prop_assert!(same_bits(&all[b * heads * kv_lora..(b + 1) * heads * kv_lora], &one), "row {} (len {}) of {:?}", b, lens[b], lens);
+        }
+    }
+
+    /// Prefill of one sequence's prompt: the rows of a one-shot call equal those of the same
+    /// prompt cut into chunks (each chunk attending to the keys of positions 0..its end), with
+    /// another sequence in the same calls.
+    #[test]
+    fn prefill_rows_are_chunk_and_batch_invariant(
+        seed in any::<u64>(),
+        heads in 1usize..=3,
+        nope in proptest::sample::select(&[16usize, 32][..]),
+        rope in proptest::sample::select(&[8usize, 16][..]),
+        v in proptest::sample::select(&[8usize, 32][..]),
+        len in 2u32..200,
+        cuts in proptest::collection::vec(1u32..199, 1..=3),
+        other in 1u32..100,
+    ) {
+        let mut rng = Rng::new(seed);
+        let d = MlaDims { heads, qk_nope: nope, qk_rope: rope, kv_lora: 64, v };
+        // Per-position data of both sequences (keys and queries are per absolute position).
+        let key_data = |rng: &mut Rng, s: usize| (rng.vec(s * heads * nope, 1.0), rng.vec(s * rope, 1.0), rng.vec(s * heads * v, 1.0));
+        let (ln, lp) = (len as usize, other as usize);
+        let (kn_a, kp_a, v_a) = key_data(&mut rng, ln);
+        let q_a = rng.vec(ln * heads * d.qk_head(), 1.0);
+        let (kn_b, kp_b, v_b) = key_data(&mut rng, lp);
+        let q_b = rng.vec(lp * heads * d.qk_head(), 1.0);
+        // One call: sequence B (all of it), then sequence A's positions p0..p1 over keys 0..p1.
+        let run = |p0: usize, p1: usize| -> Vec<f32> {
+            let qw = heads * d.qk_head();
+            let mut q = q_b.clone();
+            q.extend_from_slice(&q_a[p0 * qw..p1 * qw]);
+            let cat = |b: &[f32], a: &[f32], w: usize| [b, &a[..p1 * w]].concat();
+            let (k_nope, k_pe, vv) = (cat(&kn_b, &kn_a, heads * nope), cat(&kp_b, &kp_a, rope), cat(&v_b, &v_a, heads * v));
+            let q_pos: Vec<u32> = (0..lp as u32).chain(p0 as u32..p1 as u32).collect();
+            let (t, s) = (lp + p1 - p0, lp + p1);
+            let cu_q = [0, lp as u32, t as u32];
+            let cu_k = [0, lp as u32, s as u32];
+            let x = PrefillInputs { q: &q[..], k_nope: &k_nope[..], k_pe: &k_pe[..], v: &vv[..], q_pos: &q_pos[..], cu_q: &cu_q[..], cu_k: &cu_k[..] };
+            let p = PrefillParams { dims: d, seqs: 2, tokens: t, keys: s, scale: 0.25 };
+            let mut out = vec![f32::NAN; t * heads * v];
+            attention::prefill(x, &p, &mut out).unwrap();
+            out[lp * heads * v..].to_vec()
+        };
+        let whole = run(0, ln);
+        let mut bounds: Vec<usize> = cuts.iter().map(|&c| c as usize).filter(|&c| c < ln).collect();
+        bounds.extend([0, ln]);
+        bounds.sort_unstable();
+        bounds.dedup();
+        let mut chunked = Vec::new();
+        for c in bounds.windows(2) {
+            chunked.extend(run(c[0], c[1]));
+        }
+        prop_assert!(same_bits(&whole, &chunked), "chunks at {:?} of {}", bounds, ln);
+        // Alone (no other sequence) as well.
+        let x_pos: Vec<u32> = (0..len).collect();
+        let cu = [0, len];
+        let x = PrefillInputs { q: &q_a[..], k_nope: &kn_a[..], k_pe: &kp_a[..], v: &v_a[..], q_pos: &x_pos[..], cu_q: &cu[..], cu_k: &cu[..] };
+        let mut alone = vec![f32::NAN; ln * heads * v];
+        attention::prefill(x, &PrefillParams { dims: d, seqs: 1, tokens: ln, keys: ln, scale: 0.25 }, &mut alone).unwrap();
+        prop_assert!(same_bits(&whole, &alone), "with another sequence vs alone");
     }
 }
