@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Rng, paged, small_dim};
+use common::{Rng, latent_dims, paged, small_dim};
 use dsv3_kernels::attention::{self, DecodeParams, MlaDims, PrefillInputs, PrefillParams};
 use dsv3_kernels::fp8::Fp8Weight;
 use dsv3_kernels::gemm::{self, GemmPath, GemmShape};
@@ -130,14 +130,6 @@ fn gemm_rows_equal_one_row_gemms_at_v3_widths() {
     }
 }
 
-/// `(kv_lora, rope)` for the attention tests: small, tile-edge and the V3 widths.
-fn latent() -> impl Strategy<Value = (usize, usize)> {
-    prop_oneof![
-        3 => (proptest::sample::select(&[8usize, 16, 20, 64][..]), proptest::sample::select(&[2usize, 8, 16][..])),
-        1 => Just((512usize, 64usize)),
-    ]
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
 
@@ -147,7 +139,7 @@ proptest! {
     fn decode_rows_are_batch_invariant(
         seed in any::<u64>(),
         heads in 1usize..=6,
-        (kv_lora, rope) in latent(),
+        (kv_lora, rope) in latent_dims(),
         page_size in proptest::sample::select(&[16usize, 64][..]),
         lens in proptest::collection::vec(prop_oneof![1 => 1u32..64, 2 => 200u32..1500], 2..=6),
     ) {
