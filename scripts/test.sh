@@ -20,11 +20,13 @@ echo "== doctests (nextest does not run them), and the API docs build without wa
 cargo test --doc --workspace --profile test-opt
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --profile test-opt
 
-echo "== kernel tests again on the narrower code paths (AVX2 only, then portable)"
+echo "== kernel tests and the model's batch invariance again on the narrower code paths (AVX2 only, then portable)"
 # The fast kernels dispatch at run time to AVX-512, AVX2 or portable code; DSV3_ISA caps the
-# level so that every path is tested on this one machine.
+# level so that every path is tested on this one machine. Each path must be batch-invariant
+# by itself, so the whole-model invariance test runs on each too.
 for isa in avx2 baseline; do
   DSV3_ISA=$isa cargo nextest run -p dsv3-kernels --cargo-profile test-opt --no-fail-fast
+  DSV3_ISA=$isa cargo nextest run -p dsv3-runtime --cargo-profile test-opt --test batch_invariance --no-fail-fast
 done
 
 echo "== CUDA feature: pinned toolchain from PyPI, every kernel built for sm_90a (ptxas -v, fails on"
