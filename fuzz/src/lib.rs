@@ -1,5 +1,5 @@
-//! Coverage-guided fuzz targets for every file dsv3 reads from a model directory, and the
-//! helpers they share. Each target is a function `fn(&[u8])` that feeds the bytes to the
+//! Coverage-guided fuzz targets for every file dsv3 reads from a model directory and for the
+//! bodies of the server's requests, and the helpers they share. Each target is a function `fn(&[u8])` that feeds the bytes to the
 //! library's own parsing entry points (bytes in, typed result out) and **panics when an
 //! invariant breaks**:
 //!
@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod http;
 pub mod index;
 pub mod safetensors;
 pub mod tokenizer;
@@ -43,6 +44,7 @@ pub const TARGETS: &[Target] = &[
     Target { name: "index", run: index::run, max_len: 8 << 10 },
     Target { name: "config", run: config::run, max_len: 8 << 10 },
     Target { name: "tokenizer", run: tokenizer::run, max_len: 16 << 10 },
+    Target { name: "http", run: http::run, max_len: 8 << 10 },
 ];
 
 /// The target called `name`.

@@ -69,3 +69,8 @@ fn corpus_folders_match_the_targets() {
         assert!(src.contains(&format!("replay(\"{n}\")")), "target `{n}` has no replay test in fuzz/tests/corpus.rs");
     }
 }
+
+#[test]
+fn http_corpus() {
+    replay("http");
+}
