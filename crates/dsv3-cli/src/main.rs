@@ -10,6 +10,7 @@ mod eval;
 mod generate;
 mod init;
 mod logits;
+mod parallel;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -41,7 +42,15 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let result = match Cli::parse().cmd {
+    let cmd = Cli::parse().cmd;
+    // Under mpirun only the commands that run as a multi-process job may start: any other
+    // would run once per process.
+    let launch = dsv3_dist::Launch::detect();
+    if launch.size() > 1 && !matches!(cmd, Cmd::Generate(_) | Cmd::Logits(_)) {
+        eprintln!("error: rank {} of {}: only `dsv3 generate` and `dsv3 logits` run under mpirun", launch.rank(), launch.size());
+        return ExitCode::FAILURE;
+    }
+    let result = match cmd {
         Cmd::Generate(a) => args::on_device(a.model.device, a),
         Cmd::Chat(a) => args::on_device(a.model.device, a),
         Cmd::Logits(a) => args::on_device(a.model.device, a),
