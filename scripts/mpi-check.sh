@@ -115,6 +115,10 @@ for r in 0 2 3; do
 done
 ok "rank 1 killed (SIGKILL) mid-run: job exit $rc, ranks 0, 2, 3 report the abort"
 
+expect_fail "nccl on the cpu" "$work/err" mpi -np 2 "$dsv3" generate --preset tiny --prompt-ids 1,2 --ep-wire nccl
+grep -q "^error: request: --ep-wire nccl needs --device cuda" "$work/err" || { cat "$work/err"; fail "--ep-wire nccl on the CPU: no typed error"; }
+ok "--ep-wire nccl with --device cpu: $(grep -m1 '^error' "$work/err")"
+
 echo "== 4. a dsv3 without the mpi feature refuses to be one of several ranks"
 cargo build --quiet --profile "$PROFILE" -p dsv3-cli
 expect_fail "no mpi feature" "$work/err" mpi -np 2 "target/$PROFILE/dsv3" generate --preset tiny --prompt-ids 1,2

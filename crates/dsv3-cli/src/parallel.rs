@@ -122,7 +122,8 @@ where
     T: FnMut(&Part<B>, usize, u32) -> Result<()>,
     F: FnOnce(&Part<B>, JobOutput) -> Result<()>,
 {
-    if Launch::detect().size() == 1 {
+    // NCCL needs MPI for its unique id even with one process (`mpirun -np 1 ... --ep-wire nccl`).
+    if Launch::detect().size() == 1 && par.ep_wire != "nccl" {
         let layout = par.layout(1);
         if layout != Layout::SINGLE {
             return Err(RuntimeError::Request(format!(
@@ -139,7 +140,17 @@ where
     let world = MpiWorld::init()?;
     let layout = par.layout(world.size());
     let wire = par.wire(&model.device)?;
-    let comm = world.comm(layout, wire)?;
+    if layout.world() != world.size() {
+        return Err(RuntimeError::Request(format!(
+            "--pp {} x --ep {} = {} ranks, but mpirun started {} processes",
+            layout.pp,
+            layout.ep,
+            layout.world(),
+            world.size()
+        )));
+    }
+    // Joining NCCL is a collective: a rank that fails there must end the job.
+    let comm = world.comm(layout, wire).unwrap_or_else(|e| world.abort(&e));
     match run_on(b, &comm, layout, model, make_job, on_token, finish) {
         Ok(()) => Ok(()),
         Err(JobError { err, agreed: true }) => Err(err),

@@ -3,6 +3,7 @@
 
 use crate::EpWire;
 use dsv3_kernels::a2a::{CombineBuf, DispatchBuf};
+use dsv3_kernels::cuda::nccl::{NcclComm, NcclId};
 use dsv3_moe::{MoeError, Transport, wire};
 use dsv3_runtime::dist::{Comm, Layout, Tag, dist_err};
 use dsv3_runtime::{Result, RuntimeError};
@@ -60,13 +61,13 @@ impl MpiWorld {
             .world
             .split_by_color_with_key(Color::with_value(stage as i32), lane as i32)
             .ok_or_else(|| dist_err(self.rank, "splitting the world into pipeline stages failed"))?;
-        let ep = match wire {
-            EpWire::Mpi => MpiTransport { comm: group, rank: lane, n: layout.ep, stats: WireStats::default() },
-            EpWire::Nccl { .. } => {
-                return Err(dist_err(self.rank, "--ep-wire nccl: this dsv3 has no NCCL transport (build with the `cuda` feature)"));
-            }
+        let rows = match wire {
+            EpWire::Mpi => Rows::Mpi,
+            EpWire::Nccl { device } => Rows::Nccl(nccl_group(&group, lane, layout.ep, device).map_err(|e| dist_err(self.rank, e))?),
         };
-        Ok(MpiComm { world: &self.world, rank: self.rank, size: self.size, ep, exchanges: Cell::new(0), fault: Fault::from_env() })
+        let ep = MpiTransport { comm: group, rank: lane, n: layout.ep, rows, stats: WireStats::default() };
+        let always = wire != EpWire::Mpi;
+        Ok(MpiComm { world: &self.world, rank: self.rank, size: self.size, ep, always, exchanges: Cell::new(0), fault: Fault::from_env() })
     }
 
     /// Ends the whole job because this rank failed with `err`: prints it (naming this rank)
@@ -75,6 +76,34 @@ impl MpiWorld {
         eprintln!("error: rank {} of {}: {err}", self.rank, self.size);
         self.world.abort(1)
     }
+}
+
+/// Joins this stage's NCCL group on GPU `device`: lane 0 makes the unique id and broadcasts
+/// it over the stage's MPI communicator (with a status byte, so that its failure reaches the
+/// others instead of leaving them in `ncclCommInitRank`).
+fn nccl_group(group: &SimpleCommunicator, lane: usize, n: usize, device: usize) -> Result<NcclComm, String> {
+    let mut buf = [0u8; 129];
+    if lane == 0 {
+        match NcclComm::unique_id() {
+            Ok(NcclId(id)) => buf[1..].copy_from_slice(&id),
+            Err(e) => {
+                let msg = e.to_string();
+                buf[0] = 1;
+                let n = msg.len().min(128);
+                buf[1..1 + n].copy_from_slice(&msg.as_bytes()[..n]);
+            }
+        }
+    }
+    group.process_at_rank(0).broadcast_into(&mut buf[..]);
+    if buf[0] != 0 {
+        return Err(format!(
+            "--ep-wire nccl: lane 0 could not make the NCCL id: {}",
+            String::from_utf8_lossy(&buf[1..]).trim_end_matches('\0')
+        ));
+    }
+    let mut id = [0u8; 128];
+    id.copy_from_slice(&buf[1..]);
+    NcclComm::new(device, lane, n, &NcclId(id)).map_err(|e| format!("--ep-wire nccl on GPU {device}: {e}"))
 }
 
 /// Prints, on SIGTERM (what `mpirun` sends every rank when another one aborted or died),
@@ -136,6 +165,8 @@ pub struct MpiComm<'w> {
     rank: usize,
     size: usize,
     ep: MpiTransport,
+    /// Whether the pipeline uses the transport even with one lane (to exercise NCCL).
+    always: bool,
     exchanges: Cell<usize>,
     fault: Option<Fault>,
 }
@@ -195,15 +226,27 @@ impl Comm for MpiComm<'_> {
     fn ep(&self) -> &dyn Transport {
         &self.ep
     }
+    fn ep_always(&self) -> bool {
+        self.always
+    }
 }
 
-/// The expert-parallel all-to-alls of one stage over MPI: the counts first (one all-to-all),
-/// then `MPI_Alltoallv` of the rows and of the metadata. The dispatch sends each token's row
+/// How a stage's all-to-alls move their rows and metadata (the counts always go over MPI).
+enum Rows {
+    /// `MPI_Alltoallv` of host buffers.
+    Mpi,
+    /// NCCL grouped send/recv through the GPU.
+    Nccl(NcclComm),
+}
+
+/// The expert-parallel all-to-alls of one stage: the counts first (one MPI all-to-all), then
+/// the rows and the metadata (`MPI_Alltoallv`, or NCCL). The dispatch sends each token's row
 /// once per destination rank ([`wire::dedup`]).
 struct MpiTransport {
     comm: SimpleCommunicator,
     rank: usize,
     n: usize,
+    rows: Rows,
     stats: WireStats,
 }
 
@@ -221,15 +264,25 @@ impl MpiTransport {
 
     /// `MPI_Alltoallv`: `counts[p] * width` elements of `send` to peer `p` (contiguous, in peer
     /// order); returns what each peer sent here, `recv_counts[p] * width` from peer `p`.
-    fn all_to_all_v<T: Equivalence + Default + Clone>(
+    fn all_to_all_v<T: Equivalence + bytemuck::Pod + Default>(
         &self,
         send: &[T],
         counts: &[u32],
         recv_counts: &[u32],
         width: usize,
     ) -> Result<Vec<T>, MoeError> {
-        let (sc, sd) = self.layout(counts, width, send.len())?;
         let total = recv_counts.iter().map(|&c| c as usize * width).sum();
+        if let Rows::Nccl(nccl) = &self.rows {
+            let bytes = |c: &[u32]| c.iter().map(|&n| n as usize * width * size_of::<T>()).collect::<Vec<_>>();
+            let got = nccl.all_to_all_v(bytemuck::cast_slice(send), &bytes(counts), &bytes(recv_counts))?;
+            if got.len() != total * size_of::<T>() {
+                return Err(self.err(format!("NCCL returned {} bytes, expected {total} elements", got.len())));
+            }
+            let mut out = vec![T::default(); total];
+            bytemuck::cast_slice_mut::<T, u8>(&mut out).copy_from_slice(&got);
+            return Ok(out);
+        }
+        let (sc, sd) = self.layout(counts, width, send.len())?;
         let (rc, rd) = self.layout(recv_counts, width, total)?;
         let mut recv = vec![T::default(); total];
         {

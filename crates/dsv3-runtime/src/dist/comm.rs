@@ -34,6 +34,11 @@ pub trait Comm {
     fn exchange(&self, tag: Tag, sends: &[(usize, &[u8])], from: &[usize]) -> Result<Vec<Vec<u8>>>;
     /// The expert-parallel group of this rank's pipeline stage (rank `lane` in it).
     fn ep(&self) -> &dyn Transport;
+    /// Whether the MoE layers go through [`Comm::ep`] even when a stage has one lane (an
+    /// expert-parallel group of one; used to run a transport end to end on one GPU).
+    fn ep_always(&self) -> bool {
+        false
+    }
 }
 
 /// Every rank's `data`, in rank order, on every rank.

@@ -212,7 +212,7 @@ pub fn run_job<B: Backend, C: Comm + ?Sized>(
         .filter(|&(_, l)| l == lane)
         .map(|(s, _)| (header.capacity[s] as usize).div_ceil(page) * page)
         .sum();
-    let ep = (layout.ep > 1).then(|| comm.ep());
+    let ep = (layout.ep > 1 || comm.ep_always()).then(|| comm.ep());
     let mut worker = Worker { b, stage, ep, first: layout.stage(me) == 0, cache: stage.new_cache(b, room)?, seqs: HashMap::new() };
     let mut driver = match job {
         Some(job) if me == 0 => Some(Driver::new(job, header, layout.ep, stage.config().vocab_size, on_token)?),
