@@ -11,6 +11,7 @@ mod generate;
 mod init;
 mod logits;
 mod parallel;
+mod plan;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -39,6 +40,8 @@ enum Cmd {
     Eval(eval::EvalArgs),
     /// An OpenAI-compatible HTTP server with continuous batching.
     Serve(serve::ServeArgs),
+    /// Per-rank memory and a decode time model of multi-process layouts (--pp x --ep) on stated hardware.
+    Plan(plan::PlanArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
         Cmd::Bench(a) => args::on_device(a.model.device, a),
         Cmd::Eval(a) => args::on_device(a.model.device, a),
         Cmd::Serve(a) => args::on_device(a.model.device, a),
+        Cmd::Plan(a) => a.run().map_err(args::CliError::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

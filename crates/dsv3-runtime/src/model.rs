@@ -470,31 +470,35 @@ impl<B: Backend> Model<B> {
         self.lm_head.clone()
     }
 
-    /// Bytes of weights one decode step reads (every dense tensor, plus `top_k` of the routed
-    /// experts per MoE layer at one token): the numerator of decode GB/s.
+    /// Bytes of weights one decode step reads: [`decode_weight_bytes`] of its config.
     pub fn decode_weight_bytes(&self) -> usize {
-        let c = &self.cfg;
-        let (h, i, m) = (c.hidden_size, c.intermediate_size, c.moe_intermediate_size);
-        let attn = {
-            let q = match c.q_lora_rank {
-                Some(r) => r * h + c.num_attention_heads * c.qk_head_dim() * r,
-                None => c.num_attention_heads * c.qk_head_dim() * h,
-            };
-            // kv_b as the two absorbed bf16 matrices.
-            q + (c.kv_lora_rank + c.qk_rope_head_dim) * h
-                + 2 * c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank
-                + h * c.num_attention_heads * c.v_head_dim
-        };
-        let mut bytes = 0;
-        for l in 0..c.num_hidden_layers {
-            bytes += attn;
-            bytes += match c.layer_kind(l) {
-                LayerKind::Dense => 3 * h * i,
-                LayerKind::Moe => 3 * h * m * (c.num_experts_per_tok + c.n_shared_experts) + 2 * h * c.n_routed_experts,
-            };
-        }
-        bytes + 2 * h * c.vocab_size
+        decode_weight_bytes(&self.cfg)
     }
+}
+
+/// Bytes of weights one decode step reads (every dense tensor, plus `top_k` of the routed
+/// experts per MoE layer at one token): the numerator of decode GB/s.
+pub fn decode_weight_bytes(c: &ModelConfig) -> usize {
+    let (h, i, m) = (c.hidden_size, c.intermediate_size, c.moe_intermediate_size);
+    let attn = {
+        let q = match c.q_lora_rank {
+            Some(r) => r * h + c.num_attention_heads * c.qk_head_dim() * r,
+            None => c.num_attention_heads * c.qk_head_dim() * h,
+        };
+        // kv_b as the two absorbed bf16 matrices.
+        q + (c.kv_lora_rank + c.qk_rope_head_dim) * h
+            + 2 * c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank
+            + h * c.num_attention_heads * c.v_head_dim
+    };
+    let mut bytes = 0;
+    for l in 0..c.num_hidden_layers {
+        bytes += attn;
+        bytes += match c.layer_kind(l) {
+            LayerKind::Dense => 3 * h * i,
+            LayerKind::Moe => 3 * h * m * (c.num_experts_per_tok + c.n_shared_experts) + 2 * h * c.n_routed_experts,
+        };
+    }
+    bytes + 2 * h * c.vocab_size
 }
 
 /// Rows of the embedding `table` for `ids` (checked against the vocabulary).

@@ -26,6 +26,7 @@
 //! other rank reports the abort), or by [`InProcessComm::fail`] in process.
 
 mod comm;
+pub mod cost;
 pub mod pipeline;
 mod stage;
 
