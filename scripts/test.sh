@@ -52,6 +52,8 @@ echo "== multi-process dsv3 under mpirun (feature mpi): OpenMPI from Debian, lin
 echo "   EP x PP layout against one process, micro-batches in flight, failing/crashing/killed ranks"
 scripts/install-mpi.sh
 cargo clippy -p dsv3-dist -p dsv3-cli --features mpi --all-targets --profile test-opt -- -D warnings
+cargo clippy -p dsv3-dist -p dsv3-cli --features mpi --lib --bins --profile test-opt -- -D warnings -D clippy::unwrap_used
+cargo clippy -p dsv3-dist --features mpi,cuda --lib --profile test-opt -- -D warnings -D clippy::unwrap_used
 scripts/mpi-check.sh test-opt
 
 echo "== dsv3 serve end to end: the openai client, a bounded load test, SIGTERM"
