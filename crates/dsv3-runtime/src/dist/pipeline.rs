@@ -291,14 +291,13 @@ struct Worker<'a, B: Backend> {
 impl<B: Backend> Worker<'_, B> {
     /// Runs one work message through the stage; the message for the next link.
     fn step(&mut self, m: Msg) -> Result<Msg> {
-        let mut batch = Vec::with_capacity(m.seqs.len());
-        for (&seq, &n) in m.seqs.iter().zip(&m.ntok) {
-            let id = match self.seqs.get(&seq) {
-                Some(&id) => id,
-                None => *self.seqs.entry(seq).or_insert(self.cache.add_sequence()),
-            };
-            batch.push((id, n as usize));
-        }
+        let cache = &mut self.cache;
+        let batch: Vec<(SeqId, usize)> = m
+            .seqs
+            .iter()
+            .zip(&m.ntok)
+            .map(|(&seq, &n)| (*self.seqs.entry(seq).or_insert_with(|| cache.add_sequence()), n as usize))
+            .collect();
         let mut out = Msg { kind: WORK, mb: m.mb, all_rows: m.all_rows, seqs: m.seqs, ntok: m.ntok, ..Msg::default() };
         if batch.is_empty() {
             self.stage.serve_experts(self.b, self.ep)?;
