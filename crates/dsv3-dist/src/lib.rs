@@ -118,3 +118,8 @@ mod tests {
         assert_eq!(launch(&ompi).size(), 4);
     }
 }
+
+/// The example of `README.md`, run as a doctest so that it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
