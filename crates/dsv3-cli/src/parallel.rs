@@ -39,10 +39,15 @@ pub struct ParallelArgs {
 }
 
 impl ParallelArgs {
-    /// Whether the command runs as a job of [`run`]: a layout was asked for, the process was
-    /// started by an MPI launcher, or there are several prompts.
+    /// Whether the command runs as a job of [`run`]: a layout or a transport was asked for,
+    /// the process was started by an MPI launcher, or there are several prompts.
     pub fn wanted(&self, prompts: usize) -> bool {
-        self.pp.is_some() || self.ep.is_some() || self.micro_batches.is_some() || prompts > 1 || Launch::detect().size() > 1
+        self.pp.is_some()
+            || self.ep.is_some()
+            || self.micro_batches.is_some()
+            || self.ep_wire != "mpi"
+            || prompts > 1
+            || Launch::detect().size() > 1
     }
 
     fn layout(&self, world: usize) -> Layout {

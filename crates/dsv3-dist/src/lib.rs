@@ -25,9 +25,9 @@ mod mpi_comm;
 mod no_mpi;
 
 #[cfg(feature = "mpi")]
-pub use mpi_comm::{MpiComm, MpiWorld, WireStats};
+pub use mpi_comm::{MpiComm, MpiWorld};
 #[cfg(not(feature = "mpi"))]
-pub use no_mpi::{MpiComm, MpiWorld, WireStats};
+pub use no_mpi::{MpiComm, MpiWorld};
 
 /// How the expert-parallel all-to-alls move their rows between the ranks of a stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -65,7 +65,7 @@ impl MpiWorld {
             EpWire::Mpi => Rows::Mpi,
             EpWire::Nccl { device } => Rows::Nccl(nccl_group(&group, lane, layout.ep, device).map_err(|e| dist_err(self.rank, e))?),
         };
-        let ep = MpiTransport { comm: group, rank: lane, n: layout.ep, rows, stats: WireStats::default() };
+        let ep = MpiTransport { comm: group, rank: lane, n: layout.ep, rows };
         let always = wire != EpWire::Mpi;
         Ok(MpiComm { world: &self.world, rank: self.rank, size: self.size, ep, always, exchanges: Cell::new(0), fault: Fault::from_env() })
     }
@@ -144,21 +144,6 @@ impl Fault {
     }
 }
 
-/// How many rows and bytes this rank's expert-parallel transport sent.
-#[derive(Debug, Clone, Default)]
-pub struct WireStats {
-    /// Dispatch rows packed (one per `(token, j)` pair routed to another rank or this one).
-    pub dispatch_rows: Cell<u64>,
-    /// Dispatch rows that crossed (one per token and destination rank).
-    pub dispatch_unique_rows: Cell<u64>,
-    /// Bytes of activations sent by dispatches and combines.
-    pub bytes_sent: Cell<u64>,
-}
-
-fn add(c: &Cell<u64>, v: usize) {
-    c.set(c.get() + v as u64);
-}
-
 /// One rank's communicators for a job: the world (pipeline) and its stage's group (experts).
 pub struct MpiComm<'w> {
     world: &'w SimpleCommunicator,
@@ -174,13 +159,6 @@ pub struct MpiComm<'w> {
 impl std::fmt::Debug for MpiComm<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "MpiComm {{ rank: {}, size: {} }}", self.rank, self.size)
-    }
-}
-
-impl MpiComm<'_> {
-    /// What this rank's expert-parallel transport sent so far.
-    pub fn wire_stats(&self) -> &WireStats {
-        &self.ep.stats
     }
 }
 
@@ -247,7 +225,6 @@ struct MpiTransport {
     rank: usize,
     n: usize,
     rows: Rows,
-    stats: WireStats,
 }
 
 impl MpiTransport {
@@ -334,9 +311,6 @@ impl Transport for MpiTransport {
         let rows = self.all_to_all_v(&unique, &unique_counts, &recv_unique, h)?;
         let wire::Meta { expert, weight, src_slot, repeat } = wire::unmeta(&meta)?;
         let rows = wire::expand(h, &rows, &repeat, &recv_counts)?;
-        add(&self.stats.dispatch_rows, send.len());
-        add(&self.stats.dispatch_unique_rows, unique.len() / h.max(1));
-        add(&self.stats.bytes_sent, unique.len() * 4);
         let displs = prefix(&recv_counts);
         let out = DispatchBuf { hidden: h, rows, expert, weight, src_slot, counts: recv_counts, displs };
         out.validate(self.n)?;
@@ -346,7 +320,6 @@ impl Transport for MpiTransport {
         send.validate(self.n)?;
         let recv_counts = self.swap_counts(&send.counts);
         let rows = self.all_to_all_v(&send.rows, &send.counts, &recv_counts, send.hidden)?;
-        add(&self.stats.bytes_sent, send.rows.len() * 4);
         Ok(CombineBuf { hidden: send.hidden, rows, displs: prefix(&recv_counts), counts: recv_counts })
     }
 }

@@ -4,7 +4,6 @@ use crate::EpWire;
 use dsv3_moe::Transport;
 use dsv3_runtime::Result;
 use dsv3_runtime::dist::{Comm, Layout, Tag, dist_err};
-use std::cell::Cell;
 use std::convert::Infallible;
 use std::fmt::Display;
 
@@ -15,14 +14,6 @@ pub struct MpiWorld(Infallible);
 /// Never constructed without the `mpi` feature.
 #[derive(Debug)]
 pub struct MpiComm<'w>(Infallible, std::marker::PhantomData<&'w ()>);
-
-/// What an expert-parallel transport sent (see the `mpi` build).
-#[derive(Debug, Clone, Default)]
-pub struct WireStats {
-    pub dispatch_rows: Cell<u64>,
-    pub dispatch_unique_rows: Cell<u64>,
-    pub bytes_sent: Cell<u64>,
-}
 
 impl MpiWorld {
     pub fn init() -> Result<MpiWorld> {
@@ -39,12 +30,6 @@ impl MpiWorld {
         match self.0 {}
     }
     pub fn abort(&self, _err: &dyn Display) -> ! {
-        match self.0 {}
-    }
-}
-
-impl MpiComm<'_> {
-    pub fn wire_stats(&self) -> &WireStats {
         match self.0 {}
     }
 }
