@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (`.ci/run` calls exactly this). Needs only the Rust
-# toolchain with cargo-nextest, and python3 (venv, pip) to install the pinned CUDA compiler
-# from PyPI for the `cuda` feature's kernel build; no GPU, no model download.
+# toolchain with cargo-nextest, python3 (venv, pip) to install the pinned CUDA compiler
+# from PyPI for the `cuda` feature's kernel build, and root or sudo for apt-get (OpenMPI for
+# the `mpi` feature, scripts/install-mpi.sh); no GPU, no model download.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,6 +49,14 @@ cat target/cuda-cli/err.txt
 if [[ $(wc -l < target/cuda-cli/err.txt) -ne 1 ]] || ! grep -q "^error: --device cuda:0: CUDA is unavailable" target/cuda-cli/err.txt; then
   echo "--device cuda without a GPU must be one line: error: --device cuda:0: CUDA is unavailable: ..." >&2; exit 1
 fi
+
+echo "== multi-process dsv3 under mpirun (feature mpi): OpenMPI from Debian, lints, then every"
+echo "   EP x PP layout against one process, micro-batches in flight, failing/crashing/killed ranks"
+scripts/install-mpi.sh
+cargo clippy -p dsv3-dist -p dsv3-cli --features mpi --all-targets --profile test-opt -- -D warnings
+cargo clippy -p dsv3-dist -p dsv3-cli --features mpi --lib --bins --profile test-opt -- -D warnings -D clippy::unwrap_used
+cargo clippy -p dsv3-dist --features mpi,cuda --lib --profile test-opt -- -D warnings -D clippy::unwrap_used
+scripts/mpi-check.sh test-opt
 
 echo "== dsv3 serve end to end: the openai client, a bounded load test, SIGTERM"
 scripts/serve-check.sh test-opt

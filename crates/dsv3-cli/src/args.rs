@@ -19,6 +19,9 @@ pub enum Device {
     Cpu,
     /// GPU `n` on the CUDA backend (a Hopper GPU, sm_90).
     Cuda(usize),
+    /// Under `mpirun`: the GPU whose number is this process's rank on its node (one process
+    /// per GPU); GPU 0 when not launched by MPI.
+    CudaLocal,
 }
 
 impl FromStr for Device {
@@ -27,9 +30,10 @@ impl FromStr for Device {
         match s {
             "cpu" => Ok(Device::Cpu),
             "cuda" => Ok(Device::Cuda(0)),
+            "cuda:local" => Ok(Device::CudaLocal),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => Ok(Device::Cuda(n)),
-                _ => Err(format!("unknown device `{s}` (expected cpu, cuda or cuda:N)")),
+                _ => Err(format!("unknown device `{s}` (expected cpu, cuda, cuda:N or cuda:local)")),
             },
         }
     }
@@ -40,6 +44,7 @@ impl std::fmt::Display for Device {
         match self {
             Device::Cpu => f.write_str("cpu"),
             Device::Cuda(n) => write!(f, "cuda:{n}"),
+            Device::CudaLocal => f.write_str("cuda:local"),
         }
     }
 }
@@ -66,6 +71,10 @@ pub fn on_device<C: OnDevice>(device: Device, cmd: C) -> Result<(), CliError> {
     match device {
         Device::Cpu => Ok(cmd.run(Cpu)?),
         Device::Cuda(n) => Ok(cmd.run(Cuda::new(n).map_err(|source| CliError::Device { device, source })?)?),
+        Device::CudaLocal => {
+            let n = dsv3_dist::Launch::detect().local_rank();
+            Ok(cmd.run(Cuda::new(n).map_err(|source| CliError::Device { device: Device::Cuda(n), source })?)?)
+        }
     }
 }
 
@@ -82,7 +91,8 @@ pub struct ModelArgs {
     /// GEMM path: `reference` (exact dequantised FP8 weights) or `fp8` (activations quantised 1x128).
     #[arg(long, default_value = "reference")]
     pub gemm: GemmPath,
-    /// `cpu`, `cuda` (GPU 0) or `cuda:N`.
+    /// `cpu`, `cuda` (GPU 0), `cuda:N`, or `cuda:local` (under mpirun: the GPU numbered by
+    /// the process's rank on its node).
     #[arg(long, default_value = "cpu")]
     pub device: Device,
 }
@@ -201,7 +211,7 @@ mod tests {
         assert_eq!("cuda".parse(), Ok(Device::Cuda(0)));
         assert_eq!("cuda:3".parse(), Ok(Device::Cuda(3)));
         for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", "CPU", ""] {
-            assert!(bad.parse::<Device>().unwrap_err().contains("cpu, cuda or cuda:N"), "{bad}");
+            assert!(bad.parse::<Device>().unwrap_err().contains("cpu, cuda, cuda:N or cuda:local"), "{bad}");
         }
         assert_eq!(Device::Cuda(2).to_string(), "cuda:2");
     }

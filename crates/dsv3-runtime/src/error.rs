@@ -64,6 +64,11 @@ pub enum RuntimeError {
     /// A request the model cannot serve (empty prompt, unknown sequence, ...).
     #[error("request: {0}")]
     Request(String),
+
+    /// A multi-process run failed: rank `rank` reported `detail` (its own error, or a broken
+    /// message or launch), and every rank of the job returns this same error.
+    #[error("rank {rank}: {detail}")]
+    Dist { rank: usize, detail: String },
 }
 
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;

@@ -36,6 +36,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod config;
 mod config_check;
+pub mod dist;
 pub mod engine;
 pub mod error;
 pub mod eval;

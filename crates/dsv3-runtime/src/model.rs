@@ -19,12 +19,13 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{LayerKind, ModelConfig};
 use crate::error::{Result, RuntimeError};
 use dsv3_kernels::Backend;
+use dsv3_kernels::a2a::EpLayout;
 use dsv3_kernels::embed::EmbedShape;
 use dsv3_kernels::fp8::{Fp8Weight, ScaleFmt};
 use dsv3_kernels::gemm::{GemmPath, GemmShape};
 use dsv3_kernels::norm::RowsShape;
 use dsv3_mla::{CacheConfig, HostQProj, MlaConfig, MlaContext, MlaHostWeights, MlaWeights, PagedLatentCache, SeqId, StepPlan};
-use dsv3_moe::{DenseMlp, DenseMlpConfig, GroupedLayout, MlpWeights, MoeConfig, MoeLayer, MoeWeights};
+use dsv3_moe::{DenseMlp, DenseMlpConfig, GroupedLayout, MlpWeights, MoeConfig, MoeLayer, MoeWeights, Transport};
 use half::bf16;
 use std::sync::Arc;
 
@@ -108,9 +109,41 @@ pub struct Model<B: Backend> {
     check: FiniteCheck,
 }
 
+/// Which routed experts a process loads: expert-parallel rank `rank` of `n_ranks` holds the
+/// contiguous experts `rank * E/n_ranks ..` (all of them when `n_ranks` is 1). Only those
+/// experts' tensors are read from the (memory-mapped) checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpertShard {
+    pub n_ranks: usize,
+    pub rank: usize,
+}
+
+impl ExpertShard {
+    /// Every expert, on one rank.
+    pub const ALL: ExpertShard = ExpertShard { n_ranks: 1, rank: 0 };
+
+    /// The expert layout of a model with `n_experts` routed experts.
+    pub fn layout(self, n_experts: usize) -> EpLayout {
+        EpLayout { n_ranks: self.n_ranks, n_experts }
+    }
+}
+
 impl<B: Backend> Layer<B> {
     /// Decoder block `l` (a main layer or an MTP module's block) from `model.layers.{l}`.
     pub(crate) fn load(b: &B, ck: &Checkpoint, cfg: &ModelConfig, mla: &MlaConfig, l: usize, path: GemmPath) -> Result<Layer<B>> {
+        Self::load_shard(b, ck, cfg, mla, l, path, ExpertShard::ALL)
+    }
+
+    /// [`Layer::load`] holding only the routed experts of `shard` (an MoE layer).
+    pub(crate) fn load_shard(
+        b: &B,
+        ck: &Checkpoint,
+        cfg: &ModelConfig,
+        mla: &MlaConfig,
+        l: usize,
+        path: GemmPath,
+        shard: ExpertShard,
+    ) -> Result<Layer<B>> {
         let h = cfg.hidden_size;
         let p = format!("model.layers.{l}");
         let w = Weights { ck, fmt: cfg.scale_fmt() };
@@ -120,7 +153,11 @@ impl<B: Backend> Layer<B> {
                 let dc = DenseMlpConfig { hidden: h, intermediate: cfg.intermediate_size, gemm_path: path };
                 Ffn::Dense(DenseMlp::new(b, dc, &load_mlp(&w, &format!("{p}.mlp"), &dc)?)?)
             }
-            LayerKind::Moe => Ffn::Moe(Box::new(MoeLayer::new(b, moe_config(cfg, path), &load_moe(&w, &format!("{p}.mlp"), cfg, path)?)?)),
+            LayerKind::Moe => {
+                let mw = load_moe(&w, &format!("{p}.mlp"), cfg, path, shard)?;
+                let layout = shard.layout(cfg.n_routed_experts);
+                Ffn::Moe(Box::new(MoeLayer::new_rank(b, moe_config(cfg, path), &mw, layout, shard.rank)?))
+            }
         };
         Ok(Layer {
             input_norm: b.upload(&ck.norm_weight(&format!("{p}.input_layernorm.weight"), h)?)?,
@@ -133,7 +170,8 @@ impl<B: Backend> Layer<B> {
 
 /// Runs `x [T, hidden]` (the stack's input, not yet normalised) through `layers`, whose caches
 /// are layers `0..` of `cache` under `plan`, and returns `final_norm(h)` of the last hidden
-/// state. The residual add of each next norm is fused ([`Backend::add_rms_norm`]).
+/// state. The residual add of each next norm is fused ([`Backend::add_rms_norm`]). With `ep`,
+/// the MoE layers hold one expert-parallel rank's experts and run through that transport.
 pub(crate) struct Stack<'a, B: Backend> {
     pub ctx: &'a MlaContext<B>,
     pub layers: &'a [Layer<B>],
@@ -143,28 +181,52 @@ pub(crate) struct Stack<'a, B: Backend> {
     /// The model layer index of `layers[0]` (0, or `num_hidden_layers` for the MTP block).
     pub first_layer: usize,
     pub check: FiniteCheck,
+    pub ep: Option<&'a dyn Transport>,
 }
 
 impl<B: Backend> Stack<'_, B> {
-    pub fn run(
+    pub fn run(&self, b: &B, cache: &mut PagedLatentCache<B>, plan: &StepPlan<B>, x: B::Buf<f32>, absorbed: bool) -> Result<B::Buf<f32>> {
+        let t = plan.tokens();
+        // `residual` holds h; `x` holds the output of the last sub-layer, still to be added.
+        let mut residual = b.zeros::<f32>(t * self.hidden)?;
+        let x = self.run_layers(b, cache, plan, x, &mut residual, absorbed)?;
+        self.final_norm(b, &x, &mut residual, t)
+    }
+
+    /// `final_norm(residual + x)` of `t` rows (`residual` becomes the sum), checked for
+    /// non-finite values unless the check is off.
+    pub fn final_norm(&self, b: &B, x: &B::Buf<f32>, residual: &mut B::Buf<f32>, t: usize) -> Result<B::Buf<f32>> {
+        let mut normed = b.zeros::<f32>(t * self.hidden)?;
+        b.add_rms_norm(x, residual, self.final_norm, RowsShape { rows: t, cols: self.hidden }, self.eps, &mut normed)?;
+        if self.check != FiniteCheck::Off {
+            let last = self.first_layer + self.layers.len();
+            check_finite(b, &normed, self.hidden, || {
+                format!("the final hidden state (after layers {}..{last}; DSV3_CHECK_FINITE=layers names the layer)", self.first_layer)
+            })?;
+        }
+        Ok(normed)
+    }
+
+    /// The layers alone: the hidden state enters and leaves as `residual` plus `x` (the last
+    /// sub-layer's output, not yet added), so a pipeline stage can hand both to the next.
+    pub fn run_layers(
         &self,
         b: &B,
         cache: &mut PagedLatentCache<B>,
         plan: &StepPlan<B>,
         mut x: B::Buf<f32>,
+        residual: &mut B::Buf<f32>,
         absorbed: bool,
     ) -> Result<B::Buf<f32>> {
         let t = plan.tokens();
         let rows = RowsShape { rows: t, cols: self.hidden };
-        // `residual` holds h; `x` holds the output of the last sub-layer, still to be added.
-        let mut residual = b.zeros::<f32>(t * self.hidden)?;
         let mut normed = b.zeros::<f32>(t * self.hidden)?;
         let mut attn_out = b.zeros::<f32>(t * self.hidden)?;
         let layers = self.check == FiniteCheck::Layers;
         for (l, layer) in self.layers.iter().enumerate() {
             let at = self.first_layer + l;
             let in_layer = |e: RuntimeError| RuntimeError::Layer { layer: at, source: Box::new(e) };
-            b.add_rms_norm(&x, &mut residual, &layer.input_norm, rows, self.eps, &mut normed).map_err(|e| in_layer(e.into()))?;
+            b.add_rms_norm(&x, residual, &layer.input_norm, rows, self.eps, &mut normed).map_err(|e| in_layer(e.into()))?;
             let mut lc = cache.layer(plan, l)?;
             if absorbed {
                 layer.attn.decode(b, self.ctx, &mut lc, &normed, &mut attn_out).map_err(|e| in_layer(e.into()))?;
@@ -174,24 +236,32 @@ impl<B: Backend> Stack<'_, B> {
             if layers {
                 check_finite(b, &attn_out, self.hidden, || format!("layer {at} attention output"))?;
             }
-            b.add_rms_norm(&attn_out, &mut residual, &layer.post_norm, rows, self.eps, &mut normed).map_err(|e| in_layer(e.into()))?;
-            x = match &layer.ffn {
-                Ffn::Dense(mlp) => mlp.forward(b, &normed, t),
-                Ffn::Moe(moe) => moe.forward(b, &normed, t).map(|o| o.y),
+            b.add_rms_norm(&attn_out, residual, &layer.post_norm, rows, self.eps, &mut normed).map_err(|e| in_layer(e.into()))?;
+            x = match (&layer.ffn, self.ep) {
+                (Ffn::Dense(mlp), _) => mlp.forward(b, &normed, t),
+                (Ffn::Moe(moe), None) => moe.forward(b, &normed, t).map(|o| o.y),
+                (Ffn::Moe(moe), Some(ep)) => moe.forward_ep(b, ep, &normed, t).map(|o| o.y),
             }
             .map_err(|e| in_layer(e.into()))?;
             if layers {
                 check_finite(b, &x, self.hidden, || format!("layer {at} MLP output"))?;
             }
         }
-        b.add_rms_norm(&x, &mut residual, self.final_norm, rows, self.eps, &mut normed)?;
-        if self.check != FiniteCheck::Off {
-            let last = self.first_layer + self.layers.len();
-            check_finite(b, &normed, self.hidden, || {
-                format!("the final hidden state (after layers {}..{last}; DSV3_CHECK_FINITE=layers names the layer)", self.first_layer)
-            })?;
+        Ok(x)
+    }
+
+    /// A step in which this expert-parallel rank has no tokens: it still serves its experts
+    /// in every MoE layer's two all-to-alls (its peers' tokens come through them).
+    pub fn serve_experts(&self, b: &B) -> Result<()> {
+        let Some(ep) = self.ep else { return Ok(()) };
+        let none = b.zeros::<f32>(0)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            if let Ffn::Moe(moe) = &layer.ffn {
+                moe.forward_ep(b, ep, &none, 0)
+                    .map_err(|e| RuntimeError::Layer { layer: self.first_layer + l, source: Box::new(e.into()) })?;
+            }
         }
-        Ok(normed)
+        Ok(())
     }
 }
 
@@ -366,13 +436,7 @@ impl<B: Backend> Model<B> {
 
     /// Embedding rows of `ids` (checked against the vocabulary).
     pub(crate) fn embed(&self, b: &B, ids: &[u32]) -> Result<B::Buf<f32>> {
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
-            return Err(RuntimeError::TokenId { id: bad as u64, vocab_size: self.cfg.vocab_size });
-        }
-        let h = self.cfg.hidden_size;
-        let mut x = b.zeros::<f32>(ids.len() * h)?;
-        b.embedding(&self.embed, EmbedShape { vocab: self.cfg.vocab_size, dim: h }, &b.upload(ids)?, &mut x)?;
-        Ok(x)
+        embed_ids(b, &self.embed, &self.cfg, ids)
     }
 
     fn stack(&self) -> Stack<'_, B> {
@@ -384,6 +448,7 @@ impl<B: Backend> Model<B> {
             eps: self.cfg.norm_eps(),
             first_layer: 0,
             check: self.check,
+            ep: None,
         }
     }
 
@@ -405,31 +470,46 @@ impl<B: Backend> Model<B> {
         self.lm_head.clone()
     }
 
-    /// Bytes of weights one decode step reads (every dense tensor, plus `top_k` of the routed
-    /// experts per MoE layer at one token): the numerator of decode GB/s.
+    /// Bytes of weights one decode step reads: [`decode_weight_bytes`] of its config.
     pub fn decode_weight_bytes(&self) -> usize {
-        let c = &self.cfg;
-        let (h, i, m) = (c.hidden_size, c.intermediate_size, c.moe_intermediate_size);
-        let attn = {
-            let q = match c.q_lora_rank {
-                Some(r) => r * h + c.num_attention_heads * c.qk_head_dim() * r,
-                None => c.num_attention_heads * c.qk_head_dim() * h,
-            };
-            // kv_b as the two absorbed bf16 matrices.
-            q + (c.kv_lora_rank + c.qk_rope_head_dim) * h
-                + 2 * c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank
-                + h * c.num_attention_heads * c.v_head_dim
-        };
-        let mut bytes = 0;
-        for l in 0..c.num_hidden_layers {
-            bytes += attn;
-            bytes += match c.layer_kind(l) {
-                LayerKind::Dense => 3 * h * i,
-                LayerKind::Moe => 3 * h * m * (c.num_experts_per_tok + c.n_shared_experts) + 2 * h * c.n_routed_experts,
-            };
-        }
-        bytes + 2 * h * c.vocab_size
+        decode_weight_bytes(&self.cfg)
     }
+}
+
+/// Bytes of weights one decode step reads (every dense tensor, plus `top_k` of the routed
+/// experts per MoE layer at one token): the numerator of decode GB/s.
+pub fn decode_weight_bytes(c: &ModelConfig) -> usize {
+    let (h, i, m) = (c.hidden_size, c.intermediate_size, c.moe_intermediate_size);
+    let attn = {
+        let q = match c.q_lora_rank {
+            Some(r) => r * h + c.num_attention_heads * c.qk_head_dim() * r,
+            None => c.num_attention_heads * c.qk_head_dim() * h,
+        };
+        // kv_b as the two absorbed bf16 matrices.
+        q + (c.kv_lora_rank + c.qk_rope_head_dim) * h
+            + 2 * c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank
+            + h * c.num_attention_heads * c.v_head_dim
+    };
+    let mut bytes = 0;
+    for l in 0..c.num_hidden_layers {
+        bytes += attn;
+        bytes += match c.layer_kind(l) {
+            LayerKind::Dense => 3 * h * i,
+            LayerKind::Moe => 3 * h * m * (c.num_experts_per_tok + c.n_shared_experts) + 2 * h * c.n_routed_experts,
+        };
+    }
+    bytes + 2 * h * c.vocab_size
+}
+
+/// Rows of the embedding `table` for `ids` (checked against the vocabulary).
+pub(crate) fn embed_ids<B: Backend>(b: &B, table: &B::Buf<bf16>, cfg: &ModelConfig, ids: &[u32]) -> Result<B::Buf<f32>> {
+    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+        return Err(RuntimeError::TokenId { id: bad as u64, vocab_size: cfg.vocab_size });
+    }
+    let h = cfg.hidden_size;
+    let mut x = b.zeros::<f32>(ids.len() * h)?;
+    b.embedding(table, EmbedShape { vocab: cfg.vocab_size, dim: h }, &b.upload(ids)?, &mut x)?;
+    Ok(x)
 }
 
 /// Rows `rows` of a `[_, width]` buffer, as a new buffer.
@@ -460,7 +540,8 @@ pub(crate) fn head_logits<B: Backend>(
     Ok(b.download(&out)?)
 }
 
-fn load_moe(w: &Weights<'_>, p: &str, cfg: &ModelConfig, path: GemmPath) -> Result<MoeWeights> {
+/// The router, bias, shared experts and the routed experts of `shard` of one MoE layer.
+fn load_moe(w: &Weights<'_>, p: &str, cfg: &ModelConfig, path: GemmPath, shard: ExpertShard) -> Result<MoeWeights> {
     let ck = w.ck;
     let mc = moe_config(cfg, path);
     let h = cfg.hidden_size;
@@ -468,13 +549,16 @@ fn load_moe(w: &Weights<'_>, p: &str, cfg: &ModelConfig, path: GemmPath) -> Resu
     let router = ck.bf16_weight(&format!("{p}.gate.weight"), cfg.n_routed_experts, h)?;
     let bias =
         if cfg.has_router_bias() { Some(ck.f32_vec(&format!("{p}.gate.e_score_correction_bias"), cfg.n_routed_experts)?) } else { None };
-    let experts =
-        (0..cfg.n_routed_experts).map(|e| load_mlp(w, &format!("{p}.experts.{e}"), &ec).map(Arc::new)).collect::<Result<Vec<_>>>()?;
+    let layout = shard.layout(cfg.n_routed_experts);
+    layout.validate().map_err(|e| RuntimeError::Request(format!("--ep {}: {e}", shard.n_ranks)))?;
+    let mine = layout.local_experts(shard.rank);
+    let first = mine.start;
+    let experts = mine.map(|e| load_mlp(w, &format!("{p}.experts.{e}"), &ec).map(Arc::new)).collect::<Result<Vec<_>>>()?;
     let shared = if cfg.n_shared_experts > 0 {
         let sc = DenseMlpConfig { hidden: h, intermediate: cfg.shared_intermediate(), gemm_path: path };
         Some(load_mlp(w, &format!("{p}.shared_experts"), &sc)?)
     } else {
         None
     };
-    Ok(MoeWeights::new(&mc, p, router, bias, 0, experts, shared)?)
+    Ok(MoeWeights::new(&mc, p, router, bias, first, experts, shared)?)
 }

@@ -200,6 +200,7 @@ impl<B: Backend> Mtp<B> {
             eps: self.eps,
             first_layer: main.config().num_hidden_layers,
             check: main.finite_check(),
+            ep: None,
         };
         stack.run(b, cache, &plan, z, t == 1)
     }
