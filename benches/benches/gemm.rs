@@ -1,8 +1,10 @@
 //! FP8 matrix-vector and GEMM at DeepSeek-V3 shapes, M in {1, 8, 64}, both numeric paths.
 //!
 //! Weights rotate through enough copies to exceed the last-level cache (768 MiB or more), so
-//! M = 1 measures memory, not cache. `DSV3_BENCH_SHAPE=NxK` and `DSV3_BENCH_M=1` narrow the run. Each case prints GB/s against the read bandwidth measured in the same
-//! run and GFLOP/s against the measured FMA peak.
+//! M = 1 measures memory, not cache. `DSV3_BENCH_SHAPE=NxK` narrows the run to one shape and
+//! `DSV3_BENCH_M` sets the list of M (`DSV3_BENCH_M=1`, `DSV3_BENCH_M=1,8,64,256`). Each case
+//! prints GB/s against the read bandwidth measured in the same run and GFLOP/s against the
+//! measured FMA peak.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use dsv3_benches::{Rng, Work, limits, median_time, report};
@@ -35,9 +37,11 @@ fn bench(c: &mut Criterion) {
         let ws: Vec<Fp8Weight> = (0..copies).map(|_| random_fp8(&mut rng, n, k)).collect();
         let mut g = c.benchmark_group(format!("gemm_{n}x{k}"));
         g.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
-        // DSV3_BENCH_M=1 runs only the matrix-vector cases.
-        let only_m: Option<usize> = std::env::var("DSV3_BENCH_M").ok().and_then(|v| v.parse().ok());
-        for m in [1usize, 8, 64].into_iter().filter(|m| only_m.is_none_or(|o| o == *m)) {
+        let ms: Vec<usize> = match std::env::var("DSV3_BENCH_M") {
+            Ok(list) => list.split(',').map(|v| v.trim().parse().expect("DSV3_BENCH_M: a comma-separated list of M")).collect(),
+            Err(_) => vec![1, 8, 64],
+        };
+        for m in ms {
             let a = rng.vec(m * k, 1.0);
             let mut out = vec![0f32; m * n];
             for path in [GemmPath::Reference, GemmPath::Fp8] {
@@ -49,7 +53,8 @@ fn bench(c: &mut Criterion) {
                     gemm::gemm(&a, w.view(), GemmShape { m, n, k }, path, &mut out).expect("gemm");
                 };
                 g.bench_function(&name, |b| b.iter(&mut step));
-                let t = median_time(5 * copies, &mut step);
+                // Compute-bound cases need fewer repetitions than the memory-bound ones.
+                let t = median_time(if m <= 8 { 5 * copies } else { 2 * copies }, &mut step);
                 let work = Work { bytes: (n * k + 4 * (m * k + m * n)) as f64, flops: 2.0 * (m * n * k) as f64 };
                 report(&format!("gemm {n}x{k} {name}"), work, t);
             }

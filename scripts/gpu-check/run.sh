@@ -24,6 +24,9 @@ WORK=$(mktemp -d)
 LOGS=$WORK/logs
 mkdir -p "$OUT" "$LOGS"
 export DSV3_REQUIRE_GPU=1
+# NCCL (cuda_nccl): the GPU machine's PyTorch ships libnccl in its nvidia-nccl wheel.
+nccl=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null || true)
+[ -n "$nccl" ] && export LD_LIBRARY_PATH="$nccl${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 report=$OUT/gpu-check-report.txt
 started=$(date +%s)
 elapsed() { echo "$(( $(date +%s) - started ))s"; }

@@ -21,6 +21,9 @@ pub enum Device {
     Cpu,
     /// GPU `n` on the CUDA backend (a Hopper GPU, sm_90).
     Cuda(usize),
+    /// Under `mpirun`: the GPU whose number is this process's rank on its node (one process
+    /// per GPU); GPU 0 when not launched by MPI.
+    CudaLocal,
 }
 
 impl FromStr for Device {
@@ -29,9 +32,10 @@ impl FromStr for Device {
         match s {
             "cpu" => Ok(Device::Cpu),
             "cuda" => Ok(Device::Cuda(0)),
+            "cuda:local" => Ok(Device::CudaLocal),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => Ok(Device::Cuda(n)),
-                _ => Err(format!("unknown device `{s}` (expected cpu, cuda or cuda:N)")),
+                _ => Err(format!("unknown device `{s}` (expected cpu, cuda, cuda:N or cuda:local)")),
             },
         }
     }
@@ -42,6 +46,7 @@ impl std::fmt::Display for Device {
         match self {
             Device::Cpu => f.write_str("cpu"),
             Device::Cuda(n) => write!(f, "cuda:{n}"),
+            Device::CudaLocal => f.write_str("cuda:local"),
         }
     }
 }
@@ -73,6 +78,12 @@ pub fn on_device<C: OnDevice>(device: Device, cmd: C) -> Result<(), CliError> {
             let b = Cuda::new(n).map_err(|source| CliError::Device { device, source })?;
             cmd.run(b).map_err(|e| device_error(device, e))
         }
+        Device::CudaLocal => {
+            let n = dsv3_dist::Launch::detect().local_rank();
+            let device = Device::Cuda(n);
+            let b = Cuda::new(n).map_err(|source| CliError::Device { device, source })?;
+            cmd.run(b).map_err(|e| device_error(device, e))
+        }
     }
 }
 
@@ -81,7 +92,13 @@ pub fn on_device<C: OnDevice>(device: Device, cmd: C) -> Result<(), CliError> {
 /// open it does; anything else is the run's own error.
 fn device_error(device: Device, e: RuntimeError) -> CliError {
     let oom = |k: &dsv3_kernels::KernelError| matches!(k, dsv3_kernels::KernelError::OutOfMemory { .. });
-    let source = match &e {
+    // A layer's error (`RuntimeError::Layer`) is looked through: running out of memory in
+    // layer 3 is still the device's error.
+    let mut inner = &e;
+    while let RuntimeError::Layer { source, .. } = inner {
+        inner = source;
+    }
+    let source = match inner {
         RuntimeError::Kernel(k) if oom(k) => k.clone(),
         RuntimeError::Mla(dsv3_runtime::mla::MlaError::Kernel(k)) if oom(k) => k.clone(),
         RuntimeError::Moe(dsv3_runtime::moe::MoeError::Kernel(k)) if oom(k) => k.clone(),
@@ -103,7 +120,8 @@ pub struct ModelArgs {
     /// GEMM path: `reference` (exact dequantised FP8 weights) or `fp8` (activations quantised 1x128).
     #[arg(long, default_value = "reference")]
     pub gemm: GemmPath,
-    /// `cpu`, `cuda` (GPU 0) or `cuda:N`.
+    /// `cpu`, `cuda` (GPU 0), `cuda:N`, or `cuda:local` (under mpirun: the GPU numbered by
+    /// the process's rank on its node).
     #[arg(long, default_value = "cpu")]
     pub device: Device,
 }
@@ -237,6 +255,7 @@ mod tests {
             RuntimeError::Kernel(oom.clone()),
             RuntimeError::Mla(dsv3_runtime::mla::MlaError::Kernel(oom.clone())),
             RuntimeError::Moe(dsv3_runtime::moe::MoeError::Kernel(oom.clone())),
+            RuntimeError::Layer { layer: 3, source: Box::new(RuntimeError::Moe(dsv3_runtime::moe::MoeError::Kernel(oom.clone()))) },
         ];
         for e in cases {
             let shown = device_error(Device::Cuda(1), e).to_string();
@@ -263,7 +282,7 @@ mod tests {
         assert_eq!("cuda".parse(), Ok(Device::Cuda(0)));
         assert_eq!("cuda:3".parse(), Ok(Device::Cuda(3)));
         for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", "CPU", ""] {
-            assert!(bad.parse::<Device>().unwrap_err().contains("cpu, cuda or cuda:N"), "{bad}");
+            assert!(bad.parse::<Device>().unwrap_err().contains("cpu, cuda, cuda:N or cuda:local"), "{bad}");
         }
         assert_eq!(Device::Cuda(2).to_string(), "cuda:2");
     }

@@ -16,6 +16,8 @@ pub struct LogitsArgs {
     /// A new file (never overwritten).
     #[arg(long)]
     pub out: PathBuf,
+    #[command(flatten)]
+    pub parallel: crate::parallel::ParallelArgs,
 }
 
 impl OnDevice for LogitsArgs {
@@ -27,10 +29,13 @@ impl OnDevice for LogitsArgs {
                 detail: "already exists; logits are only written to a new file".into(),
             });
         }
-        let l = load(b, &a.model, WithMtp::No)?;
         if a.ids.is_empty() {
             return Err(RuntimeError::Request("--ids is empty".into()));
         }
+        if a.parallel.wanted(1) {
+            return crate::parallel::logits(&b, a);
+        }
+        let l = load(b, &a.model, WithMtp::No)?;
         let mut cache = l.model.new_cache(&l.b, a.ids.len())?;
         let seq = cache.add_sequence();
         let hidden = l.model.forward_hidden(&l.b, &mut cache, &[(seq, &a.ids[..])])?;
@@ -42,7 +47,7 @@ impl OnDevice for LogitsArgs {
 
 /// Writes `logits [t, vocab]` (f32) to a temporary name beside `out`, then renames it, so no
 /// half-written file is ever left at `out`.
-fn write_logits(out: &Path, logits: &[f32], t: usize, vocab: usize) -> Result<()> {
+pub(crate) fn write_logits(out: &Path, logits: &[f32], t: usize, vocab: usize) -> Result<()> {
     let tmp = out.with_extension("partial");
     let spec = TensorSpec { name: "logits".into(), dtype: Dtype::F32, shape: vec![t, vocab] };
     let res = write_file(&tmp, &[spec], &BTreeMap::new(), |_, w| {

@@ -10,6 +10,8 @@ mod eval;
 mod generate;
 mod init;
 mod logits;
+mod parallel;
+mod plan;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -38,10 +40,20 @@ enum Cmd {
     Eval(eval::EvalArgs),
     /// An OpenAI-compatible HTTP server with continuous batching.
     Serve(serve::ServeArgs),
+    /// Per-rank memory and a decode time model of multi-process layouts (--pp x --ep) on stated hardware.
+    Plan(plan::PlanArgs),
 }
 
 fn main() -> ExitCode {
-    let result = match Cli::parse().cmd {
+    let cmd = Cli::parse().cmd;
+    // Under mpirun only the commands that run as a multi-process job may start: any other
+    // would run once per process.
+    let launch = dsv3_dist::Launch::detect();
+    if launch.size() > 1 && !matches!(cmd, Cmd::Generate(_) | Cmd::Logits(_)) {
+        eprintln!("error: rank {} of {}: only `dsv3 generate` and `dsv3 logits` run under mpirun", launch.rank(), launch.size());
+        return ExitCode::FAILURE;
+    }
+    let result = match cmd {
         Cmd::Generate(a) => args::on_device(a.model.device, a),
         Cmd::Chat(a) => args::on_device(a.model.device, a),
         Cmd::Logits(a) => args::on_device(a.model.device, a),
@@ -49,11 +61,14 @@ fn main() -> ExitCode {
         Cmd::Bench(a) => args::on_device(a.model.device, a),
         Cmd::Eval(a) => args::on_device(a.model.device, a),
         Cmd::Serve(a) => args::on_device(a.model.device, a),
+        Cmd::Plan(a) => a.run().map_err(args::CliError::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            // One write of the whole line: the ranks of an mpirun job share stderr, and a line
+            // written piece by piece (stderr is unbuffered) interleaves with theirs.
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("error: {e}\n").as_bytes());
             ExitCode::FAILURE
         }
     }

@@ -162,6 +162,14 @@ pub trait Backend: Send + Sync + Debug {
     fn reserve_workspace(&self, _bytes: usize) -> Result<()> {
         Ok(())
     }
+    /// Whether the checks of a step are read back only at [`Backend::end_step`] (a device
+    /// backend: reading anything back inside a step would make the host wait for the device,
+    /// and a graph capture cannot). Then a caller that wants a check of its own inside a step
+    /// folds it into one the kernels make (a decode step: the sampler's NaN check). False on
+    /// the CPU, which checks as it goes.
+    fn defers_checks(&self) -> bool {
+        false
+    }
     /// Whether [`Backend::capture`] records graphs (false on the CPU).
     fn can_capture(&self) -> bool {
         false
@@ -219,6 +227,12 @@ pub trait Backend: Send + Sync + Debug {
     ) -> Result<()>;
 
     // --- GEMM ---------------------------------------------------------------------------
+    /// Whether the fp8 GEMM path honours a weight's activation scale format `fmt`
+    /// ([`Fp8Weight::with_act_scale_fmt`]). Every backend does `Float`; the CPU backend also
+    /// `Ue8m0`. A model refuses, naming the config field, to run a format its backend lacks.
+    fn supports_act_scale_fmt(&self, fmt: ScaleFmt) -> bool {
+        fmt == ScaleFmt::Float
+    }
     /// `out = a · wᵀ` (`a` `[m, k]` f32, `w` `[n, k]`) on either path (`docs/model.md` §4.5);
     /// the fp8 path quantises `a` per 1x128 tile with [`ScaleFmt::Float`] scales.
     fn gemm(&self, a: &Self::Buf<f32>, w: &Self::Weight, shape: GemmShape, path: GemmPath, out: &mut Self::Buf<f32>) -> Result<()>;
@@ -456,7 +470,13 @@ impl Backend for Cpu {
         fp8::act_quant(x, shape, fmt, q, scales)
     }
 
+    fn supports_act_scale_fmt(&self, _fmt: ScaleFmt) -> bool {
+        true
+    }
     fn gemm(&self, a: &Vec<f32>, w: &Fp8Weight, shape: GemmShape, path: GemmPath, out: &mut Vec<f32>) -> Result<()> {
+        if path == GemmPath::Fp8 && w.act_scale_fmt() != ScaleFmt::Float {
+            return crate::gemm_fmt::gemm(a, w, shape, out);
+        }
         gemm::gemm(a, w.view(), shape, path, out)
     }
     fn gemm_quantized(&self, a_q: &Vec<u8>, a_s: &Vec<f32>, w: &Fp8Weight, shape: GemmShape, out: &mut Vec<f32>) -> Result<()> {
@@ -473,6 +493,9 @@ impl Backend for Cpu {
         path: GemmPath,
         out: &mut Vec<f32>,
     ) -> Result<()> {
+        if path == GemmPath::Fp8 && w.iter().any(|w| w.act_scale_fmt() != ScaleFmt::Float) {
+            return crate::gemm_fmt::grouped_contiguous(a, offsets, w, out);
+        }
         let views: Vec<Fp8WeightRef<'_>> = w.iter().map(|w| w.view()).collect();
         gemm::grouped_contiguous(a, offsets, &views, path, out)
     }
@@ -485,6 +508,9 @@ impl Backend for Cpu {
         path: GemmPath,
         out: &mut Vec<f32>,
     ) -> Result<()> {
+        if path == GemmPath::Fp8 && w.iter().any(|w| w.act_scale_fmt() != ScaleFmt::Float) {
+            return crate::gemm_fmt::grouped_masked(a, counts, capacity, w, out);
+        }
         let views: Vec<Fp8WeightRef<'_>> = w.iter().map(|w| w.view()).collect();
         gemm::grouped_masked(a, counts, capacity, &views, path, out)
     }

@@ -225,6 +225,8 @@ pub struct Fp8Weight {
     cols: usize,
     data: Storage<u8>,
     scale_inv: Vec<f32>,
+    /// The scale format of the activations this weight meets on the fp8 path.
+    act_fmt: ScaleFmt,
 }
 
 impl Fp8Weight {
@@ -237,7 +239,7 @@ impl Fp8Weight {
     /// are faulted in here) and takes ownership of codes that may live in a map.
     pub fn from_storage(rows: usize, cols: usize, data: Storage<u8>, scale_inv: Vec<f32>) -> Result<Self> {
         Fp8WeightRef::new(rows, cols, &data, &scale_inv)?;
-        Ok(Fp8Weight { rows, cols, data, scale_inv })
+        Ok(Fp8Weight { rows, cols, data, scale_inv, act_fmt: ScaleFmt::Float })
     }
 
     /// Quantises an f32 matrix per 128x128 block, as the checkpoints were made:
@@ -262,6 +264,41 @@ impl Fp8Weight {
         }
         let data = (0..rows * cols).map(|i| encode_e4m3(w[i] / scale_inv[(i / cols / BLOCK) * bc + (i % cols) / BLOCK])).collect();
         Fp8Weight::new(rows, cols, data, scale_inv)
+    }
+
+    /// This weight zero-padded to `[rows, cols]`, each at least the current size and covering
+    /// the same number of 128-blocks, so the scales are unchanged. The new entries are code 0
+    /// (+0.0): a GEMM whose K is padded this way, with an activation padded by zeros, adds
+    /// exact zeros and gives what the unpadded weight gives. This is how a K that is not a
+    /// multiple of 128 (DeepSeek-V2-Lite's dense MLP: 10944) runs on the fp8 path. Copies
+    /// the codes.
+    pub fn zero_padded(&self, rows: usize, cols: usize) -> Result<Fp8Weight> {
+        const OP: &str = "Fp8Weight::zero_padded";
+        if rows < self.rows || cols < self.cols || blocks(rows) != blocks(self.rows) || blocks(cols) != blocks(self.cols) {
+            return Err(shape_err(
+                OP,
+                format!("[{}, {}] cannot be padded to [{rows}, {cols}] in the same 128-blocks", self.rows, self.cols),
+            ));
+        }
+        let mut data = vec![0u8; checked_mul(OP, "data", rows, cols)?];
+        for (dst, src) in data.chunks_exact_mut(cols).zip(self.data.chunks_exact(self.cols)) {
+            dst[..self.cols].copy_from_slice(src);
+        }
+        Ok(Fp8Weight::new(rows, cols, data, self.scale_inv.clone())?.with_act_scale_fmt(self.act_fmt))
+    }
+
+    /// This weight with the activation scale format of its checkpoint: on the fp8 GEMM path
+    /// the activation it multiplies is quantised with `fmt` (`Ue8m0` for `scale_fmt: "ue8m0"`
+    /// checkpoints, V3.1 and later; `Float` by default). A model sets it when it loads its
+    /// weights; a backend that cannot honour it says so ([`crate::Backend::supports_act_scale_fmt`]).
+    pub fn with_act_scale_fmt(mut self, fmt: ScaleFmt) -> Self {
+        self.act_fmt = fmt;
+        self
+    }
+
+    /// See [`Fp8Weight::with_act_scale_fmt`].
+    pub fn act_scale_fmt(&self) -> ScaleFmt {
+        self.act_fmt
     }
 
     /// The borrowed view the kernels take.

@@ -44,6 +44,7 @@ mod simd;
 pub mod bf16_gemm;
 pub mod fp8;
 pub mod gemm;
+mod gemm_fmt;
 
 pub mod act;
 pub mod embed;

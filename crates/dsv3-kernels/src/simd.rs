@@ -58,21 +58,4 @@ pub(crate) mod avx512 {
         // SAFETY: `c` is an exclusive reference to 16 f32; storeu has no alignment requirement.
         unsafe { _mm512_storeu_ps(c.as_mut_ptr(), v) }
     }
-
-    /// `dst[j·16 + r] = rows[r][j]` for `j < width` (`width % 16 == 0`), rows past
-    /// `rows.len()` (at most 16) as zeros: 16 rows transposed into the interleaved layout the
-    /// outer-product kernels read.
-    #[target_feature(enable = "avx512f")]
-    pub(crate) fn interleave16(rows: &[&[f32]], width: usize, dst: &mut [f32]) {
-        let zero = [0f32; 16];
-        for c0 in (0..width).step_by(16) {
-            let r: [__m512; 16] = std::array::from_fn(|i| match rows.get(i) {
-                Some(row) => load16(&row[c0..]),
-                None => load16(&zero),
-            });
-            for (e, v) in transpose16(r).iter().enumerate() {
-                store16(&mut dst[(c0 + e) * 16..], *v);
-            }
-        }
-    }
 }

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{Rng, assert_close, max_abs, max_abs_diff, paged, varlen_layout};
+use common::{Rng, assert_close, latent_dims, max_abs, max_abs_diff, paged, varlen_layout};
 use dsv3_kernels::KernelError;
 use dsv3_kernels::attention::{
     self, CacheWriteShape, DecodeParams, GatherShape, LatentPool, MlaDims, PrefillInputs, PrefillParams, reference,
@@ -22,14 +22,6 @@ const REL: f32 = 1e-5;
 
 fn bf16_weight(rng: &mut Rng, rows: usize, cols: usize) -> Bf16Weight {
     Bf16Weight::from_f32(rows, cols, &rng.vec(rows * cols, 1.0 / (cols as f32).sqrt())).unwrap()
-}
-
-/// (kv_lora, rope) pairs: small, tile-edge and the V3 widths.
-fn latent_dims() -> impl Strategy<Value = (usize, usize)> {
-    prop_oneof![
-        3 => (proptest::sample::select(&[8usize, 16, 20, 64, 192][..]), proptest::sample::select(&[2usize, 8, 16][..])),
-        1 => Just((512usize, 64usize)),
-    ]
 }
 
 proptest! {

@@ -33,10 +33,20 @@ impl DenseMlpConfig {
         DenseMlpConfig { gemm_path, ..self }
     }
 
-    /// Both widths positive; on the fp8 path both multiples of 128 (the K of one of the GEMMs).
+    /// Both widths positive; on the fp8 path `hidden` (the K of gate and up) a multiple of 128.
+    /// `intermediate` (the K of down) may be any width: on the fp8 path the weights are
+    /// zero-padded to [`DenseMlpConfig::inner`] when they are made resident.
     pub fn validate(&self) -> Result<()> {
         check_width("hidden", self.hidden, self.gemm_path)?;
-        check_width("intermediate", self.intermediate, self.gemm_path)
+        check_width("intermediate", self.intermediate, GemmPath::Reference)
+    }
+
+    /// The inner width the projections run at: `intermediate`, rounded up to a multiple of
+    /// 128 on the fp8 path. The padding columns are exact zeros: zero weight rows in gate and
+    /// up give zero activations (silu(0)·0 = 0), which meet zero weight columns in down, and
+    /// the last 128-tile's activation scale is that of its real values.
+    pub fn inner(&self) -> usize {
+        if self.gemm_path == GemmPath::Fp8 { self.intermediate.next_multiple_of(BLOCK) } else { self.intermediate }
     }
 }
 
@@ -153,7 +163,7 @@ impl MoeConfig {
     /// Checks every field; the error names the first bad one.
     pub fn validate(&self) -> Result<()> {
         check_width("hidden", self.hidden, self.gemm_path)?;
-        check_width("moe_intermediate", self.moe_intermediate, self.gemm_path)?;
+        check_width("moe_intermediate", self.moe_intermediate, GemmPath::Reference)?;
         if self.n_routed_experts != self.route.n_experts {
             return Err(config(
                 "n_routed_experts",

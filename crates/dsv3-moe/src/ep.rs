@@ -43,7 +43,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 ///   with `counts[s]` / `displs[s]` describing them;
 /// * combine: the reverse trip: `send` is laid out as the dispatch result was (segment `s`
 ///   goes back to rank `s`), and the result is laid out as this rank's dispatch `send` was.
-pub trait Transport: Send + Sync {
+pub trait Transport {
     /// This endpoint's rank.
     fn rank(&self) -> usize;
     /// Ranks in the group.

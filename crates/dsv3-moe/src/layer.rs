@@ -59,7 +59,7 @@ impl<B: Backend> ExpertSet<B> {
     /// Uploads experts `range` of `w`, each distinct `Arc` once, each projection's experts in
     /// one [`Backend::upload_weights`] call (on the GPU: one stack, so the grouped GEMMs over
     /// them can run as one launch of the sm90 kernel).
-    fn upload(b: &B, w: &MoeWeights, range: Range<usize>) -> Result<ExpertSet<B>> {
+    fn upload(b: &B, cfg: &MoeConfig, w: &MoeWeights, range: Range<usize>) -> Result<ExpertSet<B>> {
         let mut distinct = Vec::new();
         let mut slot = Vec::with_capacity(range.len());
         let mut seen: HashMap<usize, usize> = HashMap::new();
@@ -71,6 +71,8 @@ impl<B: Backend> ExpertSet<B> {
             });
             slot.push(s);
         }
+        // At the inner width (zero-padded K on the fp8 path; see DenseMlpConfig::inner).
+        let distinct = distinct.iter().map(|ew| ew.at_inner_width(&cfg.expert_mlp())).collect::<Result<Vec<_>>>()?;
         let gate: Vec<_> = distinct.iter().map(|ew| ew.gate().view()).collect();
         let up: Vec<_> = distinct.iter().map(|ew| ew.up().view()).collect();
         let down: Vec<_> = distinct.iter().map(|ew| ew.down().view()).collect();
@@ -134,7 +136,7 @@ impl<B: Backend> MoeLayer<B> {
                 (Some(c), Some(s)) => Some(DenseMlp::with_prefix(b, c, s, "mlp.shared_experts")?),
                 _ => None,
             },
-            experts: ExpertSet::upload(b, w, range)?,
+            experts: ExpertSet::upload(b, &cfg, w, range)?,
         })
     }
 
@@ -163,7 +165,7 @@ impl<B: Backend> MoeLayer<B> {
         }
         // The permuted buffers: one row of max(hidden, moe_intermediate) per (token, j) pair.
         let pairs = mul("x", tokens, self.cfg.route.top_k)?;
-        mul("x", pairs, self.cfg.hidden.max(self.cfg.moe_intermediate)).map(|_| ())
+        mul("x", pairs, self.cfg.hidden.max(self.cfg.expert_mlp().inner())).map(|_| ())
     }
 
     /// The router: f32 logits of the bf16 gate weight, then top-k routing.
@@ -199,7 +201,7 @@ impl<B: Backend> MoeLayer<B> {
         }
         let routing = self.route(b, x, tokens)?;
         let (n, k, h, inter, path) =
-            (self.cfg.n_routed_experts, self.cfg.route.top_k, self.cfg.hidden, self.cfg.moe_intermediate, self.cfg.gemm_path);
+            (self.cfg.n_routed_experts, self.cfg.route.top_k, self.cfg.hidden, self.cfg.expert_mlp().inner(), self.cfg.gemm_path);
         let pairs = tokens * k;
         let mut y = b.zeros::<f32>(tokens * h)?;
         if pairs > 0 {
@@ -277,7 +279,7 @@ impl<B: Backend> MoeLayer<B> {
         host_offsets: &[u32],
         tokens: usize,
     ) -> Result<B::Buf<f32>> {
-        let (h, inter, path) = (self.cfg.hidden, self.cfg.moe_intermediate, self.cfg.gemm_path);
+        let (h, inter, path) = (self.cfg.hidden, self.cfg.expert_mlp().inner(), self.cfg.gemm_path);
         let local = self.experts.slot.len();
         if host_offsets.len() != local + 1 {
             return Err(input("offsets", format!("{} entries for {local} local experts", host_offsets.len())));

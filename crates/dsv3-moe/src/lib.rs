@@ -8,6 +8,8 @@
 //!   [`LoadStats`].
 //! * [`ep`]: expert parallelism over a [`Transport`] (all-to-all dispatch and combine, NCCL
 //!   shaped), with an in-process transport that runs `R` ranks as threads.
+//! * [`wire`]: the dispatch as it crosses between processes (one row per token and
+//!   destination rank).
 //! * [`MlpWeights`] / [`MoeWeights`]: host weights checked against the config (errors name
 //!   the checkpoint tensor), and random FP8 weights for tests and benchmarks.
 //!
@@ -36,6 +38,7 @@ pub mod layer;
 pub mod mlp;
 pub mod stats;
 pub mod weights;
+pub mod wire;
 
 pub use config::{DenseMlpConfig, GroupedLayout, MoeConfig};
 pub use ep::{InProcessTransport, Transport, forward_in_process, token_split};

@@ -27,6 +27,7 @@ impl<B: Backend> DenseMlp<B> {
     pub(crate) fn with_prefix(b: &B, cfg: DenseMlpConfig, w: &MlpWeights, prefix: &str) -> Result<DenseMlp<B>> {
         cfg.validate()?;
         w.check(&cfg, prefix)?;
+        let w = w.at_inner_width(&cfg)?;
         Ok(DenseMlp {
             cfg,
             gate: b.upload_weight(w.gate().view())?,
@@ -41,7 +42,7 @@ impl<B: Backend> DenseMlp<B> {
 
     /// `x` `[tokens, hidden]` → `[tokens, hidden]`.
     pub fn forward(&self, b: &B, x: &B::Buf<f32>, tokens: usize) -> Result<B::Buf<f32>> {
-        let (h, i, path) = (self.cfg.hidden, self.cfg.intermediate, self.cfg.gemm_path);
+        let (h, i, path) = (self.cfg.hidden, self.cfg.inner(), self.cfg.gemm_path);
         let xs = mul("x", tokens, h)?;
         if b.len(x) != xs {
             return Err(input("x", format!("has {} elements, expected tokens {tokens} x hidden {h} = {xs}", b.len(x))));

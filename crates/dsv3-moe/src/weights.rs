@@ -64,6 +64,20 @@ impl MlpWeights {
         })
     }
 
+    /// The three projections at the inner width `cfg.inner()` (zero-padded on the fp8 path
+    /// when `intermediate` is not a multiple of 128; see [`DenseMlpConfig::inner`]).
+    pub fn at_inner_width(&self, cfg: &DenseMlpConfig) -> Result<std::borrow::Cow<'_, MlpWeights>> {
+        let (h, i) = (cfg.hidden, cfg.inner());
+        if i == self.gate.rows() {
+            return Ok(std::borrow::Cow::Borrowed(self));
+        }
+        Ok(std::borrow::Cow::Owned(MlpWeights {
+            gate: self.gate.zero_padded(i, h)?,
+            up: self.up.zero_padded(i, h)?,
+            down: self.down.zero_padded(h, i)?,
+        }))
+    }
+
     pub fn gate(&self) -> &Fp8Weight {
         &self.gate
     }

@@ -14,7 +14,8 @@ use dsv3_kernels::gemm::GemmPath;
 use dsv3_moe::{DenseMlp, DenseMlpConfig, MlpWeights};
 use proptest::prelude::*;
 
-/// Widths around the 128 blocks (any width on the reference path; multiples of 128 on fp8).
+/// Widths around the 128 blocks (any width on the reference path; multiples of 128 for the
+/// fp8 path's `hidden`, the K of gate and up).
 fn widths(path: GemmPath) -> BoxedStrategy<usize> {
     match path {
         GemmPath::Reference => prop_oneof![Just(1usize), Just(7), Just(127), Just(128), Just(129), Just(256), 1usize..300].boxed(),
@@ -22,8 +23,41 @@ fn widths(path: GemmPath) -> BoxedStrategy<usize> {
     }
 }
 
+/// (path, hidden, intermediate): the intermediate width (the K of down) is any width on both
+/// paths; on the fp8 path a partial last K block is zero-padded.
 fn case() -> impl Strategy<Value = (GemmPath, usize, usize)> {
-    prop_oneof![Just(GemmPath::Reference), Just(GemmPath::Fp8)].prop_flat_map(|p| (Just(p), widths(p), widths(p)))
+    prop_oneof![Just(GemmPath::Reference), Just(GemmPath::Fp8)].prop_flat_map(|p| (Just(p), widths(p), widths(GemmPath::Reference)))
+}
+
+/// On the fp8 path an intermediate width that is not a multiple of 128 (V2-Lite: 10944) runs
+/// zero-padded to the next multiple, and that is exact: the result is bit for bit the result of
+/// a model whose weights have explicit zero rows / columns up to that width.
+#[test]
+fn fp8_path_pads_a_partial_k_block_exactly() {
+    for (hidden, inter) in [(128, 100), (256, 192), (128, 10944)] {
+        let cfg = DenseMlpConfig { hidden, intermediate: inter, gemm_path: GemmPath::Fp8 };
+        let w = MlpWeights::random(&cfg, inter as u64).unwrap();
+        let wide = inter.next_multiple_of(128);
+        let wcfg = DenseMlpConfig { intermediate: wide, ..cfg };
+        let wide_w = MlpWeights::new(
+            &wcfg,
+            "mlp",
+            zero_pad(w.gate(), wide, hidden),
+            zero_pad(w.up(), wide, hidden),
+            zero_pad(w.down(), hidden, wide),
+        )
+        .unwrap();
+        let tokens = 5;
+        let x = rand_x(3, tokens * hidden);
+        let got = DenseMlp::new(&Cpu, cfg, &w).unwrap().forward(&Cpu, &x, tokens).unwrap();
+        let want = DenseMlp::new(&Cpu, wcfg, &wide_w).unwrap().forward(&Cpu, &x, tokens).unwrap();
+        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "intermediate {inter}: padded run differs");
+        assert!(got.iter().any(|v| *v != 0.0), "a non-trivial output");
+        // And it stays within the fp8 path's usual distance of the reference path.
+        let exact = ref_mlp(&w, &x, GemmPath::Reference);
+        let d = calc_diff(&got, &exact);
+        assert!(d <= 1e-3, "intermediate {inter}: calc_diff(fp8, reference) = {d:e}");
+    }
 }
 
 proptest! {

@@ -22,6 +22,10 @@ fn main() -> Result<(), dsv3_runtime::RuntimeError> {
                 w.rows() * w.cols()
             }
             TensorRole::Bf16 => 2 * ck.bf16_weight(&p.name, p.shape[0], p.shape[1])?.rows() * p.shape[1],
+            TensorRole::Bf16OrFp8 => match ck.linear_weight(&p.name, p.shape[0], p.shape[1])? {
+                dsv3_runtime::LinearWeight::Fp8(w) => w.rows() * w.cols(),
+                dsv3_runtime::LinearWeight::Bf16(w) => 2 * w.rows() * w.cols(),
+            },
             TensorRole::Norm => 4 * ck.norm_weight(&p.name, p.shape[0])?.len(),
             TensorRole::F32 => 4 * ck.f32_vec(&p.name, p.shape[0])?.len(),
         };

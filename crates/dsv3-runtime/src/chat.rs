@@ -62,6 +62,12 @@ impl ChatTemplate {
         Ok(ChatTemplate { env })
     }
 
+    /// Sets the instruction budget of each render ([`FUEL`] by default); the fuzz targets
+    /// lower it so that a looping template costs milliseconds, not seconds.
+    pub fn set_fuel(&mut self, fuel: u64) {
+        self.env.set_fuel(Some(fuel));
+    }
+
     /// Renders `messages` (a JSON list of message objects, tool calls included) with
     /// `add_generation_prompt`, `bos_token` and `eos_token` in the context.
     pub fn render(&self, messages: &serde_json::Value, add_generation_prompt: bool, bos_token: &str, eos_token: &str) -> Result<String> {

@@ -25,7 +25,7 @@
 //! exact BF16 values uses [`Checkpoint::linear_weight`], which returns whichever form is stored.
 
 use crate::error::{Result, format_err, io_err, tensor_err};
-use crate::json::{Obj, read_json_file};
+use crate::json::{Obj, read_json_bytes};
 use crate::tensor_file::{Dtype, TensorFile, TensorInfo};
 use dsv3_kernels::dense::Bf16Weight;
 use dsv3_kernels::fp8::{Fp8Weight, blocks};
@@ -284,15 +284,22 @@ fn first_non_finite_bf16(v: &[bf16]) -> Option<usize> {
     v[start..].iter().position(|x| !x.is_finite()).map(|i| start + i)
 }
 
+/// Why shard `name` (as written in the index) is not a plain relative path inside the model
+/// directory, if it is not: absolute, `..`, `.`-only or empty.
+fn unsafe_shard_name(name: &str) -> Option<&'static str> {
+    let rel = Path::new(name);
+    let plain = !name.is_empty() && rel.components().next().is_some() && rel.components().all(|c| matches!(c, Component::Normal(_)));
+    (!plain).then_some("is not a plain relative path inside the model directory")
+}
+
 /// Resolves shard `name` (as written in the index) inside `dir`, refusing anything that could
 /// leave it: absolute paths, `..`, `.`-only or empty names, and symlinks resolving outside.
 pub(crate) fn safe_join(dir: &Path, name: &str, origin: &Path) -> Result<PathBuf> {
     let escape = |why: &str| format_err(origin, format!("shard name \"{name}\" {why}; refusing it"));
-    let rel = Path::new(name);
-    if name.is_empty() || rel.components().any(|c| !matches!(c, Component::Normal(_))) || rel.components().next().is_none() {
-        return Err(escape("is not a plain relative path inside the model directory"));
+    if let Some(why) = unsafe_shard_name(name) {
+        return Err(escape(why));
     }
-    let joined = dir.join(rel);
+    let joined = dir.join(name);
     let canon = joined.canonicalize().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             format_err(origin, format!("shard file \"{name}\" is missing from {}", dir.display()))
@@ -310,11 +317,22 @@ pub(crate) fn safe_join(dir: &Path, name: &str, origin: &Path) -> Result<PathBuf
     Ok(canon)
 }
 
-type Sharded = (Vec<TensorFile>, BTreeMap<String, usize>);
+/// A parsed `model.safetensors.index.json`: which shard holds each tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardIndex {
+    /// Tensor name → shard file name (as written in the index).
+    pub weight_map: BTreeMap<String, String>,
+    /// The distinct shard names, in order of first appearance in the file.
+    pub shards: Vec<String>,
+}
 
-fn open_sharded(dir: &Path, index: &Path) -> Result<Sharded> {
-    let v = read_json_file(index)?;
-    let file = index.display().to_string();
+/// Parses an index file's bytes (at most the JSON size limit): a JSON object whose
+/// `weight_map` is a non-empty object of tensor name → shard file name, every shard name a
+/// plain relative path (checked here, before any file is touched). `origin` names the file in
+/// errors. [`Checkpoint::open`] then opens the shards and checks them against the map.
+pub fn parse_index(origin: &Path, bytes: &[u8]) -> Result<ShardIndex> {
+    let v = crate::json::parse_json_bytes(origin, bytes)?;
+    let file = origin.display().to_string();
     let o = Obj::root(&v, &file)?;
     let Some(serde_json::Value::Object(map)) = o.get("weight_map") else {
         return Err(o.err("weight_map", "missing or not an object of tensor name -> shard file"));
@@ -322,20 +340,32 @@ fn open_sharded(dir: &Path, index: &Path) -> Result<Sharded> {
     if map.is_empty() {
         return Err(o.err("weight_map", "is empty"));
     }
-    let mut shard_of: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut files: Vec<TensorFile> = Vec::new();
-    let mut where_ = BTreeMap::new();
+    let mut index = ShardIndex { weight_map: BTreeMap::new(), shards: Vec::new() };
     for (tensor, shard) in map {
         let shard = shard.as_str().ok_or_else(|| o.err(&format!("weight_map.{tensor}"), "is not a string file name"))?;
-        let idx = match shard_of.get(shard) {
-            Some(&i) => i,
-            None => {
-                let path = safe_join(dir, shard, index)?;
-                files.push(TensorFile::open(&path)?);
-                shard_of.insert(shard, files.len() - 1);
-                files.len() - 1
-            }
-        };
+        if let Some(why) = unsafe_shard_name(shard) {
+            return Err(format_err(origin, format!("shard name \"{shard}\" {why}; refusing it")));
+        }
+        if !index.shards.iter().any(|s| s == shard) {
+            index.shards.push(shard.to_string());
+        }
+        index.weight_map.insert(tensor.clone(), shard.to_string());
+    }
+    Ok(index)
+}
+
+type Sharded = (Vec<TensorFile>, BTreeMap<String, usize>);
+
+fn open_sharded(dir: &Path, index: &Path) -> Result<Sharded> {
+    let parsed = parse_index(index, &read_json_bytes(index)?)?;
+    let mut files: Vec<TensorFile> = Vec::with_capacity(parsed.shards.len());
+    for shard in &parsed.shards {
+        files.push(TensorFile::open(&safe_join(dir, shard, index)?)?);
+    }
+    let shard_idx: BTreeMap<&str, usize> = parsed.shards.iter().enumerate().map(|(i, s)| (s.as_str(), i)).collect();
+    let mut where_ = BTreeMap::new();
+    for (tensor, shard) in &parsed.weight_map {
+        let idx = shard_idx[shard.as_str()];
         if !files[idx].tensors().contains_key(tensor) {
             return Err(tensor_err(index, tensor, format!("the index maps it to \"{shard}\", which has no such tensor")));
         }

@@ -20,10 +20,17 @@
 //!
 //! Refused because the engine would silently compute something else: `hidden_act` other than
 //! silu, `attention_bias: true`, `tie_word_embeddings: true`, `rope_interleave: false`,
-//! a `rope_scaling` type other than yarn, a quantization other than fp8 e4m3 128x128.
+//! a `rope_scaling` type other than yarn, a quantization other than fp8 e4m3 128x128, and
+//! DeepSeek-V3.2's sparse attention (`model_type: deepseek_v32`, `index_topk`,
+//! `index_n_heads`, `index_head_dim`).
+//!
+//! Later releases in the V3 format load as V3: V3-0324, R1 and R1-0528 add no field;
+//! V3.1 (and V3.1-Terminus) add `quantization_config.scale_fmt: "ue8m0"` (power-of-two
+//! activation scales on the fp8 GEMM path). Fields used only for training or bookkeeping
+//! (`aux_loss_alpha`, `seq_aux`, `ep_size`, `auto_map`, ...) are ignored.
 
 use crate::error::{Result, RuntimeError};
-use crate::json::{Obj, read_json_file};
+use crate::json::{Obj, parse_json_bytes, read_json_file};
 use dsv3_kernels::fp8::{BLOCK, ScaleFmt};
 use dsv3_kernels::gating::{RouteCfg, RouteMethod};
 use dsv3_kernels::rope::{self, RopeCfg, Yarn};
@@ -134,6 +141,13 @@ impl ModelConfig {
         Self::from_json_value(&v, &path.display().to_string())
     }
 
+    /// Parses and validates the bytes of a `config.json` (at most the JSON size limit, 64 MiB);
+    /// `source` names it in errors. What [`ModelConfig::from_file`] does after reading.
+    pub fn from_json_bytes(bytes: &[u8], source: &str) -> Result<Self> {
+        let v = parse_json_bytes(Path::new(source), bytes)?;
+        Self::from_json_value(&v, source)
+    }
+
     /// Parses and validates a `config.json` text; `source` names it in errors.
     pub fn from_json_str(text: &str, source: &str) -> Result<Self> {
         let v: Value = serde_json::from_str(text).map_err(|e| RuntimeError::Config {
@@ -214,7 +228,9 @@ impl ModelConfig {
             "tie_word_embeddings": false,
             "torch_dtype": "bfloat16",
             "bos_token_id": self.bos_token_id,
+            // Absent when there is none: `[]` is refused on reading (found by fuzzing).
             "eos_token_id": match self.eos_token_ids.as_slice() {
+                [] => Value::Null,
                 [one] => json!(one),
                 many => json!(many),
             },
@@ -324,6 +340,13 @@ fn parse(o: Obj<'_>) -> Result<ModelConfig> {
     let model_type = match o.opt_str("model_type")? {
         Some("deepseek_v3") => ModelType::DeepseekV3,
         Some("deepseek_v2") => ModelType::DeepseekV2,
+        Some("deepseek_v32") => {
+            return Err(o.err(
+                "model_type",
+                "\"deepseek_v32\" (DeepSeek-V3.2: sparse attention through a lightning indexer, fields index_topk, \
+                 index_n_heads, index_head_dim) is not supported; this engine computes dense MLA attention",
+            ));
+        }
         Some(other) => return Err(o.err("model_type", format!("unsupported \"{other}\", expected \"deepseek_v3\" or \"deepseek_v2\""))),
         None => return Err(o.err("model_type", "missing (required)")),
     };
@@ -402,6 +425,16 @@ fn parse(o: Obj<'_>) -> Result<ModelConfig> {
 }
 
 fn refuse_unsupported(o: &Obj<'_>) -> Result<()> {
+    // V3.2's sparse-attention indexer: its weights and top-k selection are not implemented,
+    // and dense attention differs from it past index_topk tokens.
+    for field in ["index_topk", "index_n_heads", "index_head_dim"] {
+        if o.contains_key(field) {
+            return Err(o.err(
+                field,
+                "DeepSeek Sparse Attention (V3.2's lightning indexer) is not supported; this engine computes dense MLA attention",
+            ));
+        }
+    }
     if let Some(act) = o.opt_str("hidden_act")?
         && act != "silu"
     {

@@ -69,6 +69,18 @@ pub(crate) fn validate(m: &ModelConfig, file: &str) -> Result<()> {
         }
     }
     check_sizes(&c, m)?;
+    let tensors = crate::plan::planned_tensor_count(m);
+    if tensors > crate::plan::MAX_PLANNED_TENSORS {
+        return Err(c.err(
+            "n_routed_experts",
+            format!(
+                "the checkpoint would hold {tensors} tensors ({} layers x {} experts), more than the {} accepted",
+                m.num_hidden_layers,
+                m.n_routed_experts,
+                crate::plan::MAX_PLANNED_TENSORS
+            ),
+        ));
+    }
     // The kernel layer's own checks, as a second line (every case above should catch first).
     m.route_cfg().validate().map_err(|e| c.err("num_experts_per_tok", e.to_string()))?;
     m.rope_cfg().validate("config").map_err(|e| c.err("rope_scaling", e.to_string()))?;
@@ -124,8 +136,26 @@ fn check_scalars(c: &Check<'_>, m: &ModelConfig) -> Result<()> {
         return Err(c.err("rope_theta", format!("must be finite and > 1, got {}", m.rope_theta)));
     }
     c.pos("max_position_embeddings", m.max_position_embeddings)?;
-    c.at_most("max_position_embeddings", m.max_position_embeddings, u32::MAX as u64)
+    c.at_most("max_position_embeddings", m.max_position_embeddings, MAX_POSITIONS)?;
+    // The RoPE table holds max_position_embeddings x qk_rope_head_dim values: bound it before
+    // a model load allocates it.
+    let table = (m.max_position_embeddings as u64).saturating_mul(m.qk_rope_head_dim as u64);
+    if table > MAX_ROPE_TABLE {
+        return Err(c.err(
+            "max_position_embeddings",
+            format!(
+                "{} positions x qk_rope_head_dim {} is a RoPE table of {table} values, more than {MAX_ROPE_TABLE}",
+                m.max_position_embeddings, m.qk_rope_head_dim
+            ),
+        ));
+    }
+    Ok(())
 }
+
+/// Largest `max_position_embeddings` accepted (V3: 163840; 16x DeepSeek's longest).
+const MAX_POSITIONS: u64 = 1 << 24;
+/// Largest RoPE table (values) a config may imply: 1 GiB of f32.
+const MAX_ROPE_TABLE: u64 = 1 << 28;
 
 fn check_rope(c: &Check<'_>, m: &ModelConfig) -> Result<()> {
     let Some(y) = m.rope_scaling else { return Ok(()) };

@@ -22,9 +22,9 @@
 //! (padded only with [`Graphs::Padded`], which tests use to check the pad rows on any machine).
 
 use crate::error::{Result, RuntimeError};
-use crate::model::{DecodeInputs, Model};
+use crate::model::{DecodeInputs, FiniteCheck, Model};
 use dsv3_kernels::sample::SampleRow;
-use dsv3_kernels::{Backend, DeviceStats};
+use dsv3_kernels::{Backend, DeviceStats, KernelError};
 use dsv3_mla::{PAGE_SIZE, PagedLatentCache, PlanBufs, PlanTables, SeqId, StepPlan};
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -206,6 +206,12 @@ impl<B: Backend> DecodeRunner<B> {
     /// One decode step: appends each row's token to its sequence and returns the sampled next
     /// token of each row, in order. Ids below `allowed` are sampled. All or nothing: on an
     /// error the cache is as it was.
+    ///
+    /// Refused before any work, as [`Model::forward_hidden`] refuses them (from the host
+    /// tables, nothing read back): an id outside the vocabulary, a position past
+    /// `max_position_embeddings`, bad sampling parameters. A non-finite final hidden state
+    /// is [`RuntimeError::NonFinite`] (on a GPU found by the sampler among the step's
+    /// deferred checks: `Model::decode_into`).
     pub fn step(
         &mut self,
         b: &B,
@@ -214,14 +220,13 @@ impl<B: Backend> DecodeRunner<B> {
         rows: &[DecodeRow],
         allowed: usize,
     ) -> Result<Vec<u32>> {
-        let vocab = model.config().vocab_size;
         if rows.is_empty() {
             return Err(RuntimeError::Request("a decode step needs at least one sequence".into()));
         }
+        let ids: Vec<u32> = rows.iter().map(|r| r.token).collect();
+        let sizes: Vec<(SeqId, usize)> = rows.iter().map(|r| (r.seq, 1)).collect();
+        model.check_step(cache, &ids, &sizes)?;
         for (i, r) in rows.iter().enumerate() {
-            if r.token as usize >= vocab {
-                return Err(RuntimeError::TokenId { id: u64::from(r.token), vocab_size: vocab });
-            }
             r.sample.validate(i)?;
         }
         let lens: Vec<(SeqId, usize)> = rows.iter().map(|r| Ok((r.seq, cache.seq_len(r.seq)?))).collect::<Result<_>>()?;
@@ -244,7 +249,7 @@ impl<B: Backend> DecodeRunner<B> {
         if bucket.is_none() {
             self.stats.eager_steps += 1;
         }
-        run
+        run.map_err(|e| logits_check(e, allowed))
     }
 
     fn padded(
@@ -290,7 +295,9 @@ impl<B: Backend> DecodeRunner<B> {
             }
         };
         let plan = StepPlan::with_bufs(b, t, bufs)?;
-        if self.graphs && shape.graph.is_none() {
+        // DSV3_CHECK_FINITE=layers reads every layer's output back: never in a graph.
+        let graphs = self.graphs && model.finite_check() != FiniteCheck::Layers;
+        if graphs && shape.graph.is_none() {
             let (ids_b, samples_b, out_b) = (&shape.ids, &shape.samples, &mut shape.out);
             let x = DecodeInputs { plan: &plan, ids: ids_b, rows: samples_b, allowed };
             match b.capture(|| model.decode_into(b, cache, x, out_b)) {
@@ -306,7 +313,7 @@ impl<B: Backend> DecodeRunner<B> {
             }
         }
         let timing = self.timing;
-        let ran = match (&shape.graph, self.graphs) {
+        let ran = match (&shape.graph, graphs) {
             (Some(g), true) => {
                 let replay = || b.replay(g).map_err(RuntimeError::from);
                 timed(b, timing, &mut self.stats.last_device_s, replay).map(|()| self.stats.graph_steps += 1)
@@ -372,6 +379,24 @@ fn eager<B: Backend>(
     Ok(b.download(&out)?)
 }
 
+/// A step's error, with the sampler's deferred NaN check (a device backend: the final hidden
+/// state of row `index / allowed` was not finite, so its logits are NaN; [`Model::decode_into`])
+/// named as the final-hidden-state check of the CPU names it.
+fn logits_check(e: RuntimeError, allowed: usize) -> RuntimeError {
+    match e {
+        RuntimeError::Kernel(KernelError::DeviceCheck { kernel: "dsv3_sample" | "dsv3_sample_greedy", index }) => {
+            let (index, allowed) = (index as usize, allowed.max(1));
+            RuntimeError::NonFinite {
+                at: "the logits of a decode step, from its final hidden state (DSV3_CHECK_FINITE=layers names the layer)".into(),
+                row: index / allowed,
+                col: index % allowed,
+                value: f32::NAN,
+            }
+        }
+        e => e,
+    }
+}
+
 /// `f`, timed on the device when `on` (into `last`).
 fn timed<B: Backend, R>(b: &B, on: bool, last: &mut Option<f64>, f: impl FnOnce() -> Result<R>) -> Result<R> {
     if !on {
@@ -433,6 +458,19 @@ mod tests {
             assert!(b >= n && b < 2 * n.max(1) + 1, "{n} -> {b}: at most twice the batch");
             assert!(BUCKETS.contains(&b));
         }
+    }
+
+    /// On a GPU a non-finite final hidden state reaches the host as the sampler's deferred
+    /// NaN check (every logit of its row is NaN); the runner names it as the CPU's check does.
+    #[test]
+    fn the_samplers_device_check_is_named_as_the_final_hidden_state_check() {
+        for kernel in ["dsv3_sample", "dsv3_sample_greedy"] {
+            let e = logits_check(RuntimeError::Kernel(KernelError::DeviceCheck { kernel, index: 2 * 100 + 7 }), 100);
+            assert!(matches!(e, RuntimeError::NonFinite { row: 2, col: 7, .. }), "{e}");
+            assert!(e.to_string().contains("final hidden state"), "{e}");
+        }
+        let other = logits_check(RuntimeError::Kernel(KernelError::DeviceCheck { kernel: "dsv3_embedding_bf16", index: 3 }), 100);
+        assert!(matches!(other, RuntimeError::Kernel(KernelError::DeviceCheck { index: 3, .. })), "{other}");
     }
 
     #[test]

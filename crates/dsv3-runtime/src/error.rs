@@ -53,9 +53,22 @@ pub enum RuntimeError {
     #[error("mlp: {0}")]
     Moe(#[from] dsv3_moe::MoeError),
 
+    /// A NaN or an infinity in an activation (`at` names the layer and the tensor).
+    #[error("non-finite activation {value} in {at}, token row {row}, channel {col}")]
+    NonFinite { at: String, row: usize, col: usize, value: f32 },
+
+    /// An error inside decoder layer `layer` (main layers `0..num_hidden_layers`, then MTP).
+    #[error("layer {layer}: {source}")]
+    Layer { layer: usize, source: Box<RuntimeError> },
+
     /// A request the model cannot serve (empty prompt, unknown sequence, ...).
     #[error("request: {0}")]
     Request(String),
+
+    /// A multi-process run failed: rank `rank` reported `detail` (its own error, or a broken
+    /// message or launch), and every rank of the job returns this same error.
+    #[error("rank {rank}: {detail}")]
+    Dist { rank: usize, detail: String },
 }
 
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;

@@ -158,7 +158,7 @@ fn recipes(cfg: &ModelConfig) -> Vec<(TensorSpec, Recipe)> {
                 };
                 out.push((s, Recipe::Scale { std: fan_in.powf(-0.5) }));
             }
-            TensorRole::Linear | TensorRole::Bf16 => {
+            TensorRole::Linear | TensorRole::Bf16 | TensorRole::Bf16OrFp8 => {
                 let is_embed = p.name.ends_with("embed_tokens.weight");
                 let seed_name = if is_embed {
                     "model.embed_tokens.weight".to_string()

@@ -146,14 +146,86 @@ pub(crate) fn short(v: &Value) -> String {
     if s.chars().count() <= 40 { s } else { kind(v).to_string() }
 }
 
-/// Reads a JSON file of at most [`MAX_JSON_BYTES`] and parses it, naming the file on error.
-pub(crate) fn read_json_file(path: &std::path::Path) -> Result<Value> {
+/// Reads the bytes of a JSON file of at most [`MAX_JSON_BYTES`] (never more is read).
+pub(crate) fn read_json_bytes(path: &std::path::Path) -> Result<Vec<u8>> {
     use std::io::Read;
     let f = std::fs::File::open(path).map_err(crate::error::io_err(path, "open"))?;
     let mut bytes = Vec::new();
     f.take(MAX_JSON_BYTES + 1).read_to_end(&mut bytes).map_err(crate::error::io_err(path, "read"))?;
+    Ok(bytes)
+}
+
+/// Parses JSON bytes of at most [`MAX_JSON_BYTES`], naming `origin` on error.
+pub(crate) fn parse_json_bytes(origin: &std::path::Path, bytes: &[u8]) -> Result<Value> {
     if bytes.len() as u64 > MAX_JSON_BYTES {
-        return Err(crate::error::format_err(path, format!("larger than the {MAX_JSON_BYTES}-byte limit for JSON files")));
+        return Err(crate::error::format_err(origin, format!("larger than the {MAX_JSON_BYTES}-byte limit for JSON files")));
     }
-    serde_json::from_slice(&bytes).map_err(|e| crate::error::format_err(path, format!("invalid JSON: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| crate::error::format_err(origin, format!("invalid JSON: {e}")))
+}
+
+/// Reads a JSON file of at most [`MAX_JSON_BYTES`] and parses it, naming the file on error.
+pub(crate) fn read_json_file(path: &std::path::Path) -> Result<Value> {
+    parse_json_bytes(path, &read_json_bytes(path)?)
+}
+
+/// Parses JSON like `serde_json::from_slice`, but refuses an object that has a key twice (at
+/// any depth): `serde_json::Value` silently keeps the last one.
+pub(crate) fn from_slice_unique_keys(bytes: &[u8]) -> serde_json::Result<Value> {
+    serde_json::from_slice::<Unique>(bytes).map(|u| u.0)
+}
+
+/// A JSON value whose objects have no repeated key.
+struct Unique(Value);
+
+impl<'de> serde::Deserialize<'de> for Unique {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(UniqueVisitor)
+    }
+}
+
+struct UniqueVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueVisitor {
+    type Value = Unique;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> std::result::Result<Unique, E> {
+        Ok(Unique(Value::Bool(v)))
+    }
+    fn visit_i64<E>(self, v: i64) -> std::result::Result<Unique, E> {
+        Ok(Unique(Value::from(v)))
+    }
+    fn visit_u64<E>(self, v: u64) -> std::result::Result<Unique, E> {
+        Ok(Unique(Value::from(v)))
+    }
+    fn visit_f64<E>(self, v: f64) -> std::result::Result<Unique, E> {
+        Ok(Unique(Value::from(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> std::result::Result<Unique, E> {
+        Ok(Unique(Value::String(v.to_string())))
+    }
+    fn visit_string<E>(self, v: String) -> std::result::Result<Unique, E> {
+        Ok(Unique(Value::String(v)))
+    }
+    fn visit_unit<E>(self) -> std::result::Result<Unique, E> {
+        Ok(Unique(Value::Null))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Unique, A::Error> {
+        let mut v = Vec::new();
+        while let Some(Unique(x)) = seq.next_element()? {
+            v.push(x);
+        }
+        Ok(Unique(Value::Array(v)))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> std::result::Result<Unique, A::Error> {
+        let mut map = Map::new();
+        while let Some((k, Unique(v))) = m.next_entry::<String, Unique>()? {
+            if map.contains_key(&k) {
+                return Err(serde::de::Error::custom(format!("key `{k}` appears twice")));
+            }
+            map.insert(k, v);
+        }
+        Ok(Unique(Value::Object(map)))
+    }
 }

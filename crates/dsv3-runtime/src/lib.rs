@@ -37,6 +37,7 @@ pub mod checkpoint;
 pub mod config;
 mod config_check;
 pub mod decode;
+pub mod dist;
 pub mod engine;
 pub mod error;
 pub mod eval;

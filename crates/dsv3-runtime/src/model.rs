@@ -6,17 +6,28 @@
 //! expanded form when a step appends several tokens to a sequence (prefill, chunked prefill)
 //! and in the weight-absorbed form on the paged latent cache when every sequence appends one
 //! token (batched decode).
+//!
+//! **Numerical hazards.** A step refuses, before any work, token ids outside the vocabulary
+//! and positions past `max_position_embeddings`. A non-finite activation never becomes silent
+//! garbage: the final hidden state of every step is checked (one pass over `[tokens,
+//! hidden]`), and `DSV3_CHECK_FINITE=layers` (or [`Model::set_finite_check`]) checks the
+//! output of every attention and MLP, so the error names the layer that produced it; an
+//! error raised inside a layer (the fp8 path's activation quantiser refuses NaN and ±inf)
+//! names its layer too. A decode step on a GPU, which reads nothing back until its end,
+//! checks the final hidden state through its sampled logits (`Model::decode_into`).
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{LayerKind, ModelConfig};
 use crate::error::{Result, RuntimeError};
 use dsv3_kernels::Backend;
+use dsv3_kernels::a2a::EpLayout;
 use dsv3_kernels::embed::EmbedShape;
+use dsv3_kernels::fp8::{Fp8Weight, ScaleFmt};
 use dsv3_kernels::gemm::{GemmPath, GemmShape};
 use dsv3_kernels::norm::RowsShape;
 use dsv3_kernels::sample::{SampleRow, SampleShape};
 use dsv3_mla::{CacheConfig, HostQProj, MlaConfig, MlaContext, MlaHostWeights, MlaWeights, PagedLatentCache, SeqId, StepPlan};
-use dsv3_moe::{DenseMlp, DenseMlpConfig, GroupedLayout, MlpWeights, MoeConfig, MoeLayer, MoeWeights};
+use dsv3_moe::{DenseMlp, DenseMlpConfig, GroupedLayout, MlpWeights, MoeConfig, MoeLayer, MoeWeights, Transport};
 use half::bf16;
 use std::sync::Arc;
 
@@ -72,6 +83,39 @@ impl<B: Backend> Copy for DecodeInputs<'_, B> {}
 /// Numbers the models of a process ([`Model::instance`]).
 static INSTANCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// Where a step looks for non-finite activations (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FiniteCheck {
+    /// No check.
+    Off,
+    /// The final hidden state (cheap: one pass over it).
+    #[default]
+    Final,
+    /// Every attention and MLP output too, naming the layer (a debugging mode).
+    Layers,
+}
+
+impl FiniteCheck {
+    /// From `DSV3_CHECK_FINITE` (`off`, `final`, `layers`; unset: `final`).
+    pub fn from_env() -> Result<FiniteCheck> {
+        match std::env::var("DSV3_CHECK_FINITE").as_deref() {
+            Err(_) | Ok("") | Ok("final") => Ok(FiniteCheck::Final),
+            Ok("layers") => Ok(FiniteCheck::Layers),
+            Ok("off") => Ok(FiniteCheck::Off),
+            Ok(other) => Err(RuntimeError::Request(format!("DSV3_CHECK_FINITE={other}: expected off, final or layers"))),
+        }
+    }
+}
+
+/// Errors if `x` (`[rows, width]`) holds a NaN or an infinity, naming `at` and the first one.
+pub(crate) fn check_finite<B: Backend>(b: &B, x: &B::Buf<f32>, width: usize, at: impl FnOnce() -> String) -> Result<()> {
+    let v = b.download(x)?;
+    match v.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(RuntimeError::NonFinite { at: at(), row: i / width.max(1), col: i % width.max(1), value: v[i] }),
+    }
+}
+
 /// A loaded model on backend `B`.
 #[derive(Debug)]
 pub struct Model<B: Backend> {
@@ -84,20 +128,58 @@ pub struct Model<B: Backend> {
     norm: B::Buf<f32>,
     lm_head: Arc<B::DenseWeight>,
     path: GemmPath,
+    check: FiniteCheck,
+}
+
+/// Which routed experts a process loads: expert-parallel rank `rank` of `n_ranks` holds the
+/// contiguous experts `rank * E/n_ranks ..` (all of them when `n_ranks` is 1). Only those
+/// experts' tensors are read from the (memory-mapped) checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpertShard {
+    pub n_ranks: usize,
+    pub rank: usize,
+}
+
+impl ExpertShard {
+    /// Every expert, on one rank.
+    pub const ALL: ExpertShard = ExpertShard { n_ranks: 1, rank: 0 };
+
+    /// The expert layout of a model with `n_experts` routed experts.
+    pub fn layout(self, n_experts: usize) -> EpLayout {
+        EpLayout { n_ranks: self.n_ranks, n_experts }
+    }
 }
 
 impl<B: Backend> Layer<B> {
     /// Decoder block `l` (a main layer or an MTP module's block) from `model.layers.{l}`.
     pub(crate) fn load(b: &B, ck: &Checkpoint, cfg: &ModelConfig, mla: &MlaConfig, l: usize, path: GemmPath) -> Result<Layer<B>> {
+        Self::load_shard(b, ck, cfg, mla, l, path, ExpertShard::ALL)
+    }
+
+    /// [`Layer::load`] holding only the routed experts of `shard` (an MoE layer).
+    pub(crate) fn load_shard(
+        b: &B,
+        ck: &Checkpoint,
+        cfg: &ModelConfig,
+        mla: &MlaConfig,
+        l: usize,
+        path: GemmPath,
+        shard: ExpertShard,
+    ) -> Result<Layer<B>> {
         let h = cfg.hidden_size;
         let p = format!("model.layers.{l}");
-        let attn = MlaWeights::new(b, mla, &load_attention(ck, &format!("{p}.self_attn"), mla)?)?;
+        let w = Weights { ck, fmt: cfg.scale_fmt() };
+        let attn = MlaWeights::new(b, mla, &load_attention(&w, &format!("{p}.self_attn"), mla)?)?;
         let ffn = match cfg.layer_kind(l) {
             LayerKind::Dense => {
                 let dc = DenseMlpConfig { hidden: h, intermediate: cfg.intermediate_size, gemm_path: path };
-                Ffn::Dense(DenseMlp::new(b, dc, &load_mlp(ck, &format!("{p}.mlp"), &dc)?)?)
+                Ffn::Dense(DenseMlp::new(b, dc, &load_mlp(&w, &format!("{p}.mlp"), &dc)?)?)
             }
-            LayerKind::Moe => Ffn::Moe(Box::new(MoeLayer::new(b, moe_config(cfg, path), &load_moe(ck, &format!("{p}.mlp"), cfg, path)?)?)),
+            LayerKind::Moe => {
+                let mw = load_moe(&w, &format!("{p}.mlp"), cfg, path, shard)?;
+                let layout = shard.layout(cfg.n_routed_experts);
+                Ffn::Moe(Box::new(MoeLayer::new_rank(b, moe_config(cfg, path), &mw, layout, shard.rank)?))
+            }
         };
         Ok(Layer {
             input_norm: b.upload(&ck.norm_weight(&format!("{p}.input_layernorm.weight"), h)?)?,
@@ -110,46 +192,98 @@ impl<B: Backend> Layer<B> {
 
 /// Runs `x [T, hidden]` (the stack's input, not yet normalised) through `layers`, whose caches
 /// are layers `0..` of `cache` under `plan`, and returns `final_norm(h)` of the last hidden
-/// state. The residual add of each next norm is fused ([`Backend::add_rms_norm`]).
+/// state. The residual add of each next norm is fused ([`Backend::add_rms_norm`]). With `ep`,
+/// the MoE layers hold one expert-parallel rank's experts and run through that transport.
 pub(crate) struct Stack<'a, B: Backend> {
     pub ctx: &'a MlaContext<B>,
     pub layers: &'a [Layer<B>],
     pub final_norm: &'a B::Buf<f32>,
     pub hidden: usize,
     pub eps: f32,
+    /// The model layer index of `layers[0]` (0, or `num_hidden_layers` for the MTP block).
+    pub first_layer: usize,
+    pub check: FiniteCheck,
+    pub ep: Option<&'a dyn Transport>,
 }
 
 impl<B: Backend> Stack<'_, B> {
-    pub fn run(
+    pub fn run(&self, b: &B, cache: &mut PagedLatentCache<B>, plan: &StepPlan<B>, x: B::Buf<f32>, absorbed: bool) -> Result<B::Buf<f32>> {
+        let t = plan.tokens();
+        // `residual` holds h; `x` holds the output of the last sub-layer, still to be added.
+        let mut residual = b.zeros::<f32>(t * self.hidden)?;
+        let x = self.run_layers(b, cache, plan, x, &mut residual, absorbed)?;
+        self.final_norm(b, &x, &mut residual, t)
+    }
+
+    /// `final_norm(residual + x)` of `t` rows (`residual` becomes the sum), checked for
+    /// non-finite values unless the check is off.
+    pub fn final_norm(&self, b: &B, x: &B::Buf<f32>, residual: &mut B::Buf<f32>, t: usize) -> Result<B::Buf<f32>> {
+        let mut normed = b.zeros::<f32>(t * self.hidden)?;
+        b.add_rms_norm(x, residual, self.final_norm, RowsShape { rows: t, cols: self.hidden }, self.eps, &mut normed)?;
+        if self.check != FiniteCheck::Off {
+            let last = self.first_layer + self.layers.len();
+            check_finite(b, &normed, self.hidden, || {
+                format!("the final hidden state (after layers {}..{last}; DSV3_CHECK_FINITE=layers names the layer)", self.first_layer)
+            })?;
+        }
+        Ok(normed)
+    }
+
+    /// The layers alone: the hidden state enters and leaves as `residual` plus `x` (the last
+    /// sub-layer's output, not yet added), so a pipeline stage can hand both to the next.
+    pub fn run_layers(
         &self,
         b: &B,
         cache: &mut PagedLatentCache<B>,
         plan: &StepPlan<B>,
         mut x: B::Buf<f32>,
+        residual: &mut B::Buf<f32>,
         absorbed: bool,
     ) -> Result<B::Buf<f32>> {
         let t = plan.tokens();
         let rows = RowsShape { rows: t, cols: self.hidden };
-        // `residual` holds h; `x` holds the output of the last sub-layer, still to be added.
-        let mut residual = b.zeros::<f32>(t * self.hidden)?;
         let mut normed = b.zeros::<f32>(t * self.hidden)?;
         let mut attn_out = b.zeros::<f32>(t * self.hidden)?;
+        let layers = self.check == FiniteCheck::Layers;
         for (l, layer) in self.layers.iter().enumerate() {
-            b.add_rms_norm(&x, &mut residual, &layer.input_norm, rows, self.eps, &mut normed)?;
+            let at = self.first_layer + l;
+            let in_layer = |e: RuntimeError| RuntimeError::Layer { layer: at, source: Box::new(e) };
+            b.add_rms_norm(&x, residual, &layer.input_norm, rows, self.eps, &mut normed).map_err(|e| in_layer(e.into()))?;
             let mut lc = cache.layer(plan, l)?;
             if absorbed {
-                layer.attn.decode(b, self.ctx, &mut lc, &normed, &mut attn_out)?;
+                layer.attn.decode(b, self.ctx, &mut lc, &normed, &mut attn_out).map_err(|e| in_layer(e.into()))?;
             } else {
-                layer.attn.prefill(b, self.ctx, &mut lc, &normed, &mut attn_out)?;
+                layer.attn.prefill(b, self.ctx, &mut lc, &normed, &mut attn_out).map_err(|e| in_layer(e.into()))?;
             }
-            b.add_rms_norm(&attn_out, &mut residual, &layer.post_norm, rows, self.eps, &mut normed)?;
-            x = match &layer.ffn {
-                Ffn::Dense(mlp) => mlp.forward(b, &normed, t)?,
-                Ffn::Moe(moe) => moe.forward_y(b, &normed, t)?,
-            };
+            if layers {
+                check_finite(b, &attn_out, self.hidden, || format!("layer {at} attention output"))?;
+            }
+            b.add_rms_norm(&attn_out, residual, &layer.post_norm, rows, self.eps, &mut normed).map_err(|e| in_layer(e.into()))?;
+            x = match (&layer.ffn, self.ep) {
+                (Ffn::Dense(mlp), _) => mlp.forward(b, &normed, t),
+                (Ffn::Moe(moe), None) => moe.forward_y(b, &normed, t),
+                (Ffn::Moe(moe), Some(ep)) => moe.forward_ep(b, ep, &normed, t).map(|o| o.y),
+            }
+            .map_err(|e| in_layer(e.into()))?;
+            if layers {
+                check_finite(b, &x, self.hidden, || format!("layer {at} MLP output"))?;
+            }
         }
-        b.add_rms_norm(&x, &mut residual, self.final_norm, rows, self.eps, &mut normed)?;
-        Ok(normed)
+        Ok(x)
+    }
+
+    /// A step in which this expert-parallel rank has no tokens: it still serves its experts
+    /// in every MoE layer's two all-to-alls (its peers' tokens come through them).
+    pub fn serve_experts(&self, b: &B) -> Result<()> {
+        let Some(ep) = self.ep else { return Ok(()) };
+        let none = b.zeros::<f32>(0)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            if let Ffn::Moe(moe) = &layer.ffn {
+                moe.forward_ep(b, ep, &none, 0)
+                    .map_err(|e| RuntimeError::Layer { layer: self.first_layer + l, source: Box::new(e.into()) })?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -182,30 +316,44 @@ pub fn moe_config(cfg: &ModelConfig, path: GemmPath) -> MoeConfig {
     }
 }
 
-fn load_mlp(ck: &Checkpoint, prefix: &str, cfg: &DenseMlpConfig) -> Result<MlpWeights> {
+/// The checkpoint's projection weights, tagged with the activation scale format of its
+/// `quantization_config` (`ue8m0` for V3.1 and later) for the fp8 GEMM path.
+struct Weights<'a> {
+    ck: &'a Checkpoint,
+    fmt: ScaleFmt,
+}
+
+impl Weights<'_> {
+    fn fp8(&self, name: &str, rows: usize, cols: usize) -> Result<Fp8Weight> {
+        Ok(self.ck.fp8_weight(name, rows, cols)?.with_act_scale_fmt(self.fmt))
+    }
+}
+
+fn load_mlp(w: &Weights<'_>, prefix: &str, cfg: &DenseMlpConfig) -> Result<MlpWeights> {
     let (h, i) = (cfg.hidden, cfg.intermediate);
-    let gate = ck.fp8_weight(&format!("{prefix}.gate_proj.weight"), i, h)?;
-    let up = ck.fp8_weight(&format!("{prefix}.up_proj.weight"), i, h)?;
-    let down = ck.fp8_weight(&format!("{prefix}.down_proj.weight"), h, i)?;
+    let gate = w.fp8(&format!("{prefix}.gate_proj.weight"), i, h)?;
+    let up = w.fp8(&format!("{prefix}.up_proj.weight"), i, h)?;
+    let down = w.fp8(&format!("{prefix}.down_proj.weight"), h, i)?;
     Ok(MlpWeights::new(cfg, prefix, gate, up, down)?)
 }
 
-fn load_attention(ck: &Checkpoint, p: &str, c: &MlaConfig) -> Result<MlaHostWeights> {
+fn load_attention(w: &Weights<'_>, p: &str, c: &MlaConfig) -> Result<MlaHostWeights> {
+    let ck = w.ck;
     let q = match c.q_lora_rank {
         Some(r) => HostQProj::Lora {
-            q_a_proj: ck.fp8_weight(&format!("{p}.q_a_proj.weight"), r, c.hidden)?,
+            q_a_proj: w.fp8(&format!("{p}.q_a_proj.weight"), r, c.hidden)?,
             q_a_layernorm: ck.norm_weight(&format!("{p}.q_a_layernorm.weight"), r)?,
-            q_b_proj: ck.fp8_weight(&format!("{p}.q_b_proj.weight"), c.q_dim(), r)?,
+            q_b_proj: w.fp8(&format!("{p}.q_b_proj.weight"), c.q_dim(), r)?,
         },
-        None => HostQProj::Direct { q_proj: ck.fp8_weight(&format!("{p}.q_proj.weight"), c.q_dim(), c.hidden)? },
+        None => HostQProj::Direct { q_proj: w.fp8(&format!("{p}.q_proj.weight"), c.q_dim(), c.hidden)? },
     };
     let kv_b_rows = c.n_heads * (c.qk_nope_head_dim + c.v_head_dim);
     Ok(MlaHostWeights {
         q,
-        kv_a_proj_with_mqa: ck.fp8_weight(&format!("{p}.kv_a_proj_with_mqa.weight"), c.kv_lora_rank + c.qk_rope_head_dim, c.hidden)?,
+        kv_a_proj_with_mqa: w.fp8(&format!("{p}.kv_a_proj_with_mqa.weight"), c.kv_lora_rank + c.qk_rope_head_dim, c.hidden)?,
         kv_a_layernorm: ck.norm_weight(&format!("{p}.kv_a_layernorm.weight"), c.kv_lora_rank)?,
-        kv_b_proj: ck.fp8_weight(&format!("{p}.kv_b_proj.weight"), kv_b_rows, c.kv_lora_rank)?,
-        o_proj: ck.fp8_weight(&format!("{p}.o_proj.weight"), c.hidden, c.o_dim())?,
+        kv_b_proj: w.fp8(&format!("{p}.kv_b_proj.weight"), kv_b_rows, c.kv_lora_rank)?,
+        o_proj: w.fp8(&format!("{p}.o_proj.weight"), c.hidden, c.o_dim())?,
     })
 }
 
@@ -214,6 +362,18 @@ impl<B: Backend> Model<B> {
     /// checkpoint whose tensors were validated against `cfg`.
     pub fn load(b: &B, ck: &Checkpoint, cfg: &ModelConfig, path: GemmPath) -> Result<Model<B>> {
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let check = FiniteCheck::from_env()?;
+        if path == GemmPath::Fp8 && !b.supports_act_scale_fmt(cfg.scale_fmt()) {
+            return Err(RuntimeError::Config {
+                file: ck.dir().join("config.json").display().to_string(),
+                field: "quantization_config.scale_fmt".into(),
+                detail: format!(
+                    "{:?} activation scales on the fp8 GEMM path are not implemented on the {} backend (the reference path works)",
+                    cfg.scale_fmt(),
+                    b.name()
+                ),
+            });
+        }
         let mla = mla_config(cfg);
         let ctx = MlaContext::new(b, mla, path)?;
         let embed_w = ck.bf16_weight("model.embed_tokens.weight", v, h)?;
@@ -224,7 +384,7 @@ impl<B: Backend> Model<B> {
         let lm_head = Arc::new(b.upload_dense_weight(ck.bf16_weight("lm_head.weight", v, h)?.view())?);
         ck.finish_progress();
         let instance = INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(Model { instance, cfg: cfg.clone(), mla, ctx, embed, layers, norm, lm_head, path })
+        Ok(Model { instance, cfg: cfg.clone(), mla, ctx, embed, layers, norm, lm_head, path, check })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -233,6 +393,15 @@ impl<B: Backend> Model<B> {
 
     pub fn gemm_path(&self) -> GemmPath {
         self.path
+    }
+
+    /// Where steps look for non-finite activations (default: `DSV3_CHECK_FINITE`, else the
+    /// final hidden state).
+    pub fn set_finite_check(&mut self, check: FiniteCheck) {
+        self.check = check;
+    }
+    pub fn finite_check(&self) -> FiniteCheck {
+        self.check
     }
 
     /// This model among the models of the process (a captured step reads the weights of the
@@ -271,6 +440,7 @@ impl<B: Backend> Model<B> {
     ) -> Result<B::Buf<f32>> {
         let ids: Vec<u32> = batch.iter().flat_map(|(_, t)| t.iter().copied()).collect();
         let sizes: Vec<(SeqId, usize)> = batch.iter().map(|(s, toks)| (*s, toks.len())).collect();
+        self.check_step(cache, &ids, &sizes)?;
         let absorbed = match form {
             AttnForm::Auto => batch.iter().all(|(_, toks)| toks.len() == 1),
             AttnForm::Absorbed => true,
@@ -289,32 +459,67 @@ impl<B: Backend> Model<B> {
     /// entry), multiplies every row by `lm_head` and samples row `i` by `rows[i]` into
     /// `out[i]`, ids below `allowed`.
     /// Reads nothing back: what [`crate::decode::DecodeRunner`] runs, or captures as a graph.
-    /// The caller checked the ids against the vocabulary and holds the step scope.
+    /// The caller checked the step ([`Model::check_step`]) and holds the step scope.
+    ///
+    /// The finite check of the final hidden state ([`FiniteCheck::Final`]) on a backend that
+    /// defers its checks to the step's end ([`Backend::defers_checks`]: a GPU) is the
+    /// sampler's: an infinity entering the final RMS norm leaves it as a NaN, a NaN in a row
+    /// of the final hidden state makes every logit of that row NaN, and the sampling kernel
+    /// reports a NaN logit among the step's deferred checks ([`crate::decode::DecodeRunner`] names it as
+    /// [`RuntimeError::NonFinite`]). Elsewhere (the CPU) the stack checks it directly, as
+    /// [`Model::forward_hidden`] does. [`FiniteCheck::Layers`] reads every layer's output
+    /// back, so the runner runs that debugging mode eagerly, never as a graph.
     pub(crate) fn decode_into(&self, b: &B, cache: &mut PagedLatentCache<B>, x: DecodeInputs<'_, B>, out: &mut B::Buf<u32>) -> Result<()> {
         let DecodeInputs { plan, ids, rows, allowed } = x;
         let (t, h, vocab) = (plan.tokens(), self.cfg.hidden_size, self.cfg.vocab_size);
         let mut x = b.zeros::<f32>(t * h)?;
         b.embedding(&self.embed, EmbedShape { vocab, dim: h }, ids, &mut x)?;
-        let hidden = self.stack().run(b, cache, plan, x, true)?;
+        let mut stack = self.stack();
+        if stack.check == FiniteCheck::Final && b.defers_checks() {
+            stack.check = FiniteCheck::Off;
+        }
+        let hidden = stack.run(b, cache, plan, x, true)?;
         let mut logits = b.zeros::<f32>(t * vocab)?;
         b.gemm_dense(&hidden, &self.lm_head, GemmShape { m: t, n: vocab, k: h }, &mut logits)?;
         b.sample_rows(&logits, SampleShape { rows: t, vocab, allowed }, rows, out)?;
         Ok(())
     }
 
-    /// Embedding rows of `ids` (checked against the vocabulary).
-    pub(crate) fn embed(&self, b: &B, ids: &[u32]) -> Result<B::Buf<f32>> {
+    /// Refuses a step before any work: an id outside the vocabulary, or a sequence that would
+    /// pass `max_position_embeddings`.
+    pub(crate) fn check_step(&self, cache: &PagedLatentCache<B>, ids: &[u32], sizes: &[(SeqId, usize)]) -> Result<()> {
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
             return Err(RuntimeError::TokenId { id: bad as u64, vocab_size: self.cfg.vocab_size });
         }
-        let h = self.cfg.hidden_size;
-        let mut x = b.zeros::<f32>(ids.len() * h)?;
-        b.embedding(&self.embed, EmbedShape { vocab: self.cfg.vocab_size, dim: h }, &b.upload(ids)?, &mut x)?;
-        Ok(x)
+        let max = self.cfg.max_position_embeddings;
+        for &(seq, n) in sizes {
+            let len = cache.seq_len(seq)?;
+            if len.checked_add(n).is_none_or(|end| end > max) {
+                return Err(RuntimeError::Request(format!(
+                    "sequence {seq}: positions {len}..{} pass max_position_embeddings = {max} (config.json); nothing was computed",
+                    len.saturating_add(n)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Embedding rows of `ids` (checked against the vocabulary).
+    pub(crate) fn embed(&self, b: &B, ids: &[u32]) -> Result<B::Buf<f32>> {
+        embed_ids(b, &self.embed, &self.cfg, ids)
     }
 
     fn stack(&self) -> Stack<'_, B> {
-        Stack { ctx: &self.ctx, layers: &self.layers, final_norm: &self.norm, hidden: self.cfg.hidden_size, eps: self.cfg.norm_eps() }
+        Stack {
+            ctx: &self.ctx,
+            layers: &self.layers,
+            final_norm: &self.norm,
+            hidden: self.cfg.hidden_size,
+            eps: self.cfg.norm_eps(),
+            first_layer: 0,
+            check: self.check,
+            ep: None,
+        }
     }
 
     /// `logits [rows, vocab] = hidden[rows] · lm_headᵀ` for the given rows of `hidden`,
@@ -353,6 +558,11 @@ impl<B: Backend> Model<B> {
         self.lm_head.clone()
     }
 
+    /// Bytes of weights one decode step reads: [`decode_weight_bytes`] of its config.
+    pub fn decode_weight_bytes(&self) -> usize {
+        decode_weight_bytes(&self.cfg)
+    }
+
     /// Bytes of weights a decode step of `batch` sequences reads: every dense tensor once, and
     /// per MoE layer the routed experts the batch touches, `E · (1 - (1 - top_k/E)^batch)`
     /// of them in expectation when tokens pick experts uniformly (`top_k` at batch 1: exactly
@@ -369,32 +579,42 @@ impl<B: Backend> Model<B> {
         let expert = 3.0 * c.hidden_size as f64 * c.moe_intermediate_size as f64;
         self.decode_weight_bytes() as f64 + moe_layers * expert * (touched - k)
     }
+}
 
-    /// Bytes of weights one decode step reads (every dense tensor, plus `top_k` of the routed
-    /// experts per MoE layer at one token): the numerator of decode GB/s.
-    pub fn decode_weight_bytes(&self) -> usize {
-        let c = &self.cfg;
-        let (h, i, m) = (c.hidden_size, c.intermediate_size, c.moe_intermediate_size);
-        let attn = {
-            let q = match c.q_lora_rank {
-                Some(r) => r * h + c.num_attention_heads * c.qk_head_dim() * r,
-                None => c.num_attention_heads * c.qk_head_dim() * h,
-            };
-            // kv_b as the two absorbed bf16 matrices.
-            q + (c.kv_lora_rank + c.qk_rope_head_dim) * h
-                + 2 * c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank
-                + h * c.num_attention_heads * c.v_head_dim
+/// Bytes of weights one decode step reads (every dense tensor, plus `top_k` of the routed
+/// experts per MoE layer at one token): the numerator of decode GB/s.
+pub fn decode_weight_bytes(c: &ModelConfig) -> usize {
+    let (h, i, m) = (c.hidden_size, c.intermediate_size, c.moe_intermediate_size);
+    let attn = {
+        let q = match c.q_lora_rank {
+            Some(r) => r * h + c.num_attention_heads * c.qk_head_dim() * r,
+            None => c.num_attention_heads * c.qk_head_dim() * h,
         };
-        let mut bytes = 0;
-        for l in 0..c.num_hidden_layers {
-            bytes += attn;
-            bytes += match c.layer_kind(l) {
-                LayerKind::Dense => 3 * h * i,
-                LayerKind::Moe => 3 * h * m * (c.num_experts_per_tok + c.n_shared_experts) + 2 * h * c.n_routed_experts,
-            };
-        }
-        bytes + 2 * h * c.vocab_size
+        // kv_b as the two absorbed bf16 matrices.
+        q + (c.kv_lora_rank + c.qk_rope_head_dim) * h
+            + 2 * c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank
+            + h * c.num_attention_heads * c.v_head_dim
+    };
+    let mut bytes = 0;
+    for l in 0..c.num_hidden_layers {
+        bytes += attn;
+        bytes += match c.layer_kind(l) {
+            LayerKind::Dense => 3 * h * i,
+            LayerKind::Moe => 3 * h * m * (c.num_experts_per_tok + c.n_shared_experts) + 2 * h * c.n_routed_experts,
+        };
     }
+    bytes + 2 * h * c.vocab_size
+}
+
+/// Rows of the embedding `table` for `ids` (checked against the vocabulary).
+pub(crate) fn embed_ids<B: Backend>(b: &B, table: &B::Buf<bf16>, cfg: &ModelConfig, ids: &[u32]) -> Result<B::Buf<f32>> {
+    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+        return Err(RuntimeError::TokenId { id: bad as u64, vocab_size: cfg.vocab_size });
+    }
+    let h = cfg.hidden_size;
+    let mut x = b.zeros::<f32>(ids.len() * h)?;
+    b.embedding(table, EmbedShape { vocab: cfg.vocab_size, dim: h }, &b.upload(ids)?, &mut x)?;
+    Ok(x)
 }
 
 /// Rows `rows` of a `[_, width]` buffer, as a new buffer.
@@ -437,20 +657,25 @@ pub(crate) fn head_logits_buf<B: Backend>(
     Ok(out)
 }
 
-fn load_moe(ck: &Checkpoint, p: &str, cfg: &ModelConfig, path: GemmPath) -> Result<MoeWeights> {
+/// The router, bias, shared experts and the routed experts of `shard` of one MoE layer.
+fn load_moe(w: &Weights<'_>, p: &str, cfg: &ModelConfig, path: GemmPath, shard: ExpertShard) -> Result<MoeWeights> {
+    let ck = w.ck;
     let mc = moe_config(cfg, path);
     let h = cfg.hidden_size;
     let ec = DenseMlpConfig { hidden: h, intermediate: cfg.moe_intermediate_size, gemm_path: path };
     let router = ck.bf16_weight(&format!("{p}.gate.weight"), cfg.n_routed_experts, h)?;
     let bias =
         if cfg.has_router_bias() { Some(ck.f32_vec(&format!("{p}.gate.e_score_correction_bias"), cfg.n_routed_experts)?) } else { None };
-    let experts =
-        (0..cfg.n_routed_experts).map(|e| load_mlp(ck, &format!("{p}.experts.{e}"), &ec).map(Arc::new)).collect::<Result<Vec<_>>>()?;
+    let layout = shard.layout(cfg.n_routed_experts);
+    layout.validate().map_err(|e| RuntimeError::Request(format!("--ep {}: {e}", shard.n_ranks)))?;
+    let mine = layout.local_experts(shard.rank);
+    let first = mine.start;
+    let experts = mine.map(|e| load_mlp(w, &format!("{p}.experts.{e}"), &ec).map(Arc::new)).collect::<Result<Vec<_>>>()?;
     let shared = if cfg.n_shared_experts > 0 {
         let sc = DenseMlpConfig { hidden: h, intermediate: cfg.shared_intermediate(), gemm_path: path };
-        Some(load_mlp(ck, &format!("{p}.shared_experts"), &sc)?)
+        Some(load_mlp(w, &format!("{p}.shared_experts"), &sc)?)
     } else {
         None
     };
-    Ok(MoeWeights::new(&mc, p, router, bias, 0, experts, shared)?)
+    Ok(MoeWeights::new(&mc, p, router, bias, first, experts, shared)?)
 }

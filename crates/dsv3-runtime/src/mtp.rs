@@ -11,19 +11,21 @@
 //!
 //! `h_i` is the main model's hidden state **after** `model.norm` (what feeds `lm_head`), as
 //! vLLM and SGLang use it. `eh_proj` is held as its two `[hidden, hidden]` column halves, so
-//! the concatenation is two GEMMs and an add. The module's `embed_tokens` and
+//! the concatenation is two GEMMs and an add; it is BF16 in DeepSeek's checkpoints, and may be
+//! FP8 with a `weight_scale_inv` in converted ones (then dequantised exactly, as the BF16 form). The module's `embed_tokens` and
 //! `shared_head.head` are full copies of the main embedding and `lm_head` in DeepSeek's
 //! checkpoints: when they are byte-identical the main model's tensors are shared instead of
 //! holding a second copy (1.85 GB each for V3).
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, LinearWeight};
 use crate::config::ModelConfig;
 use crate::error::{Result, RuntimeError};
 use crate::model::{Layer, Model, Stack};
 use dsv3_kernels::Backend;
 use dsv3_kernels::dense::Bf16Weight;
 use dsv3_kernels::embed::EmbedShape;
-use dsv3_kernels::gemm::GemmShape;
+use dsv3_kernels::fp8::{BLOCK, Fp8Weight, blocks};
+use dsv3_kernels::gemm::{GemmPath, GemmShape};
 use dsv3_kernels::norm::RowsShape;
 use dsv3_mla::{CacheConfig, PagedLatentCache, SeqId};
 use half::bf16;
@@ -39,15 +41,40 @@ pub struct Mtp<B: Backend> {
     embed: Arc<B::Buf<bf16>>,
     enorm: B::Buf<f32>,
     hnorm: B::Buf<f32>,
-    /// `eh_proj[:, ..hidden]` (multiplies the normalised embedding).
-    eh_embed: B::DenseWeight,
-    /// `eh_proj[:, hidden..]` (multiplies the normalised hidden state).
-    eh_hidden: B::DenseWeight,
+    /// `eh_proj` as its two column halves: `[:, ..hidden]` multiplies the normalised embedding,
+    /// `[:, hidden..]` the normalised hidden state.
+    eh: EhProj<B>,
     block: [Layer<B>; 1],
     head_norm: B::Buf<f32>,
     head: Arc<B::DenseWeight>,
     /// Whether `embed` / `head` are the main model's tensors.
     shared: (bool, bool),
+}
+
+/// `eh_proj`'s two column halves, in the form the checkpoint stores: BF16 (DeepSeek's), or
+/// FP8 with 128x128 scales (some converted checkpoints). The FP8 form runs on the reference
+/// GEMM path whatever the model's path is: its exact dequantised weight against f32
+/// activations, as the BF16 form computes.
+#[derive(Debug)]
+enum EhProj<B: Backend> {
+    Bf16(B::DenseWeight, B::DenseWeight),
+    Fp8(B::Weight, B::Weight),
+}
+
+/// The columns `cols` of an FP8 weight; `cols` must start and end on 128-block edges (or at
+/// the last column), so the halves keep their block scales exactly.
+fn fp8_columns(w: &Fp8Weight, cols: std::ops::Range<usize>) -> Result<Fp8Weight> {
+    let (rows, width) = (w.rows(), w.cols());
+    let (b0, b1) = (cols.start / BLOCK, cols.end.div_ceil(BLOCK));
+    let codes = w.storage();
+    let mut data = Vec::with_capacity(rows * cols.len());
+    for r in 0..rows {
+        data.extend_from_slice(&codes[r * width + cols.start..r * width + cols.end]);
+    }
+    let scales = w.view().scale_inv();
+    let bc = blocks(width);
+    let scale = (0..blocks(rows)).flat_map(|br| scales[br * bc + b0..br * bc + b1].iter().copied()).collect();
+    Ok(Fp8Weight::new(rows, cols.len(), data, scale)?)
 }
 
 /// The columns `cols` of a row-major `[rows, width]` BF16 matrix.
@@ -77,10 +104,22 @@ impl<B: Backend> Mtp<B> {
         let embed_name = name("embed_tokens.weight");
         let embed_shared = ck.same_data("model.embed_tokens.weight", &embed_name)?;
         let embed = if embed_shared { main.embed_table() } else { Arc::new(b.upload(ck.bf16_weight(&embed_name, v, h)?.view().data())?) };
-        let eh = ck.bf16_weight(&name("eh_proj.weight"), h, 2 * h)?;
-        let (eh_embed, eh_hidden) =
-            (b.upload_dense_weight(columns(&eh, 0..h)?.view())?, b.upload_dense_weight(columns(&eh, h..2 * h)?.view())?);
-        drop(eh);
+        let eh_name = name("eh_proj.weight");
+        let eh = match ck.linear_weight(&eh_name, h, 2 * h)? {
+            LinearWeight::Bf16(eh) => {
+                EhProj::Bf16(b.upload_dense_weight(columns(&eh, 0..h)?.view())?, b.upload_dense_weight(columns(&eh, h..2 * h)?.view())?)
+            }
+            LinearWeight::Fp8(eh) => {
+                if !h.is_multiple_of(BLOCK) {
+                    let (path, _) = ck.info(&eh_name)?;
+                    let detail =
+                        format!("an F8_E4M3 eh_proj needs hidden_size ({h}) to be a multiple of {BLOCK}, to split it into two halves");
+                    return Err(crate::error::tensor_err(path, &eh_name, detail));
+                }
+                let (e, hid) = (fp8_columns(&eh, 0..h)?, fp8_columns(&eh, h..2 * h)?);
+                EhProj::Fp8(b.upload_weight_owned(e)?, b.upload_weight_owned(hid)?)
+            }
+        };
         let head_name = name("shared_head.head.weight");
         let head_shared = ck.same_data("lm_head.weight", &head_name)?;
         let head = if head_shared { main.lm_head() } else { Arc::new(b.upload_dense_weight(ck.bf16_weight(&head_name, v, h)?.view())?) };
@@ -92,8 +131,7 @@ impl<B: Backend> Mtp<B> {
             embed,
             enorm: b.upload(&ck.norm_weight(&name("enorm.weight"), h)?)?,
             hnorm: b.upload(&ck.norm_weight(&name("hnorm.weight"), h)?)?,
-            eh_embed,
-            eh_hidden,
+            eh,
             block,
             head_norm: b.upload(&ck.norm_weight(&name("shared_head.norm.weight"), h)?)?,
             head,
@@ -142,11 +180,28 @@ impl<B: Backend> Mtp<B> {
         b.rms_norm(hidden, &self.hnorm, rows, self.eps, &mut hn)?;
         let shape = GemmShape { m: t, n: h, k: h };
         let (mut z, mut zh) = (b.zeros::<f32>(t * h)?, b.zeros::<f32>(t * h)?);
-        b.gemm_dense(&en, &self.eh_embed, shape, &mut z)?;
-        b.gemm_dense(&hn, &self.eh_hidden, shape, &mut zh)?;
+        match &self.eh {
+            EhProj::Bf16(e, hid) => {
+                b.gemm_dense(&en, e, shape, &mut z)?;
+                b.gemm_dense(&hn, hid, shape, &mut zh)?;
+            }
+            EhProj::Fp8(e, hid) => {
+                b.gemm(&en, e, shape, GemmPath::Reference, &mut z)?;
+                b.gemm(&hn, hid, shape, GemmPath::Reference, &mut zh)?;
+            }
+        }
         b.add_assign(&mut z, &zh)?;
         let plan = cache.plan(b, &[(seq, t)])?;
-        let stack = Stack { ctx: main.mla_context(), layers: &self.block, final_norm: &self.head_norm, hidden: h, eps: self.eps };
+        let stack = Stack {
+            ctx: main.mla_context(),
+            layers: &self.block,
+            final_norm: &self.head_norm,
+            hidden: h,
+            eps: self.eps,
+            first_layer: main.config().num_hidden_layers,
+            check: main.finite_check(),
+            ep: None,
+        };
         stack.run(b, cache, &plan, z, t == 1)
     }
 

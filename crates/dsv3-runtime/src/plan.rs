@@ -26,6 +26,9 @@ pub enum TensorRole {
     Norm,
     /// An F32 vector (the router's `e_score_correction_bias`).
     F32,
+    /// The MTP `eh_proj`: BF16 as DeepSeek ships it, or FP8 with a `weight_scale_inv` as some
+    /// converted checkpoints store it (accepted in any config; the writer uses BF16).
+    Bf16OrFp8,
 }
 
 /// One logical tensor.
@@ -114,7 +117,7 @@ pub fn tensor_plan(cfg: &ModelConfig) -> TensorPlan {
                 t(n("embed_tokens.weight"), &[vocab, h], Bf16),
                 t(n("enorm.weight"), &[h], Norm),
                 t(n("hnorm.weight"), &[h], Norm),
-                t(n("eh_proj.weight"), &[h, 2 * h], Bf16),
+                t(n("eh_proj.weight"), &[h, 2 * h], Bf16OrFp8),
             ];
             v.extend(layer_tensors(cfg, layer));
             v.push(t(n("shared_head.norm.weight"), &[h], Norm));
@@ -124,6 +127,41 @@ pub fn tensor_plan(cfg: &ModelConfig) -> TensorPlan {
         .collect();
     TensorPlan { main, mtp }
 }
+
+/// The number of tensors [`TensorPlan::stored`] lists for `cfg` (scales included), computed
+/// without building the plan, saturating. [`ModelConfig`] validation refuses a config whose
+/// count exceeds [`MAX_PLANNED_TENSORS`], so building the plan of a valid config is bounded.
+pub fn planned_tensor_count(cfg: &ModelConfig) -> u64 {
+    let linear: u64 = if cfg.is_fp8() { 2 } else { 1 };
+    let q = match cfg.q_lora_rank {
+        Some(_) => 2 * linear + 1,
+        None => linear,
+    };
+    // Norms (input, kv_a, post-attention) + q + kv_a, kv_b, o.
+    let attn = 3 + q + 3 * linear;
+    let mlp = 3 * linear;
+    let experts = (cfg.n_routed_experts as u64).saturating_mul(mlp);
+    let moe = 1 + u64::from(cfg.has_router_bias()) + experts.saturating_add(if cfg.n_shared_experts > 0 { mlp } else { 0 });
+    // MoE layers in `range`: indices >= first_k_dense_replace that are multiples of moe_layer_freq.
+    let moe_layers = |start: usize, end: usize| -> u64 {
+        let (a, f) = (start.max(cfg.first_k_dense_replace) as u64, cfg.moe_layer_freq.max(1) as u64);
+        let end = end as u64;
+        if a >= end { 0 } else { end.div_ceil(f) - a.div_ceil(f) }
+    };
+    let layers = |start: usize, n: usize| -> u64 {
+        let m = moe_layers(start, start + n);
+        let d = n as u64 - m;
+        (n as u64).saturating_mul(attn).saturating_add(d.saturating_mul(mlp)).saturating_add(m.saturating_mul(moe))
+    };
+    let main = layers(0, cfg.num_hidden_layers).saturating_add(3);
+    // Each MTP module: embed, enorm, hnorm, eh_proj, its block, shared_head norm and head.
+    let mtp = (cfg.num_nextn_predict_layers as u64 * 6).saturating_add(layers(cfg.num_hidden_layers, cfg.num_nextn_predict_layers));
+    main.saturating_add(mtp)
+}
+
+/// Most tensors a checkpoint may hold (V3: about 91 000 with scales; a 384-expert model of
+/// the same shape about 140 000).
+pub const MAX_PLANNED_TENSORS: u64 = 1 << 19;
 
 impl TensorPlan {
     /// Every logical tensor, main model first, then the MTP modules.
@@ -144,6 +182,7 @@ impl TensorPlan {
                     out.push((spec(format!("{}_scale_inv", p.name), Dtype::F32, vec![blocks(r), blocks(c)]), &[Dtype::F32][..]));
                 }
                 TensorRole::Linear | TensorRole::Bf16 => out.push((spec(p.name.clone(), Dtype::Bf16, p.shape.clone()), &[Dtype::Bf16][..])),
+                TensorRole::Bf16OrFp8 => out.push((spec(p.name.clone(), Dtype::Bf16, p.shape.clone()), &[Dtype::Bf16, Dtype::F8E4M3][..])),
                 TensorRole::Norm => out.push((spec(p.name.clone(), Dtype::Bf16, p.shape.clone()), &[Dtype::Bf16, Dtype::F32][..])),
                 TensorRole::F32 => out.push((spec(p.name.clone(), Dtype::F32, p.shape.clone()), &[Dtype::F32][..])),
             }
@@ -165,6 +204,7 @@ impl Checkpoint {
         let plan = tensor_plan(cfg);
         let stored = plan.stored(cfg);
         let mut expected = BTreeSet::new();
+        let mut scales = Vec::new();
         for (spec, dtypes) in &stored {
             let (path, info) = self.info(&spec.name).map_err(|_| {
                 let detail = match layer_of(&spec.name) {
@@ -188,7 +228,20 @@ impl Checkpoint {
                 return Err(tensor_err(path, &spec.name, format!("shape {:?}, expected {:?}", info.shape, spec.shape)));
             }
             expected.insert(spec.name.as_str());
+            // An FP8 tensor where BF16 is the plan's form (the MTP eh_proj) brings its scale.
+            if info.dtype == Dtype::F8E4M3 && spec.dtype == Dtype::Bf16 {
+                scales.push(format!("{}_scale_inv", spec.name));
+                let (name, want) = (scales.last().map_or("", String::as_str), [blocks(spec.shape[0]), blocks(spec.shape[1])]);
+                let (spath, sinfo) = self.info(name).map_err(|_| {
+                    tensor_err(path, name, format!("missing: the F8_E4M3 weight `{}` needs its F32 scale tensor", spec.name))
+                })?;
+                if sinfo.dtype != Dtype::F32 || sinfo.shape != want {
+                    let detail = format!("{} {:?}, expected F32 {want:?}", sinfo.dtype.as_str(), sinfo.shape);
+                    return Err(tensor_err(spath, name, detail));
+                }
+            }
         }
+        expected.extend(scales.iter().map(String::as_str));
         if let Some(extra) = self.names().find(|n| !expected.contains(n)) {
             let path = self.info(extra)?.0;
             let detail = match layer_of(extra) {

@@ -116,8 +116,8 @@ impl TensorFile {
         }
         let mut len8 = [0u8; 8];
         file.read_exact(&mut len8).map_err(io_err(path, "read header length"))?;
-        let n = u64::from_le_bytes(len8);
-        check_header_len(path, n, file_len)?;
+        let n = header_len(path, len8, file_len)?;
+        // `n` is at most MAX_HEADER_BYTES and within the file: a bounded allocation.
         let mut header = vec![0u8; n as usize];
         file.read_exact(&mut header).map_err(io_err(path, "read header"))?;
         let (tensors, metadata) = parse_header(path, &header, file_len - 8 - n)?;
@@ -223,24 +223,42 @@ fn map_detail(e: MapError) -> String {
     }
 }
 
-fn check_header_len(path: &Path, n: u64, file_len: u64) -> Result<()> {
+/// The header length `N` from the file's first 8 bytes, checked against the limit and the
+/// `file_len`-byte file before anything is allocated for it.
+fn header_len(path: &Path, len8: [u8; 8], file_len: u64) -> Result<u64> {
+    let n = u64::from_le_bytes(len8);
     if n > MAX_HEADER_BYTES {
         return Err(format_err(path, format!("header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")));
     }
     if n < 2 || 8 + n > file_len {
         return Err(format_err(path, format!("header length {n} does not fit the {file_len}-byte file (truncated?)")));
     }
-    Ok(())
+    Ok(n)
 }
 
-type Parsed = (BTreeMap<String, TensorInfo>, BTreeMap<String, String>);
+/// The tensor table (name → entry, offsets absolute) and the `__metadata__` of a header.
+pub type Parsed = (BTreeMap<String, TensorInfo>, BTreeMap<String, String>);
+
+/// Validates a whole safetensors file held in memory — the checks [`TensorFile::open`] makes,
+/// on bytes instead of a file (`path` only names it in errors). On success every tensor's
+/// `offset..offset + len` lies inside `bytes`.
+pub fn parse_bytes(path: &Path, bytes: &[u8]) -> Result<Parsed> {
+    let file_len = bytes.len() as u64;
+    let Some(len8) = bytes.first_chunk::<8>() else {
+        return Err(format_err(path, format!("file is {file_len} bytes, too short for the 8-byte safetensors header length")));
+    };
+    let n = header_len(path, *len8, file_len)?;
+    parse_header(path, &bytes[8..8 + n as usize], file_len - 8 - n)
+}
 
 /// Parses and validates a header; `data_len` is the size of the data section.
 pub fn parse_header(path: &Path, header: &[u8], data_len: u64) -> Result<Parsed> {
     if header.first() != Some(&b'{') {
         return Err(format_err(path, "header does not start with '{' (not a safetensors file?)"));
     }
-    let v: Value = serde_json::from_slice(header).map_err(|e| format_err(path, format!("header is not valid JSON: {e}")))?;
+    // JSON leaves duplicate keys to the reader (first wins, last wins, or an error): a header
+    // with one would mean different tensors to different tools, so any is refused.
+    let v = crate::json::from_slice_unique_keys(header).map_err(|e| format_err(path, format!("header is not valid JSON: {e}")))?;
     let Value::Object(map) = v else { return Err(format_err(path, "header is not a JSON object")) };
     let mut tensors = BTreeMap::new();
     let mut metadata = BTreeMap::new();

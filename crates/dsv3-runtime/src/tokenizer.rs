@@ -16,7 +16,7 @@
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::config::ModelConfig;
 use crate::error::{Result, RuntimeError, io_err};
-use crate::json::{Obj, read_json_file};
+use crate::json::{Obj, parse_json_bytes, read_json_bytes};
 use serde_json::Value;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -66,10 +66,23 @@ impl Tokenizer {
         let f = std::fs::File::open(tokenizer_json).map_err(io_err(tokenizer_json, "open"))?;
         let mut bytes = Vec::new();
         f.take(MAX_TOKENIZER_BYTES + 1).read_to_end(&mut bytes).map_err(io_err(tokenizer_json, "read"))?;
+        let config = match tokenizer_config {
+            Some(p) => Some((p, read_json_bytes(p)?)),
+            None => None,
+        };
+        Self::from_bytes(tokenizer_json, &bytes, config.as_ref().map(|(p, b)| (*p, b.as_slice())))
+    }
+
+    /// Loads a tokenizer from the bytes of its `tokenizer.json` and, optionally, of its
+    /// `tokenizer_config.json` (each paired with the path that names it in errors): what
+    /// [`Tokenizer::from_files`] does after reading the files.
+    pub fn from_bytes(tokenizer_json: &Path, bytes: &[u8], tokenizer_config: Option<(&Path, &[u8])>) -> Result<Tokenizer> {
         if bytes.len() as u64 > MAX_TOKENIZER_BYTES {
             return Err(tok_err(tokenizer_json, format!("larger than the {MAX_TOKENIZER_BYTES}-byte limit")));
         }
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| tok_err(tokenizer_json, format!("cannot load: {e}")))?;
+        let inner = contain(|| tokenizers::Tokenizer::from_bytes(bytes))
+            .map_err(|e| tok_err(tokenizer_json, format!("cannot load: {e}")))?
+            .map_err(|e| tok_err(tokenizer_json, format!("cannot load: {e}")))?;
         let token_count = inner.get_vocab(true).values().map(|&id| id as usize + 1).max().unwrap_or(0);
         if token_count == 0 {
             return Err(tok_err(tokenizer_json, "has an empty vocabulary"));
@@ -79,14 +92,14 @@ impl Tokenizer {
         if matches!(t.inner.get_decoder(), Some(DecoderWrapper::ByteLevel(_))) {
             t.id_bytes = Some(t.byte_table());
         }
-        if let Some(tc) = tokenizer_config {
-            t.read_config(tc)?;
+        if let Some((path, bytes)) = tokenizer_config {
+            t.read_config(path, bytes)?;
         }
         Ok(t)
     }
 
-    fn read_config(&mut self, path: &Path) -> Result<()> {
-        let v = read_json_file(path)?;
+    fn read_config(&mut self, path: &Path, bytes: &[u8]) -> Result<()> {
+        let v = parse_json_bytes(path, bytes)?;
         let file = path.display().to_string();
         let o = Obj::root(&v, &file)?;
         for (field, slot) in [("bos_token", &mut self.bos), ("eos_token", &mut self.eos)] {
@@ -234,12 +247,27 @@ impl Tokenizer {
         self.template.as_ref()
     }
 
+    /// The chat template, to change its limits ([`ChatTemplate::set_fuel`]).
+    pub fn chat_template_mut(&mut self) -> Option<&mut ChatTemplate> {
+        self.template.as_mut()
+    }
+
     /// Renders the chat template with `bos_token` / `eos_token` from the tokenizer config.
     pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let t = self.template.as_ref().ok_or_else(|| tok_err(&self.path, "tokenizer_config.json has no chat_template"))?;
         let messages = serde_json::to_value(messages).map_err(|e| RuntimeError::Template { detail: e.to_string() })?;
         t.render(&messages, add_generation_prompt, self.bos_token().unwrap_or(""), self.eos_token().unwrap_or(""))
     }
+}
+
+/// Runs `f`, turning a panic inside the `tokenizers` library into an error: some malformed
+/// `tokenizer.json` files make it panic instead of failing (a broken `decoder` object:
+/// `expect("Helper")` in its deserializer; found by fuzzing).
+fn contain<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
+        format!("the tokenizers library panicked: {}", msg.unwrap_or_else(|| "(no message)".into()))
+    })
 }
 
 /// GPT-2's byte-level map, reversed: the printable stand-in character of each byte → the byte.
@@ -279,10 +307,21 @@ pub struct StreamDecoder<'a> {
     vocab_size: usize,
     /// Byte-level: bytes not emitted yet (an incomplete trailing character).
     pending: Vec<u8>,
-    /// Other decoders: all ids so far and the length of text already emitted.
+    /// Other decoders: the decode window (a few already emitted ids as context, then the ids
+    /// whose text may still change) and the length of the window's text already emitted.
+    /// Decoding a window rather than every id so far keeps a stream linear in its length
+    /// (the whole-prefix decode was quadratic: a 2 600-id stream took seconds; found by
+    /// fuzzing), as vLLM's incremental detokeniser does.
     ids: Vec<u32>,
     emitted: usize,
 }
+
+/// Ids kept as context when the decode window moves on.
+const WINDOW_CONTEXT: usize = 4;
+/// The window moves on once it holds more ids than this and its text is final.
+const WINDOW_MAX: usize = 16;
+/// A window this long emits its text even with a trailing U+FFFD (which then is final).
+const WINDOW_HOLD_MAX: usize = 64;
 
 impl std::fmt::Debug for StreamDecoder<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -314,10 +353,14 @@ impl<'a> StreamDecoder<'a> {
                 }
                 let text = self.tok.decode(&self.ids, self.vocab_size)?;
                 // Hold back text that may still change: a trailing replacement character.
-                let stable = text.trim_end_matches('\u{FFFD}').len();
+                let stable = if self.ids.len() <= WINDOW_HOLD_MAX { text.trim_end_matches('\u{FFFD}').len() } else { text.len() };
                 if stable > self.emitted && text.is_char_boundary(self.emitted) {
                     let out = text[self.emitted..stable].to_string();
                     self.emitted = stable;
+                    if stable == text.len() && self.ids.len() > WINDOW_MAX {
+                        self.ids.drain(..self.ids.len() - WINDOW_CONTEXT);
+                        self.emitted = self.tok.decode(&self.ids, self.vocab_size)?.len();
+                    }
                     Ok(out)
                 } else {
                     Ok(String::new())

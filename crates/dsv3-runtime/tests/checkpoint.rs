@@ -32,7 +32,7 @@ fn load_everything(dir: &std::path::Path) -> (ModelConfig, Checkpoint) {
                     assert_eq!(w.view().scale_inv().len(), blocks(r) * blocks(c));
                 }
             }
-            TensorRole::Bf16 => {
+            TensorRole::Bf16 | TensorRole::Bf16OrFp8 => {
                 let w = ck.bf16_weight(&t.name, t.shape[0], t.shape[1]).unwrap();
                 assert_eq!((w.rows(), w.cols()), (t.shape[0], t.shape[1]));
             }

@@ -1,22 +1,24 @@
 //! Decode steps through `DecodeRunner` on the CPU: the padded step (what a GPU captures as a
 //! graph per batch-size bucket) gives the real rows the ids and the cache rows of the plain
 //! step and of the logits-on-the-host path; sampled rows draw with their own seeded streams;
-//! a bad step leaves the cache as it was. (The graph replay itself needs a GPU:
-//! `cuda_decode_graph_replay_matches_eager` in cuda_model.rs.)
+//! a bad step leaves the cache as it was; the step refuses what `forward_hidden` refuses
+//! (ids, positions past the limit) and checks the final hidden state as it does. (The graph
+//! replay itself needs a GPU: `cuda_decode_graph_replay_matches_eager` in cuda_model.rs.)
 
 #![allow(clippy::needless_range_loop)] // sequences and steps index several tables in lock-step
 
 mod common;
 
-use common::load_model;
+use common::{Owned, load_model, rewrite};
 use dsv3_kernels::Cpu;
 use dsv3_kernels::gemm::GemmPath;
 use dsv3_kernels::sample::SampleRow;
 use dsv3_runtime::RuntimeError;
+use dsv3_runtime::checkpoint::SINGLE_FILE;
 use dsv3_runtime::decode::{DecodeRow, DecodeRunner, Graphs};
 use dsv3_runtime::generate::{Sampler, SamplingParams};
-use dsv3_runtime::model::Model;
-use dsv3_runtime::{Preset, mla::PagedLatentCache, mla::SeqId};
+use dsv3_runtime::model::{FiniteCheck, Model};
+use dsv3_runtime::{InitOptions, Preset, Progress, mla::PagedLatentCache, mla::SeqId};
 
 fn tiny(preset: Preset) -> (tempfile::TempDir, Model<Cpu>) {
     let tmp = tempfile::tempdir().unwrap();
@@ -139,4 +141,68 @@ fn batches_past_the_buckets_run_unpadded() {
     let rows: Vec<DecodeRow> = (0..2).map(|k| DecodeRow { seq: seqs[k], token: next[k], sample: SampleRow::GREEDY }).collect();
     runner.step(&Cpu, &m, &mut cache, &rows, m.config().vocab_size).unwrap();
     assert_eq!(runner.stats().eager_steps, 1);
+}
+
+/// A decode step refuses a position past `max_position_embeddings` before any work, as
+/// `forward_hidden` does (from the cache's host tables): the error names the field and the
+/// sequence keeps its length and pages, in plain and padded steps.
+#[test]
+fn decode_steps_refuse_positions_past_max_position_embeddings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = Preset::Tiny.config();
+    cfg.max_position_embeddings = 12;
+    let opts = InitOptions { seed: 2, progress: Progress::Never, ..Default::default() };
+    let rep = dsv3_runtime::init_random(&cfg, &tmp.path().join("m"), &opts).unwrap();
+    let m = load_model(&rep.dir, GemmPath::Reference);
+    let vocab = cfg.vocab_size;
+    for mode in [Graphs::Off, Graphs::Padded] {
+        let mut runner = DecodeRunner::new(&Cpu, &m, 2, mode).unwrap();
+        let mut cache = m.new_cache_with(&Cpu, 64, runner.pad_rows()).unwrap();
+        let seq = cache.add_sequence();
+        m.forward_hidden(&Cpu, &mut cache, &[(seq, &[1; 11][..])]).unwrap();
+        let row = DecodeRow { seq, token: 5, sample: SampleRow::GREEDY };
+        runner.step(&Cpu, &m, &mut cache, &[row], vocab).unwrap(); // position 11, the last one
+        let (pages, generation) = (cache.free_pages(), cache.generation());
+        let err = runner.step(&Cpu, &m, &mut cache, &[row], vocab).unwrap_err().to_string();
+        assert!(err.contains("max_position_embeddings = 12") && err.contains("nothing was computed"), "{mode:?}: {err}");
+        assert_eq!((cache.seq_len(seq).unwrap(), cache.free_pages(), cache.generation()), (12, pages, generation), "{mode:?}");
+    }
+}
+
+/// A non-finite final hidden state in a decode step is the typed error `forward_hidden`
+/// gives (expert down_proj scales of 3e38 in the last layer, as in variants.rs): the default
+/// check names the final hidden state, `FiniteCheck::Layers` the layer; with the check off the
+/// sampler still refuses the NaN logits it makes (the check a GPU step folds the default one
+/// into). Plain and padded steps; the sequence keeps its length.
+#[test]
+fn decode_steps_check_the_final_hidden_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rep = common::write_preset(tmp.path(), "m", Preset::Tiny, None);
+    let last = rep.config.num_hidden_layers - 1;
+    rewrite(&rep.dir.join(SINGLE_FILE), |ts: &mut Vec<Owned>| {
+        let prefix = format!("model.layers.{last}.mlp.experts.");
+        for t in ts.iter_mut().filter(|t| t.name.starts_with(&prefix) && t.name.ends_with("down_proj.weight_scale_inv")) {
+            t.data = t.data.chunks_exact(4).flat_map(|_| 3e38f32.to_le_bytes()).collect();
+        }
+    });
+    let mut m = load_model(&rep.dir, GemmPath::Reference);
+    let vocab = m.config().vocab_size;
+    let cases = [
+        (FiniteCheck::Final, "final hidden state".to_string()),
+        (FiniteCheck::Layers, format!("layer {last} MLP output")),
+        (FiniteCheck::Off, "NaN logit".to_string()),
+    ];
+    for (check, want) in cases {
+        m.set_finite_check(check);
+        for mode in [Graphs::Off, Graphs::Padded] {
+            let mut runner = DecodeRunner::new(&Cpu, &m, 2, mode).unwrap();
+            let mut cache = m.new_cache_with(&Cpu, 64, runner.pad_rows()).unwrap();
+            let seq = cache.add_sequence();
+            let row = DecodeRow { seq, token: 3, sample: SampleRow::GREEDY };
+            let err = runner.step(&Cpu, &m, &mut cache, &[row], vocab).unwrap_err();
+            let typed = check == FiniteCheck::Off || matches!(err, RuntimeError::NonFinite { .. });
+            assert!(typed && err.to_string().contains(&want), "{check:?} {mode:?}: {err}");
+            assert_eq!(cache.seq_len(seq).unwrap(), 0, "{check:?} {mode:?}");
+        }
+    }
 }

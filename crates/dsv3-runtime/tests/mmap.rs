@@ -50,7 +50,7 @@ fn compare_with_positioned_reads(dir: &Path) -> (usize, usize) {
                 assert_eq!(up.view().data().as_ptr(), w.view().data().as_ptr(), "{}", t.name);
                 in_place += 1;
             }
-            TensorRole::Bf16 => {
+            TensorRole::Bf16 | TensorRole::Bf16OrFp8 => {
                 let (r, c) = (t.shape[0], t.shape[1]);
                 let w = ck.bf16_weight(&t.name, r, c).unwrap();
                 assert_eq!(w, Bf16Weight::new(r, c, bf16s(&f.read(&t.name).unwrap())).unwrap(), "{}", t.name);

@@ -220,3 +220,43 @@ fn init_with_tokenizer_copies_it_and_sizes_the_vocab() {
     assert_eq!(tok.encode("Hello!", false).unwrap(), [19923, 3]);
     assert_eq!((rep.config.bos_token_id, rep.config.eos_token_ids.clone()), (Some(0), vec![1]));
 }
+
+/// DeepSeek-R1's chat template is V3's with the generation prompt `<｜Assistant｜><think>\n`
+/// (the model starts by thinking). Built here from the fetched V3 template by that one change
+/// (the template text of R1's tokenizer_config.json), loaded from a model directory, it
+/// renders, encodes `<think>` as its single token, decodes back to the same text, and drops a
+/// past answer's reasoning.
+#[test]
+fn r1_chat_template_with_think_prefix_renders_and_round_trips() {
+    let Some(dir) = tokenizer_dir() else { return };
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("tokenizer_config.json")).unwrap()).unwrap();
+    let v3 = cfg["chat_template"].as_str().unwrap().to_string();
+    let (v3_tail, r1_tail) = ("{{'<｜Assistant｜>'}}{% endif %}", "{{'<｜Assistant｜><think>\\n'}}{% endif %}");
+    assert!(v3.ends_with(v3_tail), "the V3 template ends with its generation prompt");
+    cfg["chat_template"] = json!(format!("{}{r1_tail}", v3.strip_suffix(v3_tail).unwrap()));
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.join("tokenizer.json"), tmp.path().join("tokenizer.json")).unwrap();
+    std::fs::write(tmp.path().join("tokenizer_config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let tok = Tokenizer::from_dir(tmp.path()).unwrap().unwrap();
+    let msgs = [
+        ChatMessage::new("user", "2+2?"),
+        ChatMessage::new("assistant", "<think>\nadd them\n</think>\n\n4"),
+        ChatMessage::new("user", "and 3+3?"),
+    ];
+    let text = tok.apply_chat_template(&msgs, true).unwrap();
+    assert_eq!(
+        text,
+        "<｜begin▁of▁sentence｜><｜User｜>2+2?<｜Assistant｜>\n\n4<｜end▁of▁sentence｜><｜User｜>and 3+3?<｜Assistant｜><think>\n"
+    );
+    let ids = tok.encode(&text, false).unwrap();
+    let think = tok.token_to_id("<think>").unwrap();
+    assert_eq!(think, 128_798);
+    assert_eq!(&ids[ids.len() - 3..ids.len() - 1], &[128_804, think], "…<｜Assistant｜><think>, then the newline");
+    assert_eq!(tok.decode(&ids, V3_VOCAB).unwrap(), text, "decode(encode(prompt)) is the prompt");
+    let (streamed, _) = stream_all(&tok, &ids);
+    assert_eq!(streamed, text);
+    // A reply that starts inside the thinking block decodes as the model wrote it.
+    let reply = tok.encode("Adding: 6.\n</think>\n\n6", false).unwrap();
+    assert!(reply.contains(&128_799), "</think> is one token");
+    assert_eq!(tok.decode(&reply, V3_VOCAB).unwrap(), "Adding: 6.\n</think>\n\n6");
+}

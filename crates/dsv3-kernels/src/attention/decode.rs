@@ -27,25 +27,18 @@ struct Split {
     k1: usize,
 }
 
-/// Splits every row's keys into ranges so that the batch yields up to 4 items per thread
-/// (flash-decoding), each of at least about 4 blocks; when there are at least as many items as
-/// threads, their count is a multiple of the thread count, so the threads get equal shares
-/// (one 1,025-key row on 2 threads: 4 ranges of <= 272 keys, not 4 of 256 and one of 1).
+/// Keys per decode work item (flash-decoding): a row's keys are cut at the absolute positions
+/// `0, SPLIT_KEYS, 2·SPLIT_KEYS, ...`, so where a row is split, and so its result, depends on
+/// its own length only, never on the other rows of the batch or on the thread count. 4 blocks
+/// of [`KB`]: one 2,048-key row on 2 threads is 8 items, 4 per thread.
+const SPLIT_KEYS: usize = 4 * KB;
+
+/// Every row's key ranges, row after row, each row's in position order.
 fn plan_splits(kv_lens: &[u32]) -> Vec<Split> {
-    let total: usize = kv_lens.iter().map(|&l| l as usize).sum();
-    let threads = crate::cpu::threads().max(1);
-    let items = total.div_ceil(4 * KB).clamp(1, 4 * threads);
-    let items = if items >= threads { items / threads * threads } else { items };
-    let per = total.div_ceil(items).next_multiple_of(JT);
     let mut out = Vec::new();
     for (b, &len) in kv_lens.iter().enumerate() {
         let len = len as usize;
-        let mut k0 = 0;
-        while k0 < len {
-            let k1 = (k0 + per).min(len);
-            out.push(Split { b, k0, k1 });
-            k0 = k1;
-        }
+        out.extend((0..len).step_by(SPLIT_KEYS).map(|k0| Split { b, k0, k1: (k0 + SPLIT_KEYS).min(len) }));
     }
     out
 }
@@ -100,9 +93,10 @@ fn decode_split(qt: &[f32], pool: &[f32], table: &[u32], p: &DecodeParams, sp: S
 /// `out[b,h,:] = Σ_j P_j K_j[0..kv_lora]` (`ō`, before `W_UV`). `q` is `[batch, H, width]` (from
 /// [`absorb_q`](super::absorb_q)), `out` `[batch, H, kv_lora]`. A row with `kv_lens[b] == 0` gets zeros.
 ///
-/// Parallel over (row, key range): every item reads its keys once for all heads, in blocks of
-/// 64 that register-tiled micro-kernels multiply against 4 heads at a time; partial results
-/// are merged by log-sum-exp.
+/// Parallel over (row, key range of 256 keys): every item reads its keys once for all
+/// heads, in blocks of 64 that register-tiled micro-kernels multiply against 4 heads at a time;
+/// each row merges its ranges by log-sum-exp in position order. A row's result depends only on
+/// its own query, keys and length, not on the other rows of the batch.
 ///
 /// Errors (before any write): a bad pool shape, `heads == 0`, a non-finite scale, a length
 /// mismatch, a length that does not fit its block table, or a page id outside the pool.
@@ -118,37 +112,60 @@ pub fn decode(q: &[f32], pool: &[f32], table: &[u32], kv_lens: &[u32], p: &Decod
     // Each row's queries transposed once, for all of its key ranges.
     let w = p.pool.width();
     let qts: Vec<Vec<f32>> = q.par_chunks(h_n * w).map(|qb| transpose_queries(h_n, w, |h| &qb[h * w..(h + 1) * w])).collect();
-    let mut o_part = vec![0f32; splits.len() * hp * dv];
-    let mut ml = vec![0f32; splits.len() * hp * 2];
-    splits.par_iter().zip(o_part.par_chunks_mut(hp * dv)).zip(ml.par_chunks_mut(hp * 2)).for_each(|((&sp, o), ml)| {
-        decode_split(&qts[sp.b], pool, table, p, sp, o, ml);
-    });
-    let mut first = vec![0usize; p.batch + 1];
-    for sp in &splits {
-        first[sp.b + 1] += 1;
-    }
-    for b in 0..p.batch {
-        first[b + 1] += first[b];
-    }
-    out.par_chunks_mut(h_n * dv).enumerate().for_each(|(b, ob)| {
-        let items = first[b]..first[b + 1];
-        if items.is_empty() {
-            ob.fill(0.0);
-            return;
-        }
-        for h in 0..h_n {
-            let mx = items.clone().map(|i| ml[(i * hp + h) * 2]).fold(f32::NEG_INFINITY, f32::max);
-            let o = &mut ob[h * dv..(h + 1) * dv];
-            o.fill(0.0);
-            let mut denom = 0f32;
-            for i in items.clone() {
-                let wgt = exp_fast(ml[(i * hp + h) * 2] - mx);
-                denom += wgt * ml[(i * hp + h) * 2 + 1];
-                axpy(o, wgt, &o_part[(i * hp + h) * dv..(i * hp + h + 1) * dv]);
+    // The items run in waves whose partial outputs fit a fixed scratch budget (at least 4 per
+    // thread); after each wave, every row merges its items into its running state in position
+    // order, so the merge is the same however the waves fall.
+    let wave = (DECODE_SCRATCH_BYTES / (hp * dv * 4)).max(4 * crate::cpu::threads()).min(splits.len()).max(1);
+    let mut o_part = vec![0f32; wave * hp * dv];
+    let mut ml = vec![0f32; wave * hp * 2];
+    // Per row and head, the running max and sum of the merge (nothing merged yet: -inf, 0).
+    let mut run: Vec<f32> = (0..p.batch * h_n).flat_map(|_| [f32::NEG_INFINITY, 0.0]).collect();
+    out.fill(0.0);
+    for items in splits.chunks(wave) {
+        items.par_iter().zip(o_part.par_chunks_mut(hp * dv)).zip(ml.par_chunks_mut(hp * 2)).for_each(|((&sp, o), ml)| {
+            decode_split(&qts[sp.b], pool, table, p, sp, o, ml);
+        });
+        let (b0, b1) = (items[0].b, items[items.len() - 1].b + 1);
+        let rows = out[b0 * h_n * dv..b1 * h_n * dv].par_chunks_mut(h_n * dv).zip(run[b0 * h_n * 2..b1 * h_n * 2].par_chunks_mut(h_n * 2));
+        rows.enumerate().for_each(|(i, (ob, rb))| {
+            let b = b0 + i;
+            let first = items.partition_point(|sp| sp.b < b);
+            let last = items.partition_point(|sp| sp.b <= b);
+            for it in first..last {
+                merge_split(&o_part[it * hp * dv..], &ml[it * hp * 2..], h_n, dv, ob, rb);
             }
-            let inv = 1.0 / denom;
-            o.iter_mut().for_each(|x| *x *= inv);
+        });
+    }
+    out.par_chunks_mut(h_n * dv).zip(run.par_chunks(h_n * 2)).zip(kv_lens.par_iter()).for_each(|((ob, rb), &len)| {
+        if len > 0 {
+            for (o, l) in ob.chunks_exact_mut(dv).zip(rb.chunks_exact(2).map(|x| x[1])) {
+                let inv = 1.0 / l;
+                o.iter_mut().for_each(|x| *x *= inv);
+            }
         }
     });
     Ok(())
+}
+
+/// Bytes of partial outputs one wave of [`decode`] items may hold (128 items of V3's 128 heads
+/// x 512 values).
+const DECODE_SCRATCH_BYTES: usize = 32 << 20;
+
+/// Merges one split's result (`o [Hp, dv]` unnormalised outputs, `ml [Hp, 2]` max and sum per
+/// head) into a row's running state (`ob [H, dv]`, `run [H, 2]`) by log-sum-exp: both sides
+/// are rescaled to the larger max. The first merge (running max `-inf`) copies the split.
+fn merge_split(o: &[f32], ml: &[f32], h_n: usize, dv: usize, ob: &mut [f32], run: &mut [f32]) {
+    for h in 0..h_n {
+        let (m_i, l_i) = (ml[2 * h], ml[2 * h + 1]);
+        let m_old = run[2 * h];
+        let m_new = m_old.max(m_i);
+        let (a, b) = (exp_fast(m_old - m_new), exp_fast(m_i - m_new));
+        run[2 * h] = m_new;
+        run[2 * h + 1] = run[2 * h + 1] * a + l_i * b;
+        let acc = &mut ob[h * dv..(h + 1) * dv];
+        if a != 1.0 {
+            acc.iter_mut().for_each(|x| *x *= a);
+        }
+        axpy(acc, b, &o[h * dv..(h + 1) * dv]);
+    }
 }

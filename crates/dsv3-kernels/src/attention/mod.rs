@@ -43,12 +43,22 @@
 //! The fast kernels accumulate in f32 with fused multiply-adds (`mul_add`: one instruction in
 //! the AVX2+FMA build, a correctly rounded library call in the portable one) and run the
 //! softmax online (flash-attention style) with [`crate::act::exp_fast`]; decode splits long
-//! sequences into key ranges that are merged by their log-sum-exp at the end. The references
+//! sequences into key ranges that are merged by their log-sum-exp. The references
 //! compute every dot product, softmax and weighted sum in f64 and round once. The tests bound
 //! the difference relative to the largest output.
 //!
 //! A decode row with `kv_len == 0` attends to nothing and gets zeros (FlashMLA's convention);
 //! every prefill query sees at least key 0 (its own position is validated to exist).
+//!
+//! # Batch invariance
+//!
+//! A query row's result depends only on its own query, keys and length, never on the other
+//! rows, sequences or heads of the call, nor (prefill) on how its sequence's prompt is cut into
+//! steps: every score and output element is one FMA chain per row, the register tiles only
+//! group rows; key blocks start at absolute positions `0, 64, 128, ...` of the sequence (a
+//! block past a query's position leaves its state as it was: its probabilities are exact
+//! zeros); and decode cuts each row's keys into ranges at absolute multiples of `SPLIT_KEYS`
+//! (256), merged in position order. Continuous batching relies on this (`tests/invariance.rs`).
 //!
 //! # Files
 //!

@@ -105,6 +105,9 @@ impl Backend for Cuda {
     fn reserve_workspace(&self, bytes: usize) -> Result<()> {
         self.dev.imp.reserve_workspace(bytes)
     }
+    fn defers_checks(&self) -> bool {
+        true
+    }
     fn can_capture(&self) -> bool {
         true
     }

@@ -55,7 +55,7 @@ fn alloc_err(e: DriverError, bytes: usize) -> KernelError {
 }
 
 /// Runs a driver call that cudarc may answer with a panic (a missing library or symbol).
-fn guarded<T>(what: &str, f: impl FnOnce() -> std::result::Result<T, DriverError>) -> Result<T> {
+pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> std::result::Result<T, DriverError>) -> Result<T> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r.map_err(|e| unavailable(format!("{what}: {e}"))),
         Err(_) => Err(unavailable(format!("{what}: the CUDA driver library is unusable (cudarc panicked)"))),
@@ -63,11 +63,16 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> std::result::Result<T, DriverError
 }
 
 /// Checks that the driver library can be loaded, before cudarc (which panics otherwise).
-fn probe_libcuda() -> Result<()> {
+pub(crate) fn probe_libcuda() -> Result<()> {
+    probe_library(&["libcuda.so.1", "libcuda.so"], "libcuda")
+}
+
+/// Checks that one of `names` (an NVIDIA library cudarc loads at run time) can be loaded.
+pub(crate) fn probe_library(names: &[&str], what: &str) -> Result<()> {
     let mut errs = Vec::new();
-    for name in ["libcuda.so.1", "libcuda.so"] {
-        // SAFETY: loading the NVIDIA driver library runs only its own initialisers; it is
-        // the library cudarc loads next, and the handle is closed again right away.
+    for &name in names {
+        // SAFETY: loading an NVIDIA library (the driver, NCCL) runs only its own initialisers;
+        // it is the library cudarc loads next, and the handle is closed again right away.
         match unsafe { libloading::Library::new(name) } {
             Ok(_) => return Ok(()),
             Err(e) => {
@@ -76,7 +81,7 @@ fn probe_libcuda() -> Result<()> {
             }
         }
     }
-    Err(unavailable(format!("no libcuda: {}", errs.join("; "))))
+    Err(unavailable(format!("no {what}: {}", errs.join("; "))))
 }
 
 /// Counters of what the device did ([`DeviceStats`]).

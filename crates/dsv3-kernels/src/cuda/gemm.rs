@@ -429,7 +429,7 @@ impl CudaDevice {
     }
 
     /// [`crate::Backend::grouped_gemm_planned`]: the grouped contiguous GEMM with a plan's
-    /// offsets. At decode sizes (at most [`DEVICE_TILES_MAX_ROWS`] rows) and with the experts
+    /// offsets. At decode sizes (at most `DEVICE_TILES_MAX_ROWS` = 1024 rows) and with the experts
     /// one run of a weight stack, the rows are scheduled on the device from the plan's tile
     /// list (built with the plan, `dsv3_grouped_tiles`): nothing is read back, so the call can
     /// be part of a captured step; the simple kernels run it (bit-exact with the reference).

@@ -19,6 +19,7 @@
 //! | `attention.rs` | MLA cache write / gather, absorb / expand, paged decode, prefill |
 //! | `sample.rs` | greedy and temperature / top-k / top-p sampling |
 //! | `a2a.rs` | all-to-all packing for expert parallelism, on the device |
+//! | `nccl.rs` | NCCL grouped send/recv between GPUs (expert parallelism across processes) |
 //! | `backend.rs` | [`Cuda`]: `impl Backend` |
 //!
 //! Without the `cuda` feature the same API exists, and [`CudaDevice::new`] (hence
@@ -63,6 +64,7 @@ mod gemm;
 #[cfg(feature = "cuda")]
 mod kernels;
 mod moe;
+pub mod nccl;
 mod ops;
 pub mod params;
 mod sample;

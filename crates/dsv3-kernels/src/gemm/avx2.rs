@@ -1,8 +1,12 @@
-//! The AVX2 + FMA kernel: same blocking and the same per-block scaling as the portable body,
-//! with the decode and the dot products written in intrinsics so that they are vectorised
-//! whatever the optimiser decides.
+//! The AVX2 + FMA kernels: the matrix-vector path (chunks of at most 4 rows, K a multiple of
+//! 128) and the tile path, with one summation order. Per (row, weight row) and 128-block: one
+//! 8-lane accumulator over K in order (lane `l` sums offsets `8c + l`, c = 0..16, fused
+//! multiply-adds from zero), promoted into an 8-lane total by one FMA with
+//! `promotion` (tile.rs); one horizontal sum at the end. A ragged K (tile path only) sums the
+//! last values of each block that do not fill 8 lanes in scalar code and adds them last.
 
 use super::cpu::Job;
+use super::tile::{promotion, row_scale, weight_promotion};
 use crate::fp8::{BLOCK, blocks, decode_fast};
 use std::arch::x86_64::*;
 
@@ -52,9 +56,10 @@ fn store8(x: &mut [f32], i: usize, v: __m256) {
     unsafe { _mm256_storeu_ps(c.as_mut_ptr(), v) }
 }
 
-/// See [`super::tile`]'s `core_tile`. Up to 4 rows of A: the matrix-vector path, which streams each
-/// weight row once and decodes it in registers. More rows: rows of A are taken 4 at a time
-/// against 2 weight rows of a decoded L1 tile, so each loaded vector feeds several FMAs.
+/// See `core_tile` (tile.rs). Up to 4 rows of A and K a multiple of 128: the matrix-vector
+/// path, which streams each weight row once and decodes it in registers. More rows: rows
+/// of A are taken 4 at a time against 2 weight rows of a decoded L1 tile ([`micro`]), so
+/// each loaded vector feeds several FMAs. Both sum in the order of the module docs.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn core_tile(job: &Job<'_>, k: usize, m0: usize, m1: usize, n0: usize, n1: usize, tile: &mut [f32]) {
     if k.is_multiple_of(BLOCK) {
@@ -68,7 +73,6 @@ pub(super) fn core_tile(job: &Job<'_>, k: usize, m0: usize, m1: usize, n0: usize
     }
     let nw = n1 - n0;
     let rows = m1 - m0;
-    let kb_n = blocks(k);
     // Decode the task's weight rows over all of K once (at most NC x K f32: 1 MiB for
     // K = 16384, L2-resident), in units of 2^-8 (the micro-kernel scales by 256).
     let mut wt = vec![0f32; nw * k];
@@ -89,9 +93,6 @@ pub(super) fn core_tile(job: &Job<'_>, k: usize, m0: usize, m1: usize, n0: usize
             *d = decode_fast(b) * (1.0 / 256.0);
         }
     }
-    let a = &job.a.x[m0 * k..m1 * k];
-    let a_scales = job.a.scales.map(|s| &s[m0 * kb_n..m1 * kb_n]);
-    let w_scales = job.w.scale_inv();
     let mut i = 0;
     while i < rows {
         let mr = (rows - i).min(4);
@@ -101,15 +102,12 @@ pub(super) fn core_tile(job: &Job<'_>, k: usize, m0: usize, m1: usize, n0: usize
             let nr = (nw - n).min(2);
             let w0 = &wt[n * k..(n + 1) * k];
             let w1 = if nr == 2 { &wt[(n + 1) * k..(n + 2) * k] } else { w0 };
-            let ws = |c: usize| &w_scales[((n0 + n + c.min(nr - 1)) / BLOCK) * kb_n..][..kb_n];
-            let (ws0, ws1) = (ws(0), ws(1));
-            let sc = |r: usize| a_scales.map(|s| &s[(i + r) * kb_n..(i + r + 1) * kb_n]);
-            let a_i = &a[i * k..];
+            let ns = [n0 + n, n0 + n + nr - 1];
             let out: [[f32; 2]; 4] = match mr {
-                4 => micro::<4>(a_i, k, w0, w1, ws0, ws1, [sc(0), sc(1), sc(2), sc(3)]),
-                3 => pad(micro::<3>(a_i, k, w0, w1, ws0, ws1, [sc(0), sc(1), sc(2)])),
-                2 => pad(micro::<2>(a_i, k, w0, w1, ws0, ws1, [sc(0), sc(1)])),
-                _ => pad(micro::<1>(a_i, k, w0, w1, ws0, ws1, [sc(0)])),
+                4 => micro::<4>(job, k, m0 + i, ns, w0, w1),
+                3 => pad(micro::<3>(job, k, m0 + i, ns, w0, w1)),
+                2 => pad(micro::<2>(job, k, m0 + i, ns, w0, w1)),
+                _ => pad(micro::<1>(job, k, m0 + i, ns, w0, w1)),
             };
             for r in 0..mr {
                 for c in 0..nr {
@@ -122,24 +120,18 @@ pub(super) fn core_tile(job: &Job<'_>, k: usize, m0: usize, m1: usize, n0: usize
     }
 }
 
-/// The register-blocked kernel: `MR` activation rows (row r at `a[r * k..]`) against two
-/// decoded weight rows over all of K. Each 128-block is summed in `MR x 2` vector
-/// accumulators, then promoted into vector totals with its scale (`w_scale * 256`, times
-/// the row's activation scale on the fp8 path); one horizontal sum per output at the end.
+/// The register-blocked kernel: `MR` activation rows from `m` against weight rows `ns`
+/// (decoded: `w0`, `w1`) over all of K. Each 128-block is summed in `MR x 2` vector
+/// accumulators (8 values per step, in K order: the matrix-vector path's order), then
+/// promoted into vector totals; one horizontal sum per output at the end. A ragged end
+/// (fewer than 8 values) is summed in scalar code and added last.
 #[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-fn micro<const MR: usize>(
-    a: &[f32],
-    k: usize,
-    w0: &[f32],
-    w1: &[f32],
-    ws0: &[f32],
-    ws1: &[f32],
-    a_s: [Option<&[f32]>; MR],
-) -> [[f32; 2]; MR] {
+fn micro<const MR: usize>(job: &Job<'_>, k: usize, m: usize, ns: [usize; 2], w0: &[f32], w1: &[f32]) -> [[f32; 2]; MR] {
+    let a = &job.a.x[m * k..];
+    let kb_n = blocks(k);
     let mut tot = [[_mm256_setzero_ps(); 2]; MR];
     let mut tail = [[0f32; 2]; MR];
-    for kb in 0..blocks(k) {
+    for kb in 0..kb_n {
         let (k0, k1) = (kb * BLOCK, ((kb + 1) * BLOCK).min(k));
         let vend = k0 + (k1 - k0) / 8 * 8;
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
@@ -153,13 +145,11 @@ fn micro<const MR: usize>(
             }
             j += 8;
         }
+        let ws = ns.map(|n| weight_promotion(job, n, kb, kb_n));
         for r in 0..MR {
-            let s_a = match a_s[r] {
-                Some(s) => s[kb],
-                None => 1.0,
-            };
-            for (c, (ws, w)) in [(ws0, w0), (ws1, w1)].into_iter().enumerate() {
-                let s = s_a * ws[kb] * 256.0;
+            let sa = row_scale(job, m + r, kb, kb_n);
+            for (c, w) in [w0, w1].into_iter().enumerate() {
+                let s = promotion(sa, ws[c]);
                 tot[r][c] = _mm256_fmadd_ps(acc[r][c], _mm256_set1_ps(s), tot[r][c]);
                 if vend < k1 {
                     let t: f32 = (vend..k1).map(|j| a[r * k + j] * w[j]).sum();
@@ -171,7 +161,8 @@ fn micro<const MR: usize>(
     let mut out = [[0f32; 2]; MR];
     for r in 0..MR {
         for c in 0..2 {
-            out[r][c] = hsum(tot[r][c]) + tail[r][c];
+            // Only a ragged K has a tail (adding a zero would turn a -0 into +0).
+            out[r][c] = if k.is_multiple_of(8) { hsum(tot[r][c]) } else { hsum(tot[r][c]) + tail[r][c] };
         }
     }
     out
@@ -185,20 +176,19 @@ fn pad<const MR: usize>(v: [[f32; 2]; MR]) -> [[f32; 2]; 4] {
 }
 
 /// `MR` (1..=4) activation rows against weight rows `n0..n1`, K a multiple of 128. Each
-/// weight row is read once, 8 codes at a time, decoded in registers and multiplied into
-/// all `MR` rows; every 128-block's sum is scaled into a vector total, so one horizontal
-/// sum per output remains.
+/// weight row is read once, 16 codes at a time, decoded in registers and multiplied into
+/// all `MR` rows: per 128-block one 8-lane accumulator (K in order, [`micro`]'s order),
+/// promoted into an 8-lane total; one horizontal sum per output at the end.
 #[target_feature(enable = "avx2,fma,f16c")]
 fn matvec<const MR: usize>(job: &Job<'_>, k: usize, m0: usize, n0: usize, n1: usize, tile: &mut [f32]) {
     let kb_n = k / BLOCK;
     let nw = n1 - n0;
     let a: [&[f32]; MR] = std::array::from_fn(|r| &job.a.x[(m0 + r) * k..(m0 + r + 1) * k]);
-    let w_scales = job.w.scale_inv();
     for n in n0..n1 {
         let wrow = &job.w.data()[n * k..(n + 1) * k];
         let mut total = [_mm256_setzero_ps(); MR];
         for (kb, (wblk, j0)) in wrow.chunks_exact(BLOCK).zip((0..k).step_by(BLOCK)).enumerate() {
-            let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+            let mut acc = [_mm256_setzero_ps(); MR];
             for (c, pair) in wblk.chunks_exact(16).enumerate() {
                 let pair: &[u8; 16] = match pair.try_into() {
                     Ok(p) => p,
@@ -206,18 +196,14 @@ fn matvec<const MR: usize>(job: &Job<'_>, k: usize, m0: usize, n0: usize, n1: us
                 };
                 let (w0, w1) = decode16_div256(pair);
                 for r in 0..MR {
-                    acc[r][0] = _mm256_fmadd_ps(load8(a[r], j0 + c * 16), w0, acc[r][0]);
-                    acc[r][1] = _mm256_fmadd_ps(load8(a[r], j0 + c * 16 + 8), w1, acc[r][1]);
+                    acc[r] = _mm256_fmadd_ps(load8(a[r], j0 + c * 16), w0, acc[r]);
+                    acc[r] = _mm256_fmadd_ps(load8(a[r], j0 + c * 16 + 8), w1, acc[r]);
                 }
             }
-            // x 256 undoes the decoder's 2^-8 (exact: a power of two).
-            let ws = w_scales[(n / BLOCK) * kb_n + kb] * 256.0;
+            let ws = weight_promotion(job, n, kb, kb_n);
             for r in 0..MR {
-                let s = match job.a.scales {
-                    Some(sc) => sc[(m0 + r) * kb_n + kb] * ws,
-                    None => ws,
-                };
-                total[r] = _mm256_fmadd_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_set1_ps(s), total[r]);
+                let s = promotion(row_scale(job, m0 + r, kb, kb_n), ws);
+                total[r] = _mm256_fmadd_ps(acc[r], _mm256_set1_ps(s), total[r]);
             }
         }
         for r in 0..MR {

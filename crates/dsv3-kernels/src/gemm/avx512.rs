@@ -1,11 +1,17 @@
-//! The AVX-512 matrix-vector path (M <= 4, K a multiple of 128): 32 FP8 codes per step,
-//! decoded with one widening load, a shift pair and a mask into f16, then two 16-lane F16C
-//! conversions. Same per-128 promotion as the AVX2 kernels.
+//! The AVX-512 kernels: the matrix-vector path (chunks of at most 4 rows, K a multiple of 128)
+//! and the tile path, with one summation order. Per (row, weight row) and 128-block: 16
+//! partial sums, one per K residue `l` (offsets `16c + l`, c = 0..8 in order, fused
+//! multiply-adds from zero), each promoted into its own total by one FMA with
+//! `promotion` (tile.rs); the 16 totals are then added in the fixed tree of [`hsum16`]. The
+//! matrix-vector path keeps the 16 residues in the lanes of one vector; the tile path keeps
+//! 16 activation rows in the lanes and runs the residues one after another ([`tile`]). Codes
+//! are decoded with one widening load, a shift pair and a mask into f16, then two 16-lane
+//! F16C conversions.
 
 use super::cpu::Job;
-use super::tile::ATiles;
+use super::tile::{ATiles, Scratch, promotion, row_scale, weight_promotion};
 use crate::fp8::{BLOCK, blocks, decode_fast};
-use crate::simd::avx512::{load16, store16};
+use crate::simd::avx512::{load16, store16, transpose16};
 use std::arch::x86_64::*;
 
 /// Bytes ahead of the current weight block that the matrix-vector path prefetches.
@@ -19,6 +25,43 @@ fn decode32_div256(bytes: &[u8; 32]) -> (__m512, __m512) {
     let x = _mm512_cvtepu8_epi16(raw);
     let h = _mm512_and_si512(_mm512_srai_epi16::<1>(_mm512_slli_epi16::<8>(x)), _mm512_set1_epi16(0xBF80u16 as i16));
     (_mm512_cvtph_ps(_mm512_castsi512_si256(h)), _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(h)))
+}
+
+/// The sum of the 16 lanes in a fixed tree: lane `l` with `l + 8`, then with `l + 4`,
+/// `l + 2`, `l + 1` (the tile path adds its 16 residue totals in the same tree).
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+fn hsum16(v: __m512) -> f32 {
+    let lo = _mm512_castps512_ps256(v);
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+    let s8 = _mm256_add_ps(lo, hi);
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)))
+}
+
+/// [`hsum16`]'s tree over 16 vectors: `out` lane `r` = the tree sum of `t[0..16]` lane `r`.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+fn tree16(t: [__m512; 16]) -> __m512 {
+    let s8: [__m512; 8] = std::array::from_fn(|i| _mm512_add_ps(t[i], t[i + 8]));
+    let s4: [__m512; 4] = std::array::from_fn(|i| _mm512_add_ps(s8[i], s8[i + 4]));
+    let s2: [__m512; 2] = std::array::from_fn(|i| _mm512_add_ps(s4[i], s4[i + 2]));
+    _mm512_add_ps(s2[0], s2[1])
+}
+
+/// `dst[(l·qn + q)·16 + r] = rows[r][16q + l]` for `q < whole` (rows past `rows.len()`, at
+/// most 16, as zeros): 16 x 16 register transposes into [`ATiles`]'s layout.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+pub(super) fn split16(rows: &[&[f32]], whole: usize, qn: usize, dst: &mut [f32]) {
+    let zero = [0f32; 16];
+    for q in 0..whole {
+        let r: [__m512; 16] = std::array::from_fn(|i| match rows.get(i) {
+            Some(row) => load16(&row[16 * q..]),
+            None => load16(&zero),
+        });
+        for (l, v) in transpose16(r).iter().enumerate() {
+            store16(&mut dst[(l * qn + q) * 16..], *v);
+        }
+    }
 }
 
 /// Rows `m0..m1` (at most 4) of the activation against weight rows `n0..n1`.
@@ -61,12 +104,11 @@ fn rows<const MR: usize>(job: &Job<'_>, k: usize, m0: usize, n0: usize, n1: usiz
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 fn row_group<const MR: usize, const R: usize>(job: &Job<'_>, k: usize, m0: usize, ns: [usize; R], a: &[&[f32]; MR]) -> [[f32; R]; MR] {
     let kb_n = k / BLOCK;
-    let w_scales = job.w.scale_inv();
     let data = job.w.data();
     let mut total = [[_mm512_setzero_ps(); R]; MR];
     for kb in 0..kb_n {
         let j0 = kb * BLOCK;
-        let mut acc = [[[_mm512_setzero_ps(); 2]; R]; MR];
+        let mut acc = [[_mm512_setzero_ps(); R]; MR];
         for c in 0..R {
             let blk = &data[ns[c] * k + j0..ns[c] * k + j0 + BLOCK];
             // The hardware streamer restarts at each 4 KiB page; a software prefetch 2 KiB
@@ -81,160 +123,281 @@ fn row_group<const MR: usize, const R: usize>(job: &Job<'_>, k: usize, m0: usize
                 };
                 let (w0, w1) = decode32_div256(quad);
                 for r in 0..MR {
-                    acc[r][c][0] = _mm512_fmadd_ps(load16(&a[r][j0 + q * 32..]), w0, acc[r][c][0]);
-                    acc[r][c][1] = _mm512_fmadd_ps(load16(&a[r][j0 + q * 32 + 16..]), w1, acc[r][c][1]);
+                    acc[r][c] = _mm512_fmadd_ps(load16(&a[r][j0 + q * 32..]), w0, acc[r][c]);
+                    acc[r][c] = _mm512_fmadd_ps(load16(&a[r][j0 + q * 32 + 16..]), w1, acc[r][c]);
                 }
             }
         }
         for c in 0..R {
-            // x 256 undoes the decoder's 2^-8 (exact: a power of two).
-            let ws = w_scales[(ns[c] / BLOCK) * kb_n + kb] * 256.0;
+            let ws = weight_promotion(job, ns[c], kb, kb_n);
             for r in 0..MR {
-                let s = match job.a.scales {
-                    Some(sc) => sc[(m0 + r) * kb_n + kb] * ws,
-                    None => ws,
-                };
-                total[r][c] = _mm512_fmadd_ps(_mm512_add_ps(acc[r][c][0], acc[r][c][1]), _mm512_set1_ps(s), total[r][c]);
+                let s = _mm512_set1_ps(promotion(row_scale(job, m0 + r, kb, kb_n), ws));
+                total[r][c] = _mm512_fmadd_ps(acc[r][c], s, total[r][c]);
             }
         }
     }
     let mut out = [[0f32; R]; MR];
     for r in 0..MR {
         for c in 0..R {
-            out[r][c] = _mm512_reduce_add_ps(total[r][c]);
+            out[r][c] = hsum16(total[r][c]);
         }
     }
     out
 }
 
-/// The tile path at 16 lanes (more than `AVX512_MATVEC_ROWS` activation rows, or a
-/// ragged K), in outer-product form. Per 128-block of K, the task's weight rows are decoded
-/// (units of 2^-8, row-major, 8-32 KiB) and every group of 16 activation rows
-/// ([`ATiles`]: transposed, one vector per K index) runs over them in register tiles of 4
-/// weight rows x 64 activation rows (4 vector loads and 4 broadcast weights feed 16 FMAs
-/// per K step; 8 x 32 or 8 x 16 for the last groups). Each block's sums are promoted into
-/// f32 totals with the two scales, as the reference does; every (row, column) sum runs in
-/// K order in its own lane, so a row's result does not depend on the other rows of the
-/// call.
+/// 128-blocks of K whose decoded weights [`tile`] holds at once (for 64 weight rows:
+/// 256 KiB, L2).
+const CHUNK_BLOCKS: usize = 8;
+
+/// The tile path at 16 lanes (more than `AVX512_MATVEC_ROWS` (tile.rs) activation rows, or a
+/// ragged K), in outer-product form over residues. The sums of the module docs split into
+/// 16 independent ones, one per K residue `l`, each an outer product with 16 activation
+/// rows in the lanes ([`ATiles`], split by residue). K is taken in chunks of
+/// [`CHUNK_BLOCKS`] blocks: the task's weight rows are decoded and split by residue into
+/// `wt [nw][16][chunk · 8]` (units of 2^-8, zeros past a ragged end; 16 x 16 register
+/// transposes); then for each residue in turn, block by block, register tiles of 4 weight
+/// rows x 64 activation rows (4 vector loads and 4 broadcast weights feed 16 FMAs per step;
+/// 8 x 32 or 8 x 16 for the last groups) sum the block's 8 products of that residue and
+/// promote them into the residue's totals `tot [16][nw][rows]` (the residue's 16 KiB stay in
+/// L1 through its pass). At the end each output adds its 16 totals in [`tree16`].
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)] // the tile's rectangle is four plain indices
-pub(super) fn tile(job: &Job<'_>, at: &ATiles, k: usize, m0: usize, m1: usize, n0: usize, n1: usize, tile: &mut [f32]) {
-    let nw = n1 - n0;
-    let kb_n = blocks(k);
-    let w_scales = job.w.scale_inv();
-    // Row groups of 16 (m0 is a multiple of 16: MC is); totals `[nw][groups * 16]`.
+pub(super) fn tile(
+    job: &Job<'_>,
+    at: &ATiles,
+    k: usize,
+    m0: usize,
+    m1: usize,
+    n0: usize,
+    n1: usize,
+    scratch: &mut Scratch,
+    tile: &mut [f32],
+) {
+    let (nw, kb_n) = (n1 - n0, blocks(k));
+    // Row groups of 16 (m0 is a multiple of 16: MC is).
     let (g0, g1) = (m0 / 16, m1.div_ceil(16));
     let rp = (g1 - g0) * 16;
-    let mut tot = vec![0f32; nw * rp];
-    // One 128-block of the task's weight rows at a time, decoded (units of 2^-8) into
-    // `wt [nw][128]`, L1/L2-resident while every row group of the task runs over it.
-    let mut wt = vec![0f32; nw * BLOCK];
-    for kb in 0..kb_n {
-        let (k0, k1) = (kb * BLOCK, ((kb + 1) * BLOCK).min(k));
-        let kl = k1 - k0;
-        for (n, dst) in (n0..n1).zip(wt.chunks_exact_mut(BLOCK)) {
-            let src = &job.w.data()[n * k + k0..n * k + k1];
-            let mut codes = src.chunks_exact(32);
-            for (c, d) in (&mut codes).zip(dst.chunks_exact_mut(32)) {
-                let c: &[u8; 32] = match c.try_into() {
-                    Ok(c) => c,
-                    Err(_) => unreachable!("chunks_exact(32)"),
-                };
-                let (lo, hi) = decode32_div256(c);
-                store16(d, lo);
-                store16(&mut d[16..], hi);
-            }
-            let done = kl - codes.remainder().len();
-            for (d, &b) in dst[done..kl].iter_mut().zip(codes.remainder()) {
-                *d = decode_fast(b) * (1.0 / 256.0);
+    let cw = CHUNK_BLOCKS * BLOCK / 16;
+    // Totals of the padded width (register tiles of up to 4 weight rows); the padding is
+    // never read.
+    let nwp = nw.next_multiple_of(4);
+    let (tot, wt) = scratch.take(16 * nwp * rp, nw * 16 * cw + nw * CHUNK_BLOCKS);
+    let (wt, ws) = wt.split_at_mut(nw * 16 * cw);
+    for kc in (0..kb_n).step_by(CHUNK_BLOCKS) {
+        let nb = (kb_n - kc).min(CHUNK_BLOCKS);
+        for (c, (dst, w)) in wt.chunks_exact_mut(16 * cw).zip(ws.chunks_exact_mut(CHUNK_BLOCKS)).enumerate() {
+            let n = n0 + c;
+            split_weights(&job.w.data()[n * k..(n + 1) * k], kc, nb, dst);
+            for (b, w) in w.iter_mut().enumerate().take(nb) {
+                *w = weight_promotion(job, n, kc + b, kb_n);
             }
         }
-        let mut g = g0;
-        while g < g1 {
-            let b = Blocks { at, wt: &wt, w_scales, k, kb_n, kb, kl, n0, nw, g0, g, rp };
-            g += match g1 - g {
-                1 => b.run::<8, 1>(&mut tot),
-                2 | 3 => b.run::<8, 2>(&mut tot),
-                _ => b.run::<4, 4>(&mut tot),
-            };
+        for l in 0..16 {
+            let mut g = g0;
+            while g < g1 {
+                let p = Pass { at, wt, ws, tot: l * nwp * rp, kb_n, kc, nb, cw, l, nw, g0, g, rp };
+                g += match g1 - g {
+                    1 => p.run::<4, 1>(tot),
+                    2 | 3 => p.run::<4, 2>(tot),
+                    _ => p.run::<4, 4>(tot),
+                };
+            }
         }
     }
     let off = m0 - g0 * 16;
-    for r in 0..m1 - m0 {
-        for c in 0..nw {
-            tile[r * nw + c] = tot[c * rp + off + r];
+    let mut out = [0f32; 16];
+    for c in 0..nw {
+        for v in 0..g1 - g0 {
+            let t: [__m512; 16] = std::array::from_fn(|l| load16(&tot[(l * nwp + c) * rp + v * 16..]));
+            store16(&mut out, tree16(t));
+            for (i, &o) in out.iter().enumerate() {
+                let r = v * 16 + i;
+                if r >= off && r - off < m1 - m0 {
+                    tile[(r - off) * nw + c] = o;
+                }
+            }
         }
     }
 }
 
-/// One 128-block `kb` of [`tile`] for the row groups `g..g + MV`: per group of `NR` weight
-/// rows of `wt [nw][128]`, [`outer`] and the promotion into the totals `tot [nw][rp]`.
-struct Blocks<'a> {
+/// Codes of blocks `kc..kc + nb` of one weight row (`row`, all of K), decoded (units of
+/// 2^-8) and split by residue: `dst[l · cw + 8b + c]` = column `128 (kc + b) + 16c + l`
+/// (`cw = CHUNK_BLOCKS · 8`), zeros past the row's end. Two blocks (16 vectors of 16
+/// columns) per 16 x 16 register transpose.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+fn split_weights(row: &[u8], kc: usize, nb: usize, dst: &mut [f32]) {
+    let cw = dst.len() / 16;
+    for b0 in (0..nb).step_by(2) {
+        let mut v = [_mm512_setzero_ps(); 16];
+        for h in 0..2 {
+            let kb = kc + b0 + h;
+            if b0 + h >= nb {
+                continue;
+            }
+            let (k0, k1) = (kb * BLOCK, ((kb + 1) * BLOCK).min(row.len()));
+            if let Ok(codes) = <&[u8; BLOCK]>::try_from(&row[k0..k1]) {
+                // A whole block: decoded in registers, 32 codes at a time.
+                for q in 0..BLOCK / 32 {
+                    let quad: &[u8; 32] = match codes[32 * q..32 * q + 32].try_into() {
+                        Ok(c) => c,
+                        Err(_) => unreachable!("32 codes"),
+                    };
+                    (v[8 * h + 2 * q], v[8 * h + 2 * q + 1]) = decode32_div256(quad);
+                }
+            } else {
+                let mut buf = [0f32; BLOCK];
+                decode_block(&row[k0..k1], &mut buf);
+                for c in 0..8 {
+                    v[8 * h + c] = load16(&buf[16 * c..]);
+                }
+            }
+        }
+        for (l, x) in transpose16(v).iter().enumerate() {
+            // Lanes 0..8: block b0, 8..16: block b0 + 1 (past the chunk: zeros, unused).
+            let at = l * cw + b0 * 8;
+            if b0 + 1 < nb {
+                store16(&mut dst[at..], *x);
+            } else {
+                let mut t = [0f32; 16];
+                store16(&mut t, *x);
+                dst[at..at + 8].copy_from_slice(&t[..8]);
+            }
+        }
+    }
+}
+
+/// Codes of one (possibly ragged) block into `dst [128]`, in units of 2^-8, zeros past the
+/// codes.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+fn decode_block(src: &[u8], dst: &mut [f32; BLOCK]) {
+    let mut codes = src.chunks_exact(32);
+    for (c, d) in (&mut codes).zip(dst.chunks_exact_mut(32)) {
+        let c: &[u8; 32] = match c.try_into() {
+            Ok(c) => c,
+            Err(_) => unreachable!("chunks_exact(32)"),
+        };
+        let (lo, hi) = decode32_div256(c);
+        store16(d, lo);
+        store16(&mut d[16..], hi);
+    }
+    let done = src.len() - codes.remainder().len();
+    for (d, &b) in dst[done..src.len()].iter_mut().zip(codes.remainder()) {
+        *d = decode_fast(b) * (1.0 / 256.0);
+    }
+    dst[src.len()..].fill(0.0);
+}
+
+/// Residue `l` of the chunk's blocks for the row groups `g..g + MV` of [`tile`]: per group
+/// of `NR` weight rows, block after block, [`outer`] over the block's 8 columns of that
+/// residue and the promotion into the residue's totals `tot[self.tot..][nw][rp]`.
+struct Pass<'a> {
     at: &'a ATiles,
     wt: &'a [f32],
-    w_scales: &'a [f32],
-    k: usize,
+    ws: &'a [f32],
+    /// Start of the residue's totals in `tot`.
+    tot: usize,
     kb_n: usize,
-    kb: usize,
-    /// Columns of K in the block (128, or fewer in a ragged last block).
-    kl: usize,
-    n0: usize,
+    /// First block of the chunk, and its blocks.
+    kc: usize,
+    nb: usize,
+    cw: usize,
+    l: usize,
     nw: usize,
     g0: usize,
     g: usize,
     rp: usize,
 }
 
-impl Blocks<'_> {
+impl Pass<'_> {
     /// Returns `MV`, the row groups done.
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     fn run<const NR: usize, const MV: usize>(&self, tot: &mut [f32]) -> usize {
-        let (k, kb_n, kb, g) = (self.k, self.kb_n, self.kb, self.g);
-        let sv: [__m512; MV] = std::array::from_fn(|v| match &self.at.s {
-            Some(sc) => load16(&sc[((g + v) * kb_n + kb) * 16..]),
-            None => _mm512_set1_ps(1.0),
-        });
+        let (g, qn, nb) = (self.g, self.at.qn, self.nb);
+        // The chunk's 8 · nb columns of residue l, per row group, and the rows' scales.
+        // (Plain loops, not `array::from_fn`: closures that call intrinsics are not always
+        // inlined.)
+        let mut xs: [&[f32]; MV] = [&[]; MV];
+        let mut sv: [&[f32]; MV] = [&[]; MV];
+        for v in 0..MV {
+            xs[v] = &self.at.x[(((g + v) * 16 + self.l) * qn + 8 * self.kc) * 16..][..8 * nb * 16];
+            if let Some(sc) = &self.at.s {
+                sv[v] = &sc[((g + v) * self.kb_n + self.kc) * 16..][..nb * 16];
+            }
+        }
         let mut c = 0;
         while c < self.nw {
-            // Fewer than NR weight rows left: the last one stands in; its sums are unused.
-            let nr = (self.nw - c).min(NR);
-            let row = |i: usize| c + i.min(nr - 1);
-            let w: [&[f32]; NR] = std::array::from_fn(|i| &self.wt[row(i) * BLOCK..row(i) * BLOCK + self.kl]);
-            let acc = outer::<NR, MV>(&self.at.x, g, k, kb * BLOCK, w);
-            for (i, acc) in acc.iter().enumerate().take(nr) {
-                // x 256 undoes the decoder's 2^-8 (exact: a power of two).
-                let ws = _mm512_set1_ps(self.w_scales[((self.n0 + row(i)) / BLOCK) * kb_n + kb] * 256.0);
-                for v in 0..MV {
-                    let at = (c + i) * self.rp + (g - self.g0 + v) * 16;
-                    let t = _mm512_fmadd_ps(acc[v], _mm512_mul_ps(sv[v], ws), load16(&tot[at..]));
-                    store16(&mut tot[at..], t);
-                }
+            // Weight rows past nw (up to the padded width) stand in for missing ones: the
+            // last real row's values, totals that are never read.
+            let mut w: [&[f32]; NR] = [&[]; NR];
+            let mut ws: [&[f32]; NR] = [&[]; NR];
+            for i in 0..NR {
+                let r = (c + i).min(self.nw - 1);
+                w[i] = &self.wt[(r * 16 + self.l) * self.cw..][..8 * nb];
+                ws[i] = &self.ws[r * CHUNK_BLOCKS..][..nb];
             }
-            c += nr;
+            let t = &mut tot[self.tot + c * self.rp..][..NR * self.rp];
+            outer::<NR, MV>(xs, w, (ws, if self.at.s.is_some() { Some(sv) } else { None }), (t, self.rp, (g - self.g0) * 16));
+            c += NR;
         }
         MV
     }
 }
 
-/// `acc[i][v]` = Σ over the block's K of `w[i][kk]` times activation rows `16(g + v)..+16`
-/// at `k0 + kk` (`x` is [`ATiles::x`]): `NR x MV` accumulators, one lane per (row, column).
+/// One register tile of [`Pass::run`] through the chunk's `nb` blocks: `acc[i][v]` = Σ over
+/// `kk < 8` of `w[i][8b + kk]` times activation rows `xs[v][16 (8b + kk)..]` (16 rows), in
+/// order of `kk`, then promoted into the totals `t[i · rp + off + 16 v..]` with the factor
+/// `sv[v][16 b..] · ws[i][b]` (`ws` alone on the reference path).
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-fn outer<const NR: usize, const MV: usize>(x: &[f32], g: usize, k: usize, k0: usize, w: [&[f32]; NR]) -> [[__m512; MV]; NR] {
-    let kl = w[0].len();
-    let w: [&[f32]; NR] = std::array::from_fn(|i| &w[i][..kl]);
-    let xs: [&[f32]; MV] = std::array::from_fn(|v| &x[((g + v) * k + k0) * 16..((g + v) * k + k0 + kl) * 16]);
-    let mut acc = [[_mm512_setzero_ps(); MV]; NR];
-    for kk in 0..kl {
-        // SAFETY: every `xs[v]` holds `kl * 16` values and `kk < kl`, so the 16 read are in
-        // bounds; loadu has no alignment requirement.
-        let xv: [__m512; MV] = std::array::from_fn(|v| unsafe { _mm512_loadu_ps(xs[v].as_ptr().add(kk * 16)) });
-        for i in 0..NR {
-            // SAFETY: every `w[i]` was sliced to exactly `kl` values above and `kk < kl`.
-            let b = _mm512_set1_ps(unsafe { *w[i].get_unchecked(kk) });
+#[inline]
+#[allow(clippy::type_complexity)] // the operands of one register tile
+fn outer<const NR: usize, const MV: usize>(
+    xs: [&[f32]; MV],
+    w: [&[f32]; NR],
+    (ws, sv): ([&[f32]; NR], Option<[&[f32]; MV]>),
+    (t, rp, off): (&mut [f32], usize, usize),
+) {
+    let nb = ws[0].len();
+    // The unchecked accesses below stay inside these bounds.
+    assert!(xs.iter().all(|x| x.len() >= nb * 128) && w.iter().all(|x| x.len() >= nb * 8) && ws.iter().all(|x| x.len() >= nb));
+    assert!(sv.is_none_or(|sv| sv.iter().all(|x| x.len() >= nb * 16)));
+    assert!(off + 16 * MV <= rp && t.len() >= NR * rp);
+    let (xp, wp) = (xs.map(|x| x.as_ptr()), w.map(|x| x.as_ptr()));
+    let tp = t.as_mut_ptr();
+    for b in 0..nb {
+        let mut acc = [[_mm512_setzero_ps(); MV]; NR];
+        // An opaque trip count keeps the loop rolled: fully unrolled, the scheduler hoists
+        // the loads and spills the accumulators.
+        for kk in 0..std::hint::black_box(8usize).min(8) {
+            let q = 8 * b + kk;
+            let mut xv = [_mm512_setzero_ps(); MV];
             for v in 0..MV {
-                acc[i][v] = _mm512_fmadd_ps(b, xv[v], acc[i][v]);
+                // SAFETY: q < 8 nb and xs[v] holds at least 128 nb = 16 (8 nb) values.
+                xv[v] = unsafe { _mm512_loadu_ps(xp[v].add(16 * q)) };
+            }
+            for i in 0..NR {
+                // SAFETY: q < 8 nb <= w[i].len().
+                let bw = _mm512_set1_ps(unsafe { *wp[i].add(q) });
+                for v in 0..MV {
+                    acc[i][v] = _mm512_fmadd_ps(bw, xv[v], acc[i][v]);
+                }
+            }
+        }
+        for i in 0..NR {
+            // SAFETY: b < nb <= ws[i].len() (asserted above).
+            let wsi = _mm512_set1_ps(unsafe { *ws[i].get_unchecked(b) });
+            for v in 0..MV {
+                let s = match &sv {
+                    // SAFETY: 16 b + 16 <= 16 nb <= sv[v].len() (asserted above).
+                    Some(sv) => _mm512_mul_ps(unsafe { _mm512_loadu_ps(sv[v].as_ptr().add(16 * b)) }, wsi),
+                    None => wsi,
+                };
+                // SAFETY: i rp + off + 16 v + 16 <= (NR - 1) rp + rp <= t.len() (asserted above);
+                // loadu / storeu have no alignment requirement.
+                unsafe {
+                    let p = tp.add(i * rp + off + 16 * v);
+                    _mm512_storeu_ps(p, _mm512_fmadd_ps(acc[i][v], s, _mm512_loadu_ps(p)));
+                }
             }
         }
     }
-    acc
 }

@@ -13,7 +13,21 @@
 //! Grouped layouts: **contiguous** (prefill; expert `e` owns rows `offsets[e]..offsets[e+1]` of
 //! one `[rows, K]` activation) and **masked** (decode; `[E, capacity, K]` with a row count per
 //! expert; rows past the count are written as zeros).
-
+//!
+//! # Batch invariance
+//!
+//! Each output row of the fast kernels is a function of its own activation row and the weight
+//! only: the same bits whatever the number of rows in the call, the other rows, or (grouped)
+//! how many rows the other experts and the row's own expert have. Continuous batching relies
+//! on it: a request decoded in a batch gets the bits it gets alone (`tests/invariance.rs`).
+//! At a given ISA level (see [`crate::cpu::isa_level`]) the matrix-vector kernels, which jobs
+//! of a few rows run, and the tile kernels, which larger jobs run, compute every output in
+//! one order: per 128-block, one partial sum per K residue (16 at AVX-512, 8 at AVX2), each a
+//! chain of fused multiply-adds in K order, promoted into its own total with the same factor
+//! (`promotion`); then the totals are added in one fixed order. The matrix-vector kernels
+//! keep the residues in the lanes of a vector; the AVX-512 tile kernel keeps 16 activation
+//! rows in the lanes and takes the residues one after another (see `avx512.rs`). The portable
+//! kernel has a single path. Different ISA levels may differ from each other in the last bits.
 //!
 //! # Files
 //!

@@ -20,7 +20,7 @@ pub(super) fn core_tile(job: &Job<'_>, at: Option<&ATiles>, k: usize, m0: usize,
             // (`avx512_tiles`).
             return unsafe {
                 match at {
-                    Some(at) => super::avx512::tile(job, at, k, m0, m1, n0, n1, tile),
+                    Some(at) => SCRATCH.with_borrow_mut(|sc| super::avx512::tile(job, at, k, m0, m1, n0, n1, sc, tile)),
                     None => super::avx512::matvec(job, k, m0, m1, n0, n1, tile),
                 }
             };
@@ -31,6 +31,56 @@ pub(super) fn core_tile(job: &Job<'_>, at: Option<&ATiles>, k: usize, m0: usize,
         }
     }
     core_tile_body(job, k, m0, m1, n0, n1, tile)
+}
+
+/// The factor that promotes block `kb` of a dot product with weight row `n` into the total:
+/// the weight's block scale times 256 (the SIMD decoders give codes / 256).
+#[inline(always)]
+pub(super) fn weight_promotion(job: &Job<'_>, n: usize, kb: usize, kb_n: usize) -> f32 {
+    // x 256 undoes the decoder's 2^-8 (exact: a power of two).
+    job.w.scale_inv()[(n / BLOCK) * kb_n + kb] * 256.0
+}
+
+/// Activation row `m`'s tile scale of block `kb` on the fp8 path, `None` on the reference path.
+#[inline(always)]
+pub(super) fn row_scale(job: &Job<'_>, m: usize, kb: usize, kb_n: usize) -> Option<f32> {
+    job.a.scales.map(|sc| sc[m * kb_n + kb])
+}
+
+/// The factor of a block of a row's dot product: [`weight_promotion`] `ws` times the row's
+/// [`row_scale`] `sa` on the fp8 path. Every SIMD kernel takes its factors from these, so that
+/// they agree to the bit.
+#[inline(always)]
+pub(super) fn promotion(sa: Option<f32>, ws: f32) -> f32 {
+    match sa {
+        Some(sa) => sa * ws,
+        None => ws,
+    }
+}
+
+thread_local! {
+    /// Each worker's [`Scratch`], kept from tile to tile and from call to call.
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// Buffers a worker reuses from tile to tile: allocating a few hundred KiB per tile costs page
+/// faults and, when they are freed, TLB shootdowns between the threads.
+#[derive(Default)]
+pub(super) struct Scratch {
+    tot: Vec<f32>,
+    wt: Vec<f32>,
+}
+
+impl Scratch {
+    /// `tot` (zeroed) and `wt` (contents unspecified) of the given lengths.
+    pub(super) fn take(&mut self, tot: usize, wt: usize) -> (&mut [f32], &mut [f32]) {
+        self.tot.clear();
+        self.tot.resize(tot, 0.0);
+        if self.wt.len() < wt {
+            self.wt.resize(wt, 0.0);
+        }
+        (&mut self.tot, &mut self.wt[..wt])
+    }
 }
 
 /// Weight rows of one AVX-512 tile task when the job has at least `MC` (cpu.rs) rows: each 128-block
@@ -52,33 +102,38 @@ pub(super) fn avx512_tiles(job: &Job<'_>, k: usize) -> bool {
     cfg!(target_arch = "x86_64") && isa_level() == IsaLevel::Avx512 && (job.m > AVX512_MATVEC_ROWS || !k.is_multiple_of(BLOCK))
 }
 
-/// A job's activation rows transposed in groups of 16 (the last padded with zero rows):
-/// `x[g][k][16]` holds rows `16g..16g+16` at each K index, `s[g][kb][16]` their 1x128 scales
-/// (fp8 path). The AVX-512 tile kernel loads 16 rows' values at one K index as one vector.
+/// A job's activation rows transposed in groups of 16 (the last padded with zero rows) and
+/// split by K residue: `x[g][l][q][16]` holds rows `16g..16g+16` at K index `16q + l` (zeros
+/// past K, which is padded to whole 128-blocks), so that the tile kernel's pass for residue
+/// `l` reads one contiguous run per group; `s[g][kb][16]` are the rows' 1x128 scales (fp8
+/// path).
 pub(super) struct ATiles {
     pub(super) x: Vec<f32>,
     pub(super) s: Option<Vec<f32>>,
+    /// `q` per residue: K padded to whole blocks, over 16.
+    pub(super) qn: usize,
 }
 
 impl ATiles {
     pub(super) fn new(job: &Job<'_>, k: usize) -> ATiles {
         let (m, kb_n) = (job.m, blocks(k));
         let groups = m.div_ceil(16);
-        let mut x = vec![0f32; groups * k * 16];
-        x.par_chunks_mut(k * 16).enumerate().for_each(|(g, dst)| {
+        let qn = kb_n * BLOCK / 16;
+        let mut x = vec![0f32; groups * 16 * qn * 16];
+        x.par_chunks_mut(16 * qn * 16).enumerate().for_each(|(g, dst)| {
             let rows: Vec<&[f32]> = (16 * g..m.min(16 * g + 16)).map(|r| &job.a.x[r * k..(r + 1) * k]).collect();
-            let done = k - k % 16;
+            let whole = k / 16;
             // SAFETY: ATiles are only built for the AVX-512 tile path (`avx512_tiles`), on a
             // CPU checked at run time to have avx512f.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                crate::simd::avx512::interleave16(&rows, done, dst)
+                super::avx512::split16(&rows, whole, qn, dst)
             };
             #[cfg(not(target_arch = "x86_64"))]
-            let done = 0;
+            let whole = 0;
             for (r, row) in rows.iter().enumerate() {
-                for (j, &v) in row.iter().enumerate().skip(done) {
-                    dst[j * 16 + r] = v;
+                for (j, &v) in row.iter().enumerate().skip(whole * 16) {
+                    dst[((j % 16) * qn + j / 16) * 16 + r] = v;
                 }
             }
         });
@@ -91,7 +146,7 @@ impl ATiles {
             }
             t
         });
-        ATiles { x, s }
+        ATiles { x, s, qn }
     }
 }
 

@@ -3,9 +3,18 @@
 #![allow(dead_code, unused_imports)] // each test crate uses a part of these
 
 use dsv3_kernels::attention::LatentPool;
+use proptest::prelude::*;
 
 pub use dsv3_testutil::prop_assert_close as assert_close;
 pub use dsv3_testutil::{EDGE_SIZES, Rng, V3_SIZES, f32_val, max_abs, max_abs_diff, small_dim, small_int, vec_f32};
+
+/// `(kv_lora, rope)` pairs for the MLA tests: small, tile-edge and the V3 widths.
+pub fn latent_dims() -> impl Strategy<Value = (usize, usize)> {
+    prop_oneof![
+        3 => (proptest::sample::select(&[8usize, 16, 20, 64, 192][..]), proptest::sample::select(&[2usize, 8, 16][..])),
+        1 => Just((512usize, 64usize)),
+    ]
+}
 
 /// A pool holding `lens.len()` sequences on shuffled pages; returns (pool data, block table,
 /// max_blocks, pool shape). Unused pages hold garbage, so a wrong page read shows.

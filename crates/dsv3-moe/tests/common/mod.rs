@@ -65,7 +65,18 @@ pub fn test_weights(cfg: &MoeConfig, seed: u64) -> MoeWeights {
     w.with_router(cfg, grid_router(&mut rng, cfg.n_routed_experts, cfg.hidden)).unwrap()
 }
 
-/// One token through one SwiGLU MLP with the reference GEMM and reference silu_mul.
+/// `src` with explicit zero codes appended up to `[rows, cols]` (same scales), built here
+/// from the codes as the oracle of the layers' own K padding.
+pub fn zero_pad(src: &Fp8Weight, rows: usize, cols: usize) -> Fp8Weight {
+    let mut data = vec![0u8; rows * cols];
+    for r in 0..src.rows() {
+        data[r * cols..r * cols + src.cols()].copy_from_slice(&src.storage()[r * src.cols()..(r + 1) * src.cols()]);
+    }
+    Fp8Weight::new(rows, cols, data, src.view().scale_inv().to_vec()).unwrap()
+}
+
+/// One token through one SwiGLU MLP with the reference GEMM and reference silu_mul. On the
+/// fp8 path an intermediate width off the 128 grid is zero-padded (h and down_proj's K).
 pub fn ref_mlp_token(w: &MlpWeights, x: &[f32], path: GemmPath) -> Vec<f32> {
     let (inter, hidden) = (w.gate().rows(), w.gate().cols());
     let gemm = |a: &[f32], w: &Fp8Weight, n: usize, k: usize| {
@@ -77,6 +88,11 @@ pub fn ref_mlp_token(w: &MlpWeights, x: &[f32], path: GemmPath) -> Vec<f32> {
     let u = gemm(x, w.up(), inter, hidden);
     let mut h = vec![0f32; inter];
     act::reference::silu_mul(&g, &u, RowsShape { rows: 1, cols: inter }, &mut h).unwrap();
+    if path == GemmPath::Fp8 && inter % 128 != 0 {
+        let wide = inter.next_multiple_of(128);
+        h.resize(wide, 0.0);
+        return gemm(&h, &zero_pad(w.down(), hidden, wide), hidden, wide);
+    }
     gemm(&h, w.down(), hidden, inter)
 }
 
