@@ -122,7 +122,9 @@ fn step_times<B: Backend>(b: &B, m: &Model<B>, prompt: &[u32], samples: usize) -
 /// of them (greedy, logits included, as a server's step): tokens/s of both.
 fn batched<B: Backend>(b: &B, m: &Model<B>, n: usize, prompt: usize, steps: usize) -> Result<serde_json::Value> {
     let vocab = m.config().vocab_size;
-    let mut cache = m.new_cache(b, n * (prompt + steps + 1))?;
+    // Whole pages per sequence: a sequence never shares a page.
+    let per_seq = (prompt + steps + 2).div_ceil(dsv3_runtime::mla::PAGE_SIZE) * dsv3_runtime::mla::PAGE_SIZE;
+    let mut cache = m.new_cache(b, n * per_seq)?;
     let seqs: Vec<_> = (0..n).map(|_| cache.add_sequence()).collect();
     let prompts: Vec<Vec<u32>> = (0..n).map(|k| bench_prompt(vocab, prompt, k)).collect();
     let batch: Vec<_> = seqs.iter().zip(&prompts).map(|(&s, p)| (s, &p[..])).collect();
