@@ -8,13 +8,52 @@ use std::time::Instant;
 /// Bytes of each buffer used for the bandwidth probes: far beyond any last-level cache.
 pub const BANDWIDTH_PROBE_BYTES: usize = 1 << 30;
 
+/// Runs of each bandwidth probe; the figure is their median.
+pub const BANDWIDTH_PROBE_RUNS: usize = 9;
+
+/// A rate measured several times: the median, and the slowest and fastest run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub runs: usize,
+}
+
+impl Spread {
+    /// The spread of `samples` (`None` when there are none or one is not finite).
+    pub fn of(mut samples: Vec<f64>) -> Option<Spread> {
+        if samples.is_empty() || samples.iter().any(|x| !x.is_finite()) {
+            return None;
+        }
+        samples.sort_by(f64::total_cmp);
+        let n = samples.len();
+        let median = if n % 2 == 1 { samples[n / 2] } else { (samples[n / 2 - 1] + samples[n / 2]) / 2.0 };
+        Some(Spread { median, min: samples[0], max: samples[n - 1], runs: n })
+    }
+
+    /// `(max - min) / median`: 0.1 means the runs lay within 10 % of the median's size.
+    pub fn relative(&self) -> f64 {
+        (self.max - self.min) / self.median
+    }
+}
+
 /// Measured limits of this machine.
+///
+/// The bandwidths are medians of [`BANDWIDTH_PROBE_RUNS`] runs, not the best run: on a shared
+/// machine the best of a few runs swung by almost 2x from one measurement to the next, which
+/// made every ratio printed against it swing too. The spread says how far to trust it.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Best read-only streaming bandwidth over all threads, bytes/s.
+    /// Read-only streaming bandwidth over all threads, bytes/s (median of the runs).
     pub read_bytes_per_s: f64,
-    /// Best copy bandwidth over all threads, counting bytes read plus bytes written, bytes/s.
+    /// Copy bandwidth over all threads, counting bytes read plus bytes written, bytes/s
+    /// (median of the runs).
     pub copy_bytes_per_s: f64,
+    /// Every run of the read probe.
+    pub read: Spread,
+    /// Every run of the copy probe.
+    pub copy: Spread,
     /// Best f32 FMA throughput over all threads at the widest ISA level the fast kernels use
     /// (see [`crate::cpu::isa_level`]), FLOP/s
     /// (one FMA = 2 FLOP).
@@ -24,12 +63,15 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// Measures all limits (takes about two seconds and 2 GiB of memory).
+    /// Measures all limits (takes a few seconds and 2 GiB of memory). Call it right before
+    /// the work it judges: on a shared machine the bandwidth changes from minute to minute.
     pub fn measure() -> Limits {
-        let (read, copy) = measure_bandwidth(BANDWIDTH_PROBE_BYTES, 5);
+        let (read, copy) = measure_bandwidth_runs(BANDWIDTH_PROBE_BYTES, BANDWIDTH_PROBE_RUNS);
         Limits {
-            read_bytes_per_s: read,
-            copy_bytes_per_s: copy,
+            read_bytes_per_s: read.median,
+            copy_bytes_per_s: copy.median,
+            read,
+            copy,
             fma_flops_per_s: measure_fma_peak(),
             threads: crate::cpu::threads(),
             isa: crate::cpu::isa_level(),
@@ -39,36 +81,50 @@ impl Limits {
     /// One line for benchmark output.
     pub fn describe(&self) -> String {
         format!(
-            "machine limits ({} threads, {:?}): read {:.2} GB/s, copy {:.2} GB/s (read+write), f32 FMA peak {:.1} GFLOP/s",
+            "machine limits ({} threads, {:?}): read {:.2} GB/s ({}), copy {:.2} GB/s (read+write; {}), f32 FMA peak {:.1} GFLOP/s",
             self.threads,
             self.isa,
             self.read_bytes_per_s / 1e9,
+            describe_spread(&self.read),
             self.copy_bytes_per_s / 1e9,
+            describe_spread(&self.copy),
             self.fma_flops_per_s / 1e9
         )
     }
 }
 
+fn describe_spread(s: &Spread) -> String {
+    format!("median of {}, runs {:.2}-{:.2}, spread {:.0} %", s.runs, s.min / 1e9, s.max / 1e9, 100.0 * s.relative())
+}
+
 /// Best-of-`reps` read bandwidth and copy bandwidth (read + write bytes) on buffers of `bytes`.
 pub fn measure_bandwidth(bytes: usize, reps: usize) -> (f64, f64) {
+    let (read, copy) = measure_bandwidth_runs(bytes, reps);
+    (read.max, copy.max)
+}
+
+/// `runs` runs of the read and of the copy probe on buffers of `bytes`, alternating (so a
+/// change of load hits both alike).
+pub fn measure_bandwidth_runs(bytes: usize, runs: usize) -> (Spread, Spread) {
     let n = bytes / 8;
     let src: Vec<u64> = (0..n as u64).into_par_iter().map(|i| i.wrapping_mul(0x9E37_79B9)).collect();
     let mut dst: Vec<u64> = vec![0; n];
     dst.par_chunks_mut(1 << 16).for_each(|c| c.fill(1));
     let chunk = (n / (crate::cpu::threads() * 8)).max(1 << 14);
-    let mut best_read = 0f64;
-    let mut best_copy = 0f64;
-    for _ in 0..reps.max(1) {
+    let (mut read, mut copy) = (Vec::new(), Vec::new());
+    for _ in 0..runs.max(1) {
         let t = Instant::now();
         let s: u64 = src.par_chunks(chunk).map(sum_u64).reduce(|| 0, |a, b| a ^ b);
         black_box(s);
-        best_read = best_read.max(bytes as f64 / t.elapsed().as_secs_f64());
+        read.push(bytes as f64 / t.elapsed().as_secs_f64().max(1e-9));
         let t = Instant::now();
         dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s));
         black_box(&dst);
-        best_copy = best_copy.max(2.0 * bytes as f64 / t.elapsed().as_secs_f64());
+        copy.push(2.0 * bytes as f64 / t.elapsed().as_secs_f64().max(1e-9));
     }
-    (best_read, best_copy)
+    // At least one finite sample each (the elapsed time is floored above 0).
+    let none = Spread { median: 0.0, min: 0.0, max: 0.0, runs: 0 };
+    (Spread::of(read).unwrap_or(none), Spread::of(copy).unwrap_or(none))
 }
 
 crate::cpu::dispatch! { fn sum_u64(x: &[u64]) -> u64 = sum_u64_body; }
@@ -154,4 +210,19 @@ fn fma_loop_avx512(seed: f32, iters: usize) -> usize {
     }
     black_box(acc);
     iters * CHAINS * 16 * 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Spread;
+
+    #[test]
+    fn spread_is_the_median_and_the_extremes() {
+        let s = Spread::of(vec![3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max, s.runs), (2.0, 1.0, 3.0, 3));
+        assert_eq!(Spread::of(vec![4.0, 1.0, 2.0, 3.0]).unwrap().median, 2.5);
+        assert!((Spread::of(vec![9.0, 11.0, 10.0]).unwrap().relative() - 0.2).abs() < 1e-12);
+        assert_eq!(Spread::of(vec![]), None);
+        assert_eq!(Spread::of(vec![1.0, f64::NAN]), None);
+    }
 }

@@ -188,7 +188,7 @@ fn a_rank_that_fails_mid_run_ends_the_job_on_every_rank_with_its_error() {
         })
         .unwrap();
         for (r, res) in results.into_iter().enumerate() {
-            // A peer's failure seen inside a MoE layer's all-to-all names that layer too.
+            // A transport error seen inside a layer comes wrapped in the layer that saw it.
             let res = res.map_err(|e| match e {
                 RuntimeError::Layer { source, .. } => *source,
                 e => e,

@@ -242,3 +242,31 @@ fn logprobs_come_with_each_token_and_match_the_logits() {
     assert!((lp.logprob as f64 - (first[*id as usize] as f64 - lse)).abs() < 1e-5);
     assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
 }
+#[test]
+fn preempted_sequences_are_recomputed_to_the_same_tokens() {
+    let (_tmp, m) = model(Preset::Tiny, GemmPath::Reference);
+    let vocab = m.config().vocab_size as u32;
+    // 6 sequences that each grow past two pages, in a cache of 8 pages: decodes run out of
+    // pages and the newest sequences are preempted, then recomputed. Every other one samples:
+    // its seeded stream must not advance while it re-caches what it had generated.
+    let reqs: Vec<GenRequest> = (0..6)
+        .map(|i| {
+            let greedy = GenRequest::greedy((0..40 + i).map(|j| (j * 7 + i) as u32 % vocab).collect(), 100);
+            match i % 2 {
+                0 => greedy,
+                _ => GenRequest { sampling: SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.9, seed: i as u64 }, ..greedy },
+            }
+        })
+        .collect();
+    let want: Vec<Vec<u32>> = reqs.iter().map(|r| alone(&m, &r.prompt, r.max_tokens, r.sampling)).collect();
+    let cfg = EngineConfig { max_running: 6, max_step_tokens: 64, max_context: 256, cache_tokens: 8 * 64, ..Default::default() };
+    let (got, e) = serve_all(m, cfg, &reqs);
+    let metrics = e.metrics();
+    assert!(metrics.preemptions > 0, "the cache was meant to run out: {metrics:?}");
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(&g.ids(), w, "request {i}");
+    }
+    let preempted: Vec<usize> = (0..6).filter(|&i| got[i].finish().unwrap().1.preemptions > 0).collect();
+    assert!(preempted.iter().any(|i| i % 2 == 0) && preempted.iter().any(|i| i % 2 == 1), "preempted: {preempted:?}");
+    assert_all_pages_free(&e);
+}

@@ -196,12 +196,15 @@ impl InProcessComm {
 
     /// Fails the job: every rank waiting in (or later entering) an exchange or an all-to-all
     /// of this rank's group gets an error naming this rank.
+    /// A rank that fails because a peer failed first passes the first failure on, so every
+    /// rank's error names the rank where the job went wrong.
     pub fn fail(&self, why: &str) {
-        if let Ok(mut st) = self.hub.state.lock() {
-            st.failed.get_or_insert_with(|| (self.rank, why.to_string()));
-        }
+        let (rank, why) = match self.hub.state.lock() {
+            Ok(mut st) => st.failed.get_or_insert_with(|| (self.rank, why.to_string())).clone(),
+            Err(_) => (self.rank, why.to_string()),
+        };
         self.hub.cv.notify_all();
-        self.ep.abort(&format!("rank {} failed: {why}", self.rank));
+        self.ep.abort(&format!("rank {rank} failed: {why}"));
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, HubState>> {

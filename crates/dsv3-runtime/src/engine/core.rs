@@ -347,7 +347,9 @@ impl<B: Backend> Engine<B> {
             batch.push((slot, &t[..]));
         }
         let hidden = self.model.forward_hidden_with(&self.b, &mut self.cache, &batch, form)?;
-        // Sequences whose last row gives their next token: decodes, and prompts completed now.
+        // Sequences whose last row gives their next token: decodes, and prompts completed now
+        // for the first time (a preempted sequence re-caching its prompt already drew the
+        // token after it: it goes on to replay what it generated).
         let mut sample: Vec<(usize, usize)> = Vec::new();
         let mut row = 0;
         for (i, t) in rows {
@@ -355,7 +357,8 @@ impl<B: Backend> Engine<B> {
             let was = s.phase();
             s.cached += t.len();
             row += t.len();
-            if was == Phase::Decode || (was == Phase::Prefill && s.cached == s.prompt_len()) {
+            let first_token = was == Phase::Prefill && s.cached == s.prompt_len() && s.generated.is_empty();
+            if was == Phase::Decode || first_token {
                 sample.push((*i, row - 1));
             }
         }
