@@ -287,3 +287,20 @@ mod tests {
         assert_eq!(Device::Cuda(2).to_string(), "cuda:2");
     }
 }
+
+/// `--graphs` (`bench`, `serve`): decode steps as CUDA graphs per batch-size bucket where the
+/// device can capture them, or eagerly.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GraphsArg {
+    Auto,
+    Off,
+}
+
+impl From<GraphsArg> for dsv3_runtime::decode::Graphs {
+    fn from(g: GraphsArg) -> Self {
+        match g {
+            GraphsArg::Auto => Self::Auto,
+            GraphsArg::Off => Self::Off,
+        }
+    }
+}

@@ -5,11 +5,11 @@
 //! CPU), and the host time per step (wall minus the device time between CUDA events; `null`
 //! on the CPU, where all of a step is host time), with what the device did per step.
 
-use crate::args::{ModelArgs, OnDevice, WithMtp, load};
+use crate::args::{GraphsArg, ModelArgs, OnDevice, WithMtp, load};
 use dsv3_kernels::Backend;
 use dsv3_kernels::sample::SampleRow;
 use dsv3_runtime::Result;
-use dsv3_runtime::decode::{DecodeRow, DecodeRunner, Graphs, device_stats_of};
+use dsv3_runtime::decode::{DecodeRow, DecodeRunner, device_stats_of};
 use dsv3_runtime::generate::{Request, SamplingParams, generate, generate_mtp};
 use dsv3_runtime::model::{AttnForm, Model};
 use std::time::Instant;
@@ -136,22 +136,6 @@ fn step_times<B: Backend>(b: &B, m: &Model<B>, prompt: &[u32], samples: usize) -
         }
     }
     Ok((median(&mut one), median(&mut two)))
-}
-
-/// `--graphs`.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GraphsArg {
-    Auto,
-    Off,
-}
-
-impl From<GraphsArg> for Graphs {
-    fn from(g: GraphsArg) -> Graphs {
-        match g {
-            GraphsArg::Auto => Graphs::Auto,
-            GraphsArg::Off => Graphs::Off,
-        }
-    }
 }
 
 /// `n` sequences of `prompt` tokens prefilled in one step, then `steps` decode steps of all

@@ -1,6 +1,7 @@
 //! `dsv3 serve`: the OpenAI-compatible server (crate `dsv3-server`) over the serving engine.
 
-use crate::args::{ModelArgs, OnDevice, WithMtp, load_dir};
+use crate::args::{GraphsArg, ModelArgs, OnDevice, WithMtp, load_dir};
+
 use dsv3_kernels::Backend;
 use dsv3_runtime::engine::{EngineConfig, spawn};
 use dsv3_runtime::{Result, RuntimeError};
@@ -52,6 +53,10 @@ pub struct ServeArgs {
     /// Seconds running requests may finish after SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 30)]
     pub shutdown_timeout: u64,
+    /// Steps of decodes alone as CUDA graphs per batch-size bucket (`auto`: where the device
+    /// can), or eagerly (`off`).
+    #[arg(long, default_value = "auto")]
+    pub graphs: GraphsArg,
     /// Refused: speculative decoding is not batched in the server yet (use `generate --mtp`).
     #[arg(long, hide = true)]
     pub mtp: bool,
@@ -77,6 +82,7 @@ impl OnDevice for ServeArgs {
             max_context: a.max_context,
             cache_tokens: a.cache_tokens,
             max_waiting: a.max_waiting,
+            decode_graphs: a.graphs.into(),
         };
         let path = a.model.gemm;
         let (handle, engine) = spawn(cfg, move || {

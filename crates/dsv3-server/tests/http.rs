@@ -13,7 +13,15 @@ use serde_json::{Value, json};
 use std::time::Duration;
 
 fn small_cfg() -> EngineConfig {
-    EngineConfig { max_running: 16, max_step_tokens: 256, max_context: 512, cache_tokens: 16 * 1024, max_waiting: 64, prefill_chunk: 64 }
+    EngineConfig {
+        max_running: 16,
+        max_step_tokens: 256,
+        max_context: 512,
+        cache_tokens: 16 * 1024,
+        max_waiting: 64,
+        prefill_chunk: 64,
+        ..Default::default()
+    }
 }
 
 fn opts() -> ServeOptions {
@@ -275,8 +283,15 @@ fn assert_nothing_leaked(s: &Server, pages: f64) {
 fn finished_cancelled_and_preempted_requests_leave_every_page_free() {
     // 24 pages for up to 8 sequences that each grow to 3-5 pages: decodes run out of pages
     // whatever the machine's speed, and the newest sequences are preempted.
-    let cfg =
-        EngineConfig { max_running: 8, max_step_tokens: 128, max_context: 512, cache_tokens: 24 * 64, max_waiting: 64, prefill_chunk: 32 };
+    let cfg = EngineConfig {
+        max_running: 8,
+        max_step_tokens: 128,
+        max_context: 512,
+        cache_tokens: 24 * 64,
+        max_waiting: 64,
+        prefill_chunk: 32,
+        ..Default::default()
+    };
     let s = Server::start(Preset::Tiny, false, cfg, opts());
     let addr = s.addr;
     let threads: Vec<_> = (0..16u32)
@@ -313,8 +328,15 @@ fn finished_cancelled_and_preempted_requests_leave_every_page_free() {
 fn timed_out_requests_leave_every_page_free() {
     // Two at a time, 1900 tokens each, a 1 s deadline from arrival: the second wave cannot
     // finish in time on any machine this runs on (a tiny-model decode step takes ~0.5 ms).
-    let cfg =
-        EngineConfig { max_running: 2, max_step_tokens: 128, max_context: 2048, cache_tokens: 64 * 64, max_waiting: 64, prefill_chunk: 32 };
+    let cfg = EngineConfig {
+        max_running: 2,
+        max_step_tokens: 128,
+        max_context: 2048,
+        cache_tokens: 64 * 64,
+        max_waiting: 64,
+        prefill_chunk: 32,
+        ..Default::default()
+    };
     let s = Server::start(Preset::Tiny, false, cfg, ServeOptions { request_timeout: Duration::from_secs(1), ..opts() });
     let addr = s.addr;
     let threads: Vec<_> = (0..6u32)

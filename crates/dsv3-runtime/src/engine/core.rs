@@ -2,6 +2,7 @@
 
 use super::text::TextState;
 use super::{EngineConfig, Event, EventSink, FinishReason, GenRequest, Limits, RequestId, Shared, SubmitError, TokenLogprob, Usage};
+use crate::decode::{DecodeRow, DecodeRunner};
 use crate::error::{Result, RuntimeError};
 use crate::generate::Sampler;
 use crate::model::{AttnForm, Model};
@@ -132,6 +133,8 @@ pub struct Engine<B: Backend> {
     model: Model<B>,
     tok: Option<Arc<Tokenizer>>,
     cache: PagedLatentCache<B>,
+    /// Runs the steps that are decodes only (on a GPU: graphs, sampling on the device).
+    runner: DecodeRunner<B>,
     cfg: EngineConfig,
     /// End-of-sequence ids (the config's and the tokenizer's).
     eos: Vec<u32>,
@@ -164,12 +167,13 @@ impl<B: Backend> Engine<B> {
         eos.extend(tok.as_ref().and_then(|t| t.eos_id()));
         let vocab = mcfg.vocab_size;
         let allowed = tok.as_ref().map_or(vocab, |t| t.token_count().min(vocab));
-        let cache = model.new_cache(&b, cfg.cache_tokens)?;
+        let runner = DecodeRunner::new(&b, &model, cfg.max_running, cfg.decode_graphs)?;
+        let cache = model.new_cache_with(&b, cfg.cache_tokens, runner.pad_rows())?;
         let tok = tok.map(Arc::new);
         let limits = Limits { max_context: cfg.max_context, vocab_size: vocab, has_tokenizer: tok.is_some(), max_waiting: cfg.max_waiting };
         let shared = Shared::new(limits, tok.clone());
         shared.metrics.pages_total.store(cache.total_pages() as u64, Relaxed);
-        Ok(Engine { b, model, tok, cache, cfg, eos, allowed, waiting: Vec::new(), admitted: Vec::new(), shared })
+        Ok(Engine { b, model, tok, cache, runner, cfg, eos, allowed, waiting: Vec::new(), admitted: Vec::new(), shared })
     }
 
     pub(crate) fn shared(&self) -> Arc<Shared> {
@@ -191,6 +195,11 @@ impl<B: Backend> Engine<B> {
     /// The engine's metrics.
     pub fn metrics(&self) -> super::MetricsSnapshot {
         self.shared.metrics.snapshot()
+    }
+
+    /// What the decode runner did (steps of decodes alone: eager or replayed graphs).
+    pub fn decode_stats(&self) -> &crate::decode::RunnerStats {
+        self.runner.stats()
     }
 
     /// Pages of the cache not held by any sequence.
@@ -316,7 +325,13 @@ impl<B: Backend> Engine<B> {
             if rows.is_empty() {
                 continue;
             }
-            if let Err(e) = self.run(&rows, form) {
+            // A step of decodes alone goes through the decode runner: only the new ids go to
+            // the backend and only the sampled ids come back. Replays, one-token prompts and
+            // requests for logprobs (which need the logits on the host) take the general path.
+            let decodes_only = form == AttnForm::Absorbed
+                && rows.iter().all(|(i, _)| self.admitted[*i].phase() == Phase::Decode && self.admitted[*i].req.logprobs.is_none());
+            let ran = if decodes_only { self.run_decodes(&rows) } else { self.run(&rows, form) };
+            if let Err(e) = ran {
                 // The cache rows of these sequences are not trustworthy now: end them.
                 let msg = e.to_string();
                 for &(i, _) in &rows {
@@ -374,13 +389,39 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
+    /// One decode step of `rows` (admitted index, its last generated token) through the
+    /// decode runner, which samples each row with its sequence's sampler parameters and the
+    /// next uniform of its stream (the draw `Sampler::sample` would make).
+    fn run_decodes(&mut self, rows: &[(usize, Vec<u32>)]) -> Result<()> {
+        let mut step = Vec::with_capacity(rows.len());
+        for (i, t) in rows {
+            let s = &mut self.admitted[*i];
+            let seq = s.slot.ok_or_else(|| RuntimeError::Request("engine: an admitted sequence has no cache slot".into()))?;
+            let token = *t.first().ok_or_else(|| RuntimeError::Request("engine: a decode row without its token".into()))?;
+            step.push(DecodeRow { seq, token, sample: s.sampler.next_row() });
+        }
+        let ids = self.runner.step(&self.b, &self.model, &mut self.cache, &step, self.allowed)?;
+        for (&(i, _), id) in rows.iter().zip(ids) {
+            self.admitted[i].cached += 1;
+            self.emit(i, id, None)?;
+        }
+        Ok(())
+    }
+
     /// Samples sequence `i`'s next token from its logits row and tells the client.
     fn accept(&mut self, i: usize, row: &[f32]) -> Result<()> {
-        let (allowed, now) = (self.allowed, Instant::now());
+        let s = &mut self.admitted[i];
+        let id = s.sampler.sample(row, self.allowed)?;
+        let logprob = s.req.logprobs.map(|k| logprobs(row, self.allowed, id, k));
+        self.emit(i, id, logprob)
+    }
+
+    /// Records sequence `i`'s next token `id` and tells the client; ends the sequence at EOS,
+    /// a stop string or its length.
+    fn emit(&mut self, i: usize, id: u32, logprob: Option<TokenLogprob>) -> Result<()> {
+        let now = Instant::now();
         let m = &self.shared.metrics;
         let s = &mut self.admitted[i];
-        let id = s.sampler.sample(row, allowed)?;
-        let logprob = s.req.logprobs.map(|k| logprobs(row, allowed, id, k));
         s.generated.push(id);
         m.generation_tokens.fetch_add(1, Relaxed);
         match s.last_token {

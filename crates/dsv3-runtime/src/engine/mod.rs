@@ -60,6 +60,10 @@ pub struct EngineConfig {
     pub cache_tokens: usize,
     /// Requests that may wait for admission; more are refused ([`SubmitError::QueueFull`]).
     pub max_waiting: usize,
+    /// How steps of decodes alone run ([`crate::decode::DecodeRunner`]): `Auto` replays CUDA
+    /// graphs per batch bucket where the backend can capture; `Padded` runs the same padded
+    /// steps eagerly (on the CPU: a check that pad rows change no answer).
+    pub decode_graphs: crate::decode::Graphs,
 }
 
 impl Default for EngineConfig {
@@ -71,6 +75,7 @@ impl Default for EngineConfig {
             max_context: 4096,
             cache_tokens: 64 * 1024,
             max_waiting: 256,
+            decode_graphs: crate::decode::Graphs::Auto,
         }
     }
 }
