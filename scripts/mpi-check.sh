@@ -17,6 +17,11 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1   # CI runs as 
 export DSV3_TOKENIZER_DIR=/nonexistent                              # ids in, ids out
 # Ranks that wait for a peer yield the core instead of spinning (4 ranks on 2 cores).
 export OMPI_MCA_mpi_yield_when_idle=1
+# When a rank dies, mpirun sends the others SIGTERM and, after this many seconds, SIGKILL. Each
+# rank's SIGTERM watcher writes its "the job was aborted" line first; the default of 1 s was
+# too short for that on a loaded 2-core machine (the kill check failed once). A rank that
+# exits on SIGTERM at once (all of them) does not make the job wait.
+export OMPI_MCA_odls_base_sigkill_timeout=10
 
 cargo build --quiet --profile "$PROFILE" -p dsv3-cli --features mpi
 work=$(mktemp -d)
