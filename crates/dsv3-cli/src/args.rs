@@ -6,7 +6,7 @@ use dsv3_kernels::gemm::GemmPath;
 use dsv3_kernels::{Backend, Cpu, Cuda};
 use dsv3_runtime::decode::{DecodeRunner, Graphs};
 use dsv3_runtime::generate::{Generation, Request, generate_mtp, generate_with};
-use dsv3_runtime::model::Model;
+use dsv3_runtime::model::{LmHead, Model};
 use dsv3_runtime::mtp::Mtp;
 use dsv3_runtime::{Checkpoint, InitOptions, ModelConfig, Preset, Progress, Result, RuntimeError, Tokenizer, init_random_preset};
 use std::path::{Path, PathBuf};
@@ -120,6 +120,12 @@ pub struct ModelArgs {
     /// GEMM path: `reference` (exact dequantised FP8 weights) or `fp8` (activations quantised 1x128).
     #[arg(long, default_value = "reference")]
     pub gemm: GemmPath,
+    /// `lm_head` at decode: `exact` (bf16, as shipped) or `int8` (an int8 copy screens the
+    /// vocabulary and the rows that can win are recomputed in bf16: greedy tokens unchanged,
+    /// half the `lm_head` bytes per step, sampling sees int8 estimates for the unlikely tail;
+    /// CPU only). `dsv3 logits` is exact either way.
+    #[arg(long, default_value = "exact")]
+    pub lm_head: LmHead,
     /// `cpu`, `cuda` (GPU 0), `cuda:N`, or `cuda:local` (under mpirun: the GPU numbered by
     /// the process's rank on its node).
     #[arg(long, default_value = "cpu")]
@@ -185,11 +191,12 @@ pub struct Loaded<B: Backend> {
 pub type ModelParts<B> = (Model<B>, Option<Mtp<B>>, Option<Tokenizer>);
 
 /// The config, checkpoint (validated), model and tokenizer of a model directory on `b`.
-pub fn load_dir<B: Backend>(b: &B, dir: &Path, path: GemmPath, with_mtp: WithMtp) -> Result<ModelParts<B>> {
+pub fn load_dir<B: Backend>(b: &B, dir: &Path, path: GemmPath, lm_head: LmHead, with_mtp: WithMtp) -> Result<ModelParts<B>> {
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
     let ck = Checkpoint::open_with(dir, Progress::Auto)?;
     ck.validate(&cfg)?;
-    let model = Model::load(b, &ck, &cfg, path)?;
+    let mut model = Model::load(b, &ck, &cfg, path)?;
+    model.set_lm_head(b, lm_head)?;
     let mtp = match with_mtp {
         WithMtp::Required => Some(Mtp::load(b, &ck, &cfg, &model)?),
         WithMtp::IfPresent if cfg.num_nextn_predict_layers > 0 => Some(Mtp::load(b, &ck, &cfg, &model)?),
@@ -201,7 +208,7 @@ pub fn load_dir<B: Backend>(b: &B, dir: &Path, path: GemmPath, with_mtp: WithMtp
 
 pub fn load<B: Backend>(b: B, a: &ModelArgs, with_mtp: WithMtp) -> Result<Loaded<B>> {
     let (dir, tmp) = a.dir()?;
-    let (model, mtp, tokenizer) = load_dir(&b, &dir, a.gemm, with_mtp)?;
+    let (model, mtp, tokenizer) = load_dir(&b, &dir, a.gemm, a.lm_head, with_mtp)?;
     Ok(Loaded { b, model, mtp, tokenizer, _tmp: tmp, runner: Mutex::new(None) })
 }
 

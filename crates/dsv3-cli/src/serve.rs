@@ -84,9 +84,9 @@ impl OnDevice for ServeArgs {
             max_waiting: a.max_waiting,
             decode_graphs: a.graphs.into(),
         };
-        let path = a.model.gemm;
+        let (path, lm_head) = (a.model.gemm, a.model.lm_head);
         let (handle, engine) = spawn(cfg, move || {
-            let (model, _, tok) = load_dir(&b, &dir, path, WithMtp::No)?;
+            let (model, _, tok) = load_dir(&b, &dir, path, lm_head, WithMtp::No)?;
             Ok((b, model, tok))
         })?;
         let opts = ServeOptions {

@@ -251,6 +251,23 @@ pub trait Backend: Send + Sync + Debug {
     /// `out = a · wᵀ` against a bf16 weight ([`Backend::DenseWeight`]), accumulated in f32 (the
     /// router runs here in f32). "Dense" in this trait's names means bf16, as opposed to FP8.
     fn gemm_dense(&self, a: &Self::Buf<f32>, w: &Self::DenseWeight, shape: GemmShape, out: &mut Self::Buf<f32>) -> Result<()>;
+    /// `w` with an int8 copy for [`Backend::gemm_dense_screened`] (the opt-in int8 `lm_head`).
+    /// Backends without the screened product say so.
+    fn screen_dense_weight(&self, w: &Self::DenseWeight) -> Result<Self::DenseWeight> {
+        let _ = w;
+        Err(KernelError::Invalid {
+            op: "screen_dense_weight",
+            what: "backend",
+            detail: format!("the int8-screened bf16 product runs on the CPU backend only, not on {}", self.name()),
+        })
+    }
+    /// `out = a · wᵀ` screened by `w`'s int8 copy when it has one
+    /// ([`crate::bf16_gemm::gemm_bf16_screened`]: every row's arg-max, and the values of all
+    /// columns that could hold it, are those of [`Backend::gemm_dense`]; the others are int8
+    /// estimates), and exactly [`Backend::gemm_dense`] otherwise.
+    fn gemm_dense_screened(&self, a: &Self::Buf<f32>, w: &Self::DenseWeight, shape: GemmShape, out: &mut Self::Buf<f32>) -> Result<()> {
+        self.gemm_dense(a, w, shape, out)
+    }
     /// Expert `e` multiplies rows `offsets[e]..offsets[e+1]` of `a`.
     fn grouped_gemm_contiguous(
         &self,
@@ -484,6 +501,15 @@ impl Backend for Cpu {
     }
     fn gemm_dense(&self, a: &Vec<f32>, w: &Bf16Weight, shape: GemmShape, out: &mut Vec<f32>) -> Result<()> {
         bf16_gemm::gemm_bf16(a, w.view(), shape, out)
+    }
+    fn screen_dense_weight(&self, w: &Bf16Weight) -> Result<Bf16Weight> {
+        Ok(w.clone().with_int8_screen())
+    }
+    fn gemm_dense_screened(&self, a: &Vec<f32>, w: &Bf16Weight, shape: GemmShape, out: &mut Vec<f32>) -> Result<()> {
+        match w.int8_screen() {
+            Some(q) => bf16_gemm::gemm_bf16_screened(a, w.view(), q, shape, out),
+            None => bf16_gemm::gemm_bf16(a, w.view(), shape, out),
+        }
     }
     fn grouped_gemm_contiguous(
         &self,

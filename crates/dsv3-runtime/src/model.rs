@@ -127,8 +127,36 @@ pub struct Model<B: Backend> {
     layers: Vec<Layer<B>>,
     norm: B::Buf<f32>,
     lm_head: Arc<B::DenseWeight>,
+    head_mode: LmHead,
+    /// Whether `lm_head` carries its int8 copy (made once, by the first [`LmHead::Int8`]).
+    screened: bool,
     path: GemmPath,
     check: FiniteCheck,
+}
+
+/// How decode steps multiply by `lm_head`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LmHead {
+    /// The bf16 weight as the checkpoint ships it: every logit exact (the default).
+    #[default]
+    Exact,
+    /// An int8 copy of the weight (one scale per row) screens the vocabulary and only the rows
+    /// that can hold a row's maximum are recomputed from bf16
+    /// ([`dsv3_kernels::bf16_gemm::gemm_bf16_screened`]): greedy tokens are those of
+    /// [`LmHead::Exact`] bit for bit, and sampling sees exact logits for the likely tokens and
+    /// int8 estimates for the tail. Half the `lm_head` bytes per decode step; CPU only.
+    Int8,
+}
+
+impl std::str::FromStr for LmHead {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "exact" | "bf16" => Ok(LmHead::Exact),
+            "int8" => Ok(LmHead::Int8),
+            _ => Err(format!("unknown lm_head mode \"{s}\", expected exact or int8")),
+        }
+    }
 }
 
 /// Which routed experts a process loads: expert-parallel rank `rank` of `n_ranks` holds the
@@ -384,7 +412,20 @@ impl<B: Backend> Model<B> {
         let lm_head = Arc::new(b.upload_dense_weight(ck.bf16_weight("lm_head.weight", v, h)?.view())?);
         ck.finish_progress();
         let instance = INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(Model { instance, cfg: cfg.clone(), mla, ctx, embed, layers, norm, lm_head, path, check })
+        Ok(Model {
+            instance,
+            cfg: cfg.clone(),
+            mla,
+            ctx,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            head_mode: LmHead::Exact,
+            screened: false,
+            path,
+            check,
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -393,6 +434,20 @@ impl<B: Backend> Model<B> {
 
     pub fn gemm_path(&self) -> GemmPath {
         self.path
+    }
+
+    /// Sets how decode steps and [`Model::sample`] multiply by `lm_head` (before an MTP module
+    /// that shares it is loaded). [`Model::logits`] stays exact either way.
+    pub fn set_lm_head(&mut self, b: &B, mode: LmHead) -> Result<()> {
+        if mode == LmHead::Int8 && !self.screened {
+            self.lm_head = Arc::new(b.screen_dense_weight(&self.lm_head)?);
+            self.screened = true;
+        }
+        self.head_mode = mode;
+        Ok(())
+    }
+    pub fn lm_head_mode(&self) -> LmHead {
+        self.head_mode
     }
 
     /// Where steps look for non-finite activations (default: `DSV3_CHECK_FINITE`, else the
@@ -480,7 +535,11 @@ impl<B: Backend> Model<B> {
         }
         let hidden = stack.run(b, cache, plan, x, true)?;
         let mut logits = b.zeros::<f32>(t * vocab)?;
-        b.gemm_dense(&hidden, &self.lm_head, GemmShape { m: t, n: vocab, k: h }, &mut logits)?;
+        let shape = GemmShape { m: t, n: vocab, k: h };
+        match self.head_mode {
+            LmHead::Int8 => b.gemm_dense_screened(&hidden, &self.lm_head, shape, &mut logits)?,
+            LmHead::Exact => b.gemm_dense(&hidden, &self.lm_head, shape, &mut logits)?,
+        }
         b.sample_rows(&logits, SampleShape { rows: t, vocab, allowed }, rows, out)?;
         Ok(())
     }
@@ -538,7 +597,7 @@ impl<B: Backend> Model<B> {
             return Err(RuntimeError::Request(format!("{} sampling rows for {} hidden rows", params.len(), rows.len())));
         }
         let (h, vocab) = (self.cfg.hidden_size, self.cfg.vocab_size);
-        let logits = head_logits_buf(b, &self.lm_head, hidden, h, vocab, rows)?;
+        let logits = head_logits_buf(b, &self.lm_head, hidden, h, vocab, rows, self.head_mode == LmHead::Int8)?;
         let p = b.upload(params)?;
         let mut out = b.zeros::<u32>(rows.len())?;
         b.sample_rows(&logits, SampleShape { rows: rows.len(), vocab, allowed }, &p, &mut out)?;
@@ -560,7 +619,12 @@ impl<B: Backend> Model<B> {
 
     /// Bytes of weights one decode step reads: [`decode_weight_bytes`] of its config.
     pub fn decode_weight_bytes(&self) -> usize {
-        decode_weight_bytes(&self.cfg)
+        let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        match self.head_mode {
+            LmHead::Exact => decode_weight_bytes(&self.cfg),
+            // int8 codes and an f32 scale per row instead of bf16 (the recomputed rows: ~0).
+            LmHead::Int8 => decode_weight_bytes(&self.cfg) - 2 * h * v + (h + 4) * v,
+        }
     }
 
     /// Bytes of weights a decode step of `batch` sequences reads: every dense tensor once, and
@@ -637,7 +701,7 @@ pub(crate) fn head_logits<B: Backend>(
     vocab: usize,
     rows: &[usize],
 ) -> Result<Vec<f32>> {
-    Ok(b.download(&head_logits_buf(b, head, hidden, width, vocab, rows)?)?)
+    Ok(b.download(&head_logits_buf(b, head, hidden, width, vocab, rows, false)?)?)
 }
 
 /// `logits [rows, vocab] = hidden[rows] · headᵀ` on the backend.
@@ -648,12 +712,18 @@ pub(crate) fn head_logits_buf<B: Backend>(
     width: usize,
     vocab: usize,
     rows: &[usize],
+    screened: bool,
 ) -> Result<B::Buf<f32>> {
     // Every row in order (each decode step): no copy of the hidden states.
     let all = rows.iter().enumerate().all(|(i, &r)| i == r) && b.len(hidden) == rows.len() * width;
     let picked = if all { None } else { Some(select_rows(b, hidden, width, rows)?) };
     let mut out = b.zeros::<f32>(rows.len() * vocab)?;
-    b.gemm_dense(picked.as_ref().unwrap_or(hidden), head, GemmShape { m: rows.len(), n: vocab, k: width }, &mut out)?;
+    let (a, shape) = (picked.as_ref().unwrap_or(hidden), GemmShape { m: rows.len(), n: vocab, k: width });
+    if screened {
+        b.gemm_dense_screened(a, head, shape, &mut out)?
+    } else {
+        b.gemm_dense(a, head, shape, &mut out)?
+    }
     Ok(out)
 }
 

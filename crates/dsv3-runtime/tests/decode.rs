@@ -17,7 +17,7 @@ use dsv3_runtime::RuntimeError;
 use dsv3_runtime::checkpoint::SINGLE_FILE;
 use dsv3_runtime::decode::{DecodeRow, DecodeRunner, Graphs};
 use dsv3_runtime::generate::{Sampler, SamplingParams};
-use dsv3_runtime::model::{FiniteCheck, Model};
+use dsv3_runtime::model::{FiniteCheck, LmHead, Model};
 use dsv3_runtime::{InitOptions, Preset, Progress, mla::PagedLatentCache, mla::SeqId};
 
 fn tiny(preset: Preset) -> (tempfile::TempDir, Model<Cpu>) {
@@ -205,4 +205,31 @@ fn decode_steps_check_the_final_hidden_state() {
             assert_eq!(cache.seq_len(seq).unwrap(), 0, "{check:?} {mode:?}");
         }
     }
+}
+
+/// `--lm-head int8`: greedy decoding (the runner's steps and `Model::sample`) gives the exact
+/// head's tokens and cache rows, for one sequence and a batch; `logits` stays exact; a sampled
+/// run still draws valid tokens.
+#[test]
+fn int8_screened_head_keeps_greedy_tokens() {
+    let (_t, mut m) = tiny(Preset::Tiny);
+    let greedy = SamplingParams::default();
+    let exact: Vec<_> = [1, 4].iter().map(|&n| decode(&m, n, 8, Graphs::Off, greedy)).collect();
+    let h = {
+        let mut cache = m.new_cache(&Cpu, 64).unwrap();
+        let s = cache.add_sequence();
+        m.forward_hidden(&Cpu, &mut cache, &[(s, &[3, 1, 4, 1, 5][..])]).unwrap()
+    };
+    let logits = m.logits(&Cpu, &h, &[4]).unwrap();
+    m.set_lm_head(&Cpu, LmHead::Int8).unwrap();
+    assert_eq!(m.lm_head_mode(), LmHead::Int8);
+    for (&n, want) in [1, 4].iter().zip(&exact) {
+        let got = decode(&m, n, 8, Graphs::Off, greedy);
+        assert_eq!(got.0, want.0, "batch {n}: ids");
+        assert!(got.1 == want.1, "batch {n}: cache rows");
+    }
+    assert_eq!(m.logits(&Cpu, &h, &[4]).unwrap(), logits, "logits stay exact");
+    let sampled = decode(&m, 3, 4, Graphs::Off, SamplingParams { temperature: 0.8, top_k: 0, top_p: 1.0, seed: 1 });
+    assert!(sampled.0.iter().flatten().all(|&t| (t as usize) < m.config().vocab_size));
+    assert!(m.decode_weight_bytes() < dsv3_runtime::model::decode_weight_bytes(m.config()));
 }

@@ -11,6 +11,10 @@ use crate::gemm::GemmShape;
 use crate::mmap::Storage;
 use half::bf16;
 use rayon::prelude::*;
+use std::sync::Arc;
+
+mod screen;
+pub use screen::{Int8Screen, gemm_bf16_screened};
 
 /// A borrowed, validated bf16 weight `[rows, cols]`.
 #[derive(Debug, Clone, Copy)]
@@ -54,6 +58,8 @@ pub struct Bf16Weight {
     rows: usize,
     cols: usize,
     data: Storage<bf16>,
+    /// An int8 copy for screened products ([`screen`]), when one was made.
+    screen: Option<Arc<Int8Screen>>,
 }
 
 impl Bf16Weight {
@@ -63,7 +69,17 @@ impl Bf16Weight {
     /// Checks the shape and takes ownership of values that may live in a map.
     pub fn from_storage(rows: usize, cols: usize, data: Storage<bf16>) -> Result<Self> {
         Bf16WeightRef::new(rows, cols, &data)?;
-        Ok(Bf16Weight { rows, cols, data })
+        Ok(Bf16Weight { rows, cols, data, screen: None })
+    }
+    /// This weight with an int8 copy for [`gemm_bf16_screened`] (the values are shared, not
+    /// copied, when they live in a map).
+    pub fn with_int8_screen(mut self) -> Self {
+        self.screen = Some(Arc::new(Int8Screen::quantize(self.view())));
+        self
+    }
+    /// The int8 copy, when [`Bf16Weight::with_int8_screen`] made one.
+    pub fn int8_screen(&self) -> Option<&Int8Screen> {
+        self.screen.as_deref()
     }
     /// Rounds an f32 matrix to bf16 (round to nearest even).
     pub fn from_f32(rows: usize, cols: usize, w: &[f32]) -> Result<Self> {
