@@ -8,10 +8,11 @@
 use crate::args::{GraphsArg, ModelArgs, OnDevice, WithMtp, load};
 use dsv3_kernels::Backend;
 use dsv3_kernels::sample::SampleRow;
-use dsv3_runtime::Result;
 use dsv3_runtime::decode::{DecodeRow, DecodeRunner, device_stats_of};
 use dsv3_runtime::generate::{Request, SamplingParams, generate, generate_mtp};
 use dsv3_runtime::model::{AttnForm, Model};
+use dsv3_runtime::profile::Part;
+use dsv3_runtime::{Result, RuntimeError};
 use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
@@ -30,6 +31,11 @@ pub struct BenchArgs {
     /// eagerly (`off`), for comparison.
     #[arg(long, default_value = "auto")]
     pub graphs: GraphsArg,
+    /// Also time the parts of the batch-1 decode step (attention, dense MLP, MoE, lm_head +
+    /// sampling, the rest) against the weight bytes each reads. CPU only: on a GPU the host
+    /// does not wait for each part.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 impl OnDevice for BenchArgs {
@@ -37,6 +43,12 @@ impl OnDevice for BenchArgs {
         let a = self;
         let l = load(b, &a.model, WithMtp::IfPresent)?;
         let (b, m) = (&l.b, &l.model);
+        if a.profile && b.defers_checks() {
+            return Err(RuntimeError::Request(format!(
+                "--profile times host work, which on {} does not wait for the device; run it on the CPU",
+                b.name()
+            )));
+        }
         let cfg = m.config();
         eprintln!("measuring this machine's memory bandwidth ...");
         let limits = dsv3_kernels::machine::Limits::measure();
@@ -80,8 +92,10 @@ impl OnDevice for BenchArgs {
             };
             let mut runner = DecodeRunner::new(b, m, max, a.graphs.into())?;
             for &n in &sizes {
-                let r = batched(b, m, &mut runner, n, a.prompt_tokens.max(1), a.decode_tokens.max(1), bandwidth)?;
+                let profile = a.profile && n == 1;
+                let r = batched(b, m, &mut runner, n, a.prompt_tokens.max(1), a.decode_tokens.max(1), bandwidth, profile)?;
                 print_batch(&r);
+                print_profile(&r);
                 batches.push(r);
             }
         }
@@ -142,6 +156,7 @@ fn step_times<B: Backend>(b: &B, m: &Model<B>, prompt: &[u32], samples: usize) -
 /// of them through `runner` (greedy, sampled on the backend, as a server's step): prefill
 /// tokens/s, the median decode step, tokens/s, GB/s against `bandwidth`, the host time per
 /// step, and what the device did per step.
+#[allow(clippy::too_many_arguments)] // the batch's plain settings
 fn batched<B: Backend>(
     b: &B,
     m: &Model<B>,
@@ -150,6 +165,7 @@ fn batched<B: Backend>(
     prompt: usize,
     steps: usize,
     (bandwidth, bandwidth_source): (f64, &str),
+    profile: bool,
 ) -> Result<serde_json::Value> {
     let vocab = m.config().vocab_size;
     // Whole pages per sequence: a sequence never shares a page.
@@ -166,10 +182,15 @@ fn batched<B: Backend>(
     };
     let prefill = t.elapsed().as_secs_f64();
     runner.set_timing(true);
+    let mut timed = 0.0;
     let (mut wall, mut device, mut host, mut per_step) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     // One step before timing: a new shape captures its graph (or warms up) first.
     for i in 0..=steps {
         let rows: Vec<DecodeRow> = (0..n).map(|k| DecodeRow { seq: seqs[k], token: next[k], sample: SampleRow::GREEDY }).collect();
+        // Parts are timed from the second step on, as the steps are.
+        if profile && i == 1 {
+            m.profile().enable(true);
+        }
         let t = Instant::now();
         let (ids, stats) = device_stats_of(b, || runner.step(b, m, &mut cache, &rows, vocab))?;
         let w = t.elapsed().as_secs_f64();
@@ -177,6 +198,7 @@ fn batched<B: Backend>(
         if i == 0 {
             continue;
         }
+        timed += w;
         wall.push(w);
         per_step.push(stats);
         if let Some(d) = runner.stats().last_device_s {
@@ -185,6 +207,8 @@ fn batched<B: Backend>(
         }
     }
     runner.set_timing(false);
+    let parts = profile.then(|| profile_parts(m, timed, steps, bandwidth));
+    m.profile().enable(false);
     let step = median(&mut wall);
     let bytes = m.decode_weight_bytes_for(n);
     let gbs = bytes / step / 1e9;
@@ -217,7 +241,47 @@ fn batched<B: Backend>(
         "workspace_bytes": rs.workspace_bytes,
         "captures": rs.captures,
         "capture_error": rs.capture_error,
+        "profile": parts,
     }))
+}
+
+/// Per part of the step ([`Part`]): seconds per step, share of the step, weight bytes, GB/s
+/// and its ratio to `bandwidth`; "other" is the rest of the step (embedding, final norm, step
+/// bookkeeping).
+fn profile_parts<B: Backend>(m: &Model<B>, total_s: f64, steps: usize, bandwidth: f64) -> serde_json::Value {
+    let per_step = |s: f64| s / steps.max(1) as f64;
+    let step = per_step(total_s);
+    let bytes = m.decode_bytes();
+    let mut parts = Vec::new();
+    let mut rest = step;
+    for p in Part::ALL {
+        let s = per_step(m.profile().get(p).as_secs_f64());
+        rest -= s;
+        let gbs = bytes.of(p) as f64 / s.max(1e-12) / 1e9;
+        parts.push(serde_json::json!({
+            "part": p.name(), "step_s": s, "share": s / step, "weight_bytes": bytes.of(p),
+            "gb_per_s": gbs, "ratio_to_bandwidth": gbs * 1e9 / bandwidth,
+        }));
+    }
+    parts.push(serde_json::json!({ "part": "other", "step_s": rest, "share": rest / step, "weight_bytes": 0 }));
+    serde_json::Value::Array(parts)
+}
+
+/// The profile of a batch ([`profile_parts`]), a line per part, if it has one.
+fn print_profile(r: &serde_json::Value) {
+    for p in r["profile"].as_array().into_iter().flatten() {
+        let f = |k: &str| p[k].as_f64().unwrap_or(f64::NAN);
+        let mut line = format!("  {:<20} {:>8.3} ms {:>5.1}%", p["part"].as_str().unwrap_or("?"), f("step_s") * 1e3, 100.0 * f("share"));
+        if f("weight_bytes") > 0.0 {
+            line += &format!(
+                " | {:>7.1} MB, {:>6.1} GB/s ({:.1}% of read bandwidth)",
+                f("weight_bytes") / 1e6,
+                f("gb_per_s"),
+                100.0 * f("ratio_to_bandwidth")
+            );
+        }
+        println!("{line}");
+    }
 }
 
 /// One line per batch on stdout, before the JSON report.

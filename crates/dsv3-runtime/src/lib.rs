@@ -48,6 +48,7 @@ pub mod model;
 pub mod mtp;
 pub mod plan;
 pub mod presets;
+pub mod profile;
 pub mod tensor_file;
 pub mod tokenizer;
 pub mod writer;

@@ -19,6 +19,7 @@
 use crate::checkpoint::Checkpoint;
 use crate::config::{LayerKind, ModelConfig};
 use crate::error::{Result, RuntimeError};
+use crate::profile::{DecodeBytes, Part, Profile};
 use dsv3_kernels::Backend;
 use dsv3_kernels::a2a::EpLayout;
 use dsv3_kernels::embed::EmbedShape;
@@ -128,6 +129,7 @@ pub struct Model<B: Backend> {
     norm: B::Buf<f32>,
     lm_head: Arc<B::DenseWeight>,
     head_mode: LmHead,
+    profile: Arc<Profile>,
     /// Whether `lm_head` carries its int8 copy (made once, by the first [`LmHead::Int8`]).
     screened: bool,
     path: GemmPath,
@@ -232,9 +234,18 @@ pub(crate) struct Stack<'a, B: Backend> {
     pub first_layer: usize,
     pub check: FiniteCheck,
     pub ep: Option<&'a dyn Transport>,
+    /// Where the sub-layers' times go, if anywhere.
+    pub profile: Option<&'a Profile>,
 }
 
 impl<B: Backend> Stack<'_, B> {
+    fn time<T>(&self, part: Part, f: impl FnOnce() -> T) -> T {
+        match self.profile {
+            Some(p) => p.time(part, f),
+            None => f(),
+        }
+    }
+
     pub fn run(&self, b: &B, cache: &mut PagedLatentCache<B>, plan: &StepPlan<B>, x: B::Buf<f32>, absorbed: bool) -> Result<B::Buf<f32>> {
         let t = plan.tokens();
         // `residual` holds h; `x` holds the output of the last sub-layer, still to be added.
@@ -276,23 +287,30 @@ impl<B: Backend> Stack<'_, B> {
         for (l, layer) in self.layers.iter().enumerate() {
             let at = self.first_layer + l;
             let in_layer = |e: RuntimeError| RuntimeError::Layer { layer: at, source: Box::new(e) };
-            b.add_rms_norm(&x, residual, &layer.input_norm, rows, self.eps, &mut normed).map_err(|e| in_layer(e.into()))?;
             let mut lc = cache.layer(plan, l)?;
-            if absorbed {
-                layer.attn.decode(b, self.ctx, &mut lc, &normed, &mut attn_out).map_err(|e| in_layer(e.into()))?;
-            } else {
-                layer.attn.prefill(b, self.ctx, &mut lc, &normed, &mut attn_out).map_err(|e| in_layer(e.into()))?;
-            }
+            self.time(Part::Attention, || {
+                b.add_rms_norm(&x, residual, &layer.input_norm, rows, self.eps, &mut normed).map_err(RuntimeError::from)?;
+                if absorbed {
+                    layer.attn.decode(b, self.ctx, &mut lc, &normed, &mut attn_out).map_err(RuntimeError::from)
+                } else {
+                    layer.attn.prefill(b, self.ctx, &mut lc, &normed, &mut attn_out).map_err(RuntimeError::from)
+                }
+            })
+            .map_err(in_layer)?;
             if layers {
                 check_finite(b, &attn_out, self.hidden, || format!("layer {at} attention output"))?;
             }
-            b.add_rms_norm(&attn_out, residual, &layer.post_norm, rows, self.eps, &mut normed).map_err(|e| in_layer(e.into()))?;
-            x = match (&layer.ffn, self.ep) {
-                (Ffn::Dense(mlp), _) => mlp.forward(b, &normed, t),
-                (Ffn::Moe(moe), None) => moe.forward_y(b, &normed, t),
-                (Ffn::Moe(moe), Some(ep)) => moe.forward_ep(b, ep, &normed, t).map(|o| o.y),
-            }
-            .map_err(|e| in_layer(e.into()))?;
+            let part = if matches!(layer.ffn, Ffn::Dense(_)) { Part::DenseMlp } else { Part::Moe };
+            x = self
+                .time(part, || {
+                    b.add_rms_norm(&attn_out, residual, &layer.post_norm, rows, self.eps, &mut normed).map_err(RuntimeError::from)?;
+                    match (&layer.ffn, self.ep) {
+                        (Ffn::Dense(mlp), _) => mlp.forward(b, &normed, t).map_err(RuntimeError::from),
+                        (Ffn::Moe(moe), None) => moe.forward_y(b, &normed, t).map_err(RuntimeError::from),
+                        (Ffn::Moe(moe), Some(ep)) => moe.forward_ep(b, ep, &normed, t).map(|o| o.y).map_err(RuntimeError::from),
+                    }
+                })
+                .map_err(in_layer)?;
             if layers {
                 check_finite(b, &x, self.hidden, || format!("layer {at} MLP output"))?;
             }
@@ -423,6 +441,7 @@ impl<B: Backend> Model<B> {
             lm_head,
             head_mode: LmHead::Exact,
             screened: false,
+            profile: Arc::default(),
             path,
             check,
         })
@@ -534,14 +553,16 @@ impl<B: Backend> Model<B> {
             stack.check = FiniteCheck::Off;
         }
         let hidden = stack.run(b, cache, plan, x, true)?;
-        let mut logits = b.zeros::<f32>(t * vocab)?;
-        let shape = GemmShape { m: t, n: vocab, k: h };
-        match self.head_mode {
-            LmHead::Int8 => b.gemm_dense_screened(&hidden, &self.lm_head, shape, &mut logits)?,
-            LmHead::Exact => b.gemm_dense(&hidden, &self.lm_head, shape, &mut logits)?,
-        }
-        b.sample_rows(&logits, SampleShape { rows: t, vocab, allowed }, rows, out)?;
-        Ok(())
+        self.profile.time(Part::Head, || {
+            let mut logits = b.zeros::<f32>(t * vocab)?;
+            let shape = GemmShape { m: t, n: vocab, k: h };
+            match self.head_mode {
+                LmHead::Int8 => b.gemm_dense_screened(&hidden, &self.lm_head, shape, &mut logits)?,
+                LmHead::Exact => b.gemm_dense(&hidden, &self.lm_head, shape, &mut logits)?,
+            }
+            b.sample_rows(&logits, SampleShape { rows: t, vocab, allowed }, rows, out)?;
+            Ok(())
+        })
     }
 
     /// Refuses a step before any work: an id outside the vocabulary, or a sequence that would
@@ -578,6 +599,7 @@ impl<B: Backend> Model<B> {
             first_layer: 0,
             check: self.check,
             ep: None,
+            profile: Some(&self.profile),
         }
     }
 
@@ -619,12 +641,23 @@ impl<B: Backend> Model<B> {
 
     /// Bytes of weights one decode step reads: [`decode_weight_bytes`] of its config.
     pub fn decode_weight_bytes(&self) -> usize {
+        self.decode_bytes().total()
+    }
+
+    /// [`Model::decode_weight_bytes`] per part of the step.
+    pub fn decode_bytes(&self) -> DecodeBytes {
         let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
-        match self.head_mode {
-            LmHead::Exact => decode_weight_bytes(&self.cfg),
+        let mut b = decode_bytes(&self.cfg);
+        if self.head_mode == LmHead::Int8 {
             // int8 codes and an f32 scale per row instead of bf16 (the recomputed rows: ~0).
-            LmHead::Int8 => decode_weight_bytes(&self.cfg) - 2 * h * v + (h + 4) * v,
+            b.head = (h + 4) * v;
         }
+        b
+    }
+
+    /// The step profile ([`crate::profile`]): off until enabled.
+    pub fn profile(&self) -> &Profile {
+        &self.profile
     }
 
     /// Bytes of weights a decode step of `batch` sequences reads: every dense tensor once, and
@@ -648,6 +681,11 @@ impl<B: Backend> Model<B> {
 /// Bytes of weights one decode step reads (every dense tensor, plus `top_k` of the routed
 /// experts per MoE layer at one token): the numerator of decode GB/s.
 pub fn decode_weight_bytes(c: &ModelConfig) -> usize {
+    decode_bytes(c).total()
+}
+
+/// [`decode_weight_bytes`] per part of the step (the bf16 `lm_head`).
+pub fn decode_bytes(c: &ModelConfig) -> DecodeBytes {
     let (h, i, m) = (c.hidden_size, c.intermediate_size, c.moe_intermediate_size);
     let attn = {
         let q = match c.q_lora_rank {
@@ -659,15 +697,15 @@ pub fn decode_weight_bytes(c: &ModelConfig) -> usize {
             + 2 * c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank
             + h * c.num_attention_heads * c.v_head_dim
     };
-    let mut bytes = 0;
+    let mut bytes = DecodeBytes { attention: 0, dense_mlp: 0, moe: 0, head: 2 * h * c.vocab_size };
     for l in 0..c.num_hidden_layers {
-        bytes += attn;
-        bytes += match c.layer_kind(l) {
-            LayerKind::Dense => 3 * h * i,
-            LayerKind::Moe => 3 * h * m * (c.num_experts_per_tok + c.n_shared_experts) + 2 * h * c.n_routed_experts,
-        };
+        bytes.attention += attn;
+        match c.layer_kind(l) {
+            LayerKind::Dense => bytes.dense_mlp += 3 * h * i,
+            LayerKind::Moe => bytes.moe += 3 * h * m * (c.num_experts_per_tok + c.n_shared_experts) + 2 * h * c.n_routed_experts,
+        }
     }
-    bytes + 2 * h * c.vocab_size
+    bytes
 }
 
 /// Rows of the embedding `table` for `ids` (checked against the vocabulary).

@@ -201,6 +201,7 @@ impl<B: Backend> Mtp<B> {
             first_layer: main.config().num_hidden_layers,
             check: main.finite_check(),
             ep: None,
+            profile: None,
         };
         stack.run(b, cache, &plan, z, t == 1)
     }

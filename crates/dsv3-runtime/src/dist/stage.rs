@@ -97,6 +97,7 @@ impl<B: Backend> StageModel<B> {
             first_layer: self.range.start,
             check: self.check,
             ep,
+            profile: None,
         }
     }
 
