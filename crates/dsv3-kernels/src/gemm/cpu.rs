@@ -11,6 +11,8 @@ use rayon::prelude::*;
 pub(super) const NC: usize = 16;
 /// Rows of A one task owns.
 pub(super) const MC: usize = 64;
+/// Weight bytes a matrix-vector task reads at least (when the matrix has that many).
+const MATVEC_TILE_BYTES: usize = 64 << 10;
 
 /// The activation side of the core: f32 values and, on the fp8 path, their tile scales.
 #[derive(Clone, Copy)]
@@ -198,7 +200,10 @@ fn run_jobs(jobs: &[Job<'_>], n: usize, k: usize, out: &mut [f32]) {
         .enumerate()
         .flat_map(|(j, job)| {
             let nc = if job.m <= mv_rows {
-                n.div_ceil(threads * 4 * jobs.len()).next_multiple_of(NC).clamp(NC, 512)
+                // At least MATVEC_TILE_BYTES of weight per tile: shorter streams (16 rows of a
+                // small-preset expert, 16 KB) never got the hardware prefetcher going.
+                let floor = (MATVEC_TILE_BYTES / k.max(1)).next_multiple_of(NC).clamp(NC, 512);
+                n.div_ceil(threads * 4 * jobs.len()).next_multiple_of(NC).clamp(floor, 512)
             } else if transposed[j].is_some() && job.m >= MC {
                 AVX512_TILE_N
             } else {
