@@ -52,14 +52,18 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cmd = Cli::parse().cmd;
+    // Commands run on a worker of this pool (below): give its threads the main thread's stack.
+    // `RAYON_NUM_THREADS` still sets their number. (An error here means a pool already exists.)
+    let _ = rayon::ThreadPoolBuilder::new().stack_size(8 << 20).build_global();
     // Under mpirun only the commands that run as a multi-process job may start: any other
     // would run once per process.
     let launch = dsv3_dist::Launch::detect();
+    let serve = matches!(cmd, Cmd::Serve(_));
     if launch.size() > 1 && !matches!(cmd, Cmd::Generate(_) | Cmd::Logits(_)) {
         eprintln!("error: rank {} of {}: only `dsv3 generate` and `dsv3 logits` run under mpirun", launch.rank(), launch.size());
         return ExitCode::FAILURE;
     }
-    let result = match cmd {
+    let run = move || match cmd {
         Cmd::Generate(a) => args::on_device(a.model.device, a),
         Cmd::Chat(a) => args::on_device(a.model.device, a),
         Cmd::Logits(a) => args::on_device(a.model.device, a),
@@ -69,6 +73,13 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => args::on_device(a.model.device, a),
         Cmd::Plan(a) => a.run().map_err(args::CliError::from),
     };
+    // The command runs on a worker of the kernels' thread pool, so each parallel kernel is a
+    // fork/join among the pool's own threads: called from outside the pool, every one of a
+    // decode step's ~100 kernels handed its work to the pool and put this thread to sleep
+    // until it was done (two context switches per kernel: ~20% of a small model's decode
+    // step). Not under mpirun, whose calls stay on the thread that initialised MPI; not for
+    // `serve`, whose engine thread enters the pool itself (`dsv3_runtime::engine::spawn`).
+    let result = if launch.size() > 1 || serve { run() } else { rayon::scope(|_| run()) };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -365,6 +365,26 @@ pub trait Backend: Send + Sync + Debug {
         rows: usize,
         out: &mut Self::Buf<f32>,
     ) -> Result<()>;
+    /// [`Backend::mla_expand_v`] with `W_UV` the sum of `w_uv`'s parts (the bf16 pair): each
+    /// part's product, added in order. The default runs one call per part.
+    fn mla_expand_v_parts(
+        &self,
+        o_lat: &Self::Buf<f32>,
+        w_uv: &[&Self::DenseWeight],
+        dims: MlaDims,
+        rows: usize,
+        out: &mut Self::Buf<f32>,
+    ) -> Result<()> {
+        let (first, rest) =
+            w_uv.split_first().ok_or_else(|| crate::error::shape_err("mla_expand_v_parts", "w_uv needs at least one part"))?;
+        self.mla_expand_v(o_lat, first, dims, rows, out)?;
+        for w in rest {
+            let mut part = self.zeros::<f32>(self.len(out))?;
+            self.mla_expand_v(o_lat, w, dims, rows, &mut part)?;
+            self.add_assign(out, &part)?;
+        }
+        Ok(())
+    }
     /// FlashMLA-style decode over the paged latent cache: `q [B, H, width]` → `out [B, H, kv_lora]`.
     fn mla_decode(
         &self,
@@ -592,24 +612,15 @@ impl Backend for Cpu {
         attention::gather(pool, block_table, seq_lens, shape, c_kv, k_pe)
     }
     fn mla_absorb_q(&self, q: &Vec<f32>, w_uk: &[&Bf16Weight], dims: MlaDims, rows: usize, out: &mut Vec<f32>) -> Result<()> {
-        let (first, rest) = w_uk.split_first().ok_or_else(|| crate::error::shape_err("mla_absorb_q", "w_uk needs at least one part"))?;
-        attention::absorb_q(q, first.view(), dims, rows, out)?;
-        if rest.is_empty() {
-            return Ok(());
-        }
-        // Further parts add to the latent columns only (q_pe was copied by the first).
-        let (oh, l) = (dims.latent(), dims.kv_lora);
-        let mut part = vec![0f32; out.len()];
-        for w in rest {
-            attention::absorb_q(q, w.view(), dims, rows, &mut part)?;
-            for (o, p) in out.chunks_exact_mut(oh).zip(part.chunks_exact(oh)) {
-                o[..l].iter_mut().zip(&p[..l]).for_each(|(a, b)| *a += b);
-            }
-        }
-        Ok(())
+        let parts: Vec<Bf16WeightRef<'_>> = w_uk.iter().map(|w| w.view()).collect();
+        attention::absorb_q_parts(q, &parts, dims, rows, out)
     }
     fn mla_expand_v(&self, o_lat: &Vec<f32>, w_uv: &Bf16Weight, dims: MlaDims, rows: usize, out: &mut Vec<f32>) -> Result<()> {
         attention::expand_v(o_lat, w_uv.view(), dims, rows, out)
+    }
+    fn mla_expand_v_parts(&self, o_lat: &Vec<f32>, w_uv: &[&Bf16Weight], dims: MlaDims, rows: usize, out: &mut Vec<f32>) -> Result<()> {
+        let parts: Vec<Bf16WeightRef<'_>> = w_uv.iter().map(|w| w.view()).collect();
+        attention::expand_v_parts(o_lat, &parts, dims, rows, out)
     }
     fn mla_decode(
         &self,

@@ -182,7 +182,8 @@ impl<B: Backend> MlaWeights<B> {
         let mut o_lat = b.zeros::<f32>(t * c.n_heads * c.kv_lora_rank)?;
         let (table, kv_lens) = plan.decode_rows(b)?;
         b.mla_decode(&q_abs, lc.pool, table, kv_lens, &params, &mut o_lat)?;
-        let attn = pair_product(b, t * c.o_dim(), &self.w_uv, |w, out| b.mla_expand_v(&o_lat, w, d, t, out))?;
+        let mut attn = b.zeros::<f32>(t * c.o_dim())?;
+        b.mla_expand_v_parts(&o_lat, &[&self.w_uv[0], &self.w_uv[1]], d, t, &mut attn)?;
         b.gemm(&attn, &self.o_proj, GemmShape { m: t, n: c.hidden, k: c.o_dim() }, ctx.path, out)?;
         Ok(())
     }

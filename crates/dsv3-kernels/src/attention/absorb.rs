@@ -134,6 +134,38 @@ fn head_major(rows: usize, heads: usize, width: usize, work: impl Fn(usize, usiz
     tmp
 }
 
+/// [`head_major`] over the sum of `parts` products: `work(p, t0, nr, h, dst)` writes part
+/// `p`'s block, and the parts' blocks are added in order (`dst = part 0 + part 1 + ...`, one
+/// f32 add each) inside the same task.
+fn head_major_parts(
+    rows: usize,
+    heads: usize,
+    width: usize,
+    parts: usize,
+    work: impl Fn(usize, usize, usize, usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    head_major(rows, heads, width, |t0, nr, h, dst| {
+        work(0, t0, nr, h, dst);
+        if parts > 1 {
+            let mut part = vec![0f32; dst.len()];
+            for p in 1..parts {
+                work(p, t0, nr, h, &mut part);
+                dst.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
+            }
+        }
+    })
+}
+
+/// `f(t, row t of out)` for the `width`-wide rows of `out`: in parallel only for a batch (a
+/// decode step of one sequence copies a few KiB: not worth waking the pool).
+fn par_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if out.len() <= 4 * width {
+        out.chunks_mut(width).enumerate().for_each(|(t, o)| f(t, o));
+    } else {
+        out.par_chunks_mut(width).enumerate().for_each(|(t, o)| f(t, o));
+    }
+}
+
 /// Offset of row `t`, head `h` in [`head_major`]'s buffer.
 #[inline]
 fn head_major_at(rows: usize, heads: usize, width: usize, t: usize, h: usize) -> usize {
@@ -151,16 +183,27 @@ fn head_major_at(rows: usize, heads: usize, width: usize, t: usize, h: usize) ->
 ///
 /// Errors (before any write): bad dims, `w_uk` not `[H·nope, kv_lora]`, a length mismatch.
 pub fn absorb_q(q: &[f32], w_uk: Bf16WeightRef<'_>, d: MlaDims, rows: usize, out: &mut [f32]) -> Result<()> {
+    absorb_q_parts(q, &[w_uk], d, rows, out)
+}
+
+/// [`absorb_q`] with `W_UK` the sum of `parts` (a bf16 pair `hi + lo`): the latent columns are
+/// `Σ_p W_UK,p[h]ᵀ q` summed in the order of the parts, each part's product as
+/// [`absorb_q`]'s, all in one pass over the heads.
+pub fn absorb_q_parts(q: &[f32], parts: &[Bf16WeightRef<'_>], d: MlaDims, rows: usize, out: &mut [f32]) -> Result<()> {
     const OP: &str = "attention::absorb_q";
-    check_absorb(OP, q.len(), (w_uk.rows(), w_uk.cols()), d, rows, out.len())?;
+    if parts.is_empty() {
+        return Err(crate::error::shape_err(OP, "w_uk needs at least one part"));
+    }
+    for w_uk in parts {
+        check_absorb(OP, q.len(), (w_uk.rows(), w_uk.cols()), d, rows, out.len())?;
+    }
     if rows == 0 {
         return Ok(());
     }
     let (qh, oh, l, n, h_n) = (d.qk_head(), d.latent(), d.kv_lora, d.qk_nope, d.heads);
     let stride = h_n * qh;
-    let w = w_uk.data();
-    let tmp = head_major(rows, h_n, l, |t0, nr, h, dst| {
-        let wh = &w[h * n * l..(h + 1) * n * l];
+    let tmp = head_major_parts(rows, h_n, l, parts.len(), |p, t0, nr, h, dst| {
+        let wh = &parts[p].data()[h * n * l..(h + 1) * n * l];
         let qs: Vec<&[f32]> = (t0..t0 + nr).map(|t| &q[t * stride + h * qh..t * stride + h * qh + n]).collect();
         if bf16_gemm::rows::vecmat(&qs, wh, l, &mut dst.chunks_exact_mut(l).take(nr).collect::<Vec<_>>()) {
             return;
@@ -176,7 +219,7 @@ pub fn absorb_q(q: &[f32], w_uk: Bf16WeightRef<'_>, d: MlaDims, rows: usize, out
             absorb_tile(&qt, wh, l, o);
         }
     });
-    out.par_chunks_mut(h_n * oh).enumerate().for_each(|(t, o)| {
+    par_rows(out, h_n * oh, |t, o| {
         for h in 0..h_n {
             let at = head_major_at(rows, h_n, l, t, h);
             o[h * oh..h * oh + l].copy_from_slice(&tmp[at..at + l]);
@@ -193,16 +236,26 @@ pub fn absorb_q(q: &[f32], w_uk: Bf16WeightRef<'_>, d: MlaDims, rows: usize, out
 ///
 /// Errors (before any write): bad dims, `w_uv` not `[H·v, kv_lora]`, a length mismatch.
 pub fn expand_v(o_lat: &[f32], w_uv: Bf16WeightRef<'_>, d: MlaDims, rows: usize, out: &mut [f32]) -> Result<()> {
+    expand_v_parts(o_lat, &[w_uv], d, rows, out)
+}
+
+/// [`expand_v`] with `W_UV` the sum of `parts` (a bf16 pair `hi + lo`): each part's product as
+/// [`expand_v`]'s, summed in the order of the parts, all in one pass over the heads.
+pub fn expand_v_parts(o_lat: &[f32], parts: &[Bf16WeightRef<'_>], d: MlaDims, rows: usize, out: &mut [f32]) -> Result<()> {
     const OP: &str = "attention::expand_v";
-    check_expand(OP, o_lat.len(), (w_uv.rows(), w_uv.cols()), d, rows, out.len())?;
+    if parts.is_empty() {
+        return Err(crate::error::shape_err(OP, "w_uv needs at least one part"));
+    }
+    for w_uv in parts {
+        check_expand(OP, o_lat.len(), (w_uv.rows(), w_uv.cols()), d, rows, out.len())?;
+    }
     if rows == 0 {
         return Ok(());
     }
     let (l, v, h_n) = (d.kv_lora, d.v, d.heads);
     let stride = h_n * l;
-    let w = w_uv.data();
-    let tmp = head_major(rows, h_n, v, |t0, nr, h, dst| {
-        let wh = &w[h * v * l..(h + 1) * v * l];
+    let tmp = head_major_parts(rows, h_n, v, parts.len(), |p, t0, nr, h, dst| {
+        let wh = &parts[p].data()[h * v * l..(h + 1) * v * l];
         let xs: Vec<&[f32]> = (t0..t0 + nr).map(|t| &o_lat[t * stride + h * l..t * stride + (h + 1) * l]).collect();
         if bf16_gemm::rows::dots(&xs, wh, l, &mut dst[..nr * v]) {
             return;
@@ -216,7 +269,7 @@ pub fn expand_v(o_lat: &[f32], w_uv: Bf16WeightRef<'_>, d: MlaDims, rows: usize,
             expand_tile(&x, wh, l, &mut wrow, o);
         }
     });
-    out.par_chunks_mut(h_n * v).enumerate().for_each(|(t, o)| {
+    par_rows(out, h_n * v, |t, o| {
         for h in 0..h_n {
             let at = head_major_at(rows, h_n, v, t, h);
             o[h * v..(h + 1) * v].copy_from_slice(&tmp[at..at + v]);

@@ -84,7 +84,7 @@ mod decode;
 mod prefill;
 pub mod reference;
 
-pub use absorb::{absorb_q, expand_v};
+pub use absorb::{absorb_q, absorb_q_parts, expand_v, expand_v_parts};
 pub use cache::{cache_write, gather};
 pub(crate) use checks::{PrefillCheck, check_absorb, check_cache_write, check_decode, check_expand, check_gather, check_prefill};
 pub use decode::decode;

@@ -378,16 +378,35 @@ where
     let thread = std::thread::Builder::new()
         .name("dsv3-engine".into())
         .spawn(move || {
-            let engine = load().and_then(|(b, model, tok)| Engine::new(b, model, tok, cfg));
-            match engine {
-                Ok(engine) => {
-                    if ready_tx.send(Ok(engine.shared())).is_ok() {
-                        run_loop(engine, rx);
+            // Loading and the loop run on a worker of the engine's own thread pool (as many
+            // threads as the global one), so each parallel kernel of a step forks and joins
+            // among the pool's threads instead of handing its work over and sleeping until it
+            // is done (see the `dsv3` binary's `main`). Its own pool, because the loop holds
+            // its worker while it waits for requests: in the global pool that could starve
+            // other callers of the kernels. This thread only waits.
+            let run = move || {
+                let engine = load().and_then(|(b, model, tok)| Engine::new(b, model, tok, cfg));
+                match engine {
+                    Ok(engine) => {
+                        if ready_tx.send(Ok(engine.shared())).is_ok() {
+                            run_loop(engine, rx);
+                        }
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
                     }
                 }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                }
+            };
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(rayon::current_num_threads())
+                .stack_size(8 << 20)
+                .thread_name(|i| format!("dsv3-engine-{i}"))
+                .build();
+            match pool {
+                Ok(pool) => pool.install(run),
+                // No pool (no threads to be had): the loop runs here, kernels hand work to the
+                // global pool as before.
+                Err(_) => run(),
             }
         })
         .map_err(|e| RuntimeError::Request(format!("cannot start the engine thread: {e}")))?;
