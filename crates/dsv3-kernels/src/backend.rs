@@ -310,6 +310,21 @@ pub trait Backend: Send + Sync + Debug {
         path: GemmPath,
         out: &mut Self::Buf<f32>,
     ) -> Result<()>;
+    /// Two [`Backend::grouped_gemm_planned`] of the same activations and plan (every expert's
+    /// gate and up projection), with the same results. The default runs them one after the
+    /// other; the CPU runs both in one parallel pass.
+    fn grouped_gemm_planned_pair(
+        &self,
+        a: &Self::Buf<f32>,
+        plan: &Self::Plan,
+        w: [&[&Self::Weight]; 2],
+        path: GemmPath,
+        out: [&mut Self::Buf<f32>; 2],
+    ) -> Result<()> {
+        let [o0, o1] = out;
+        self.grouped_gemm_planned(a, plan, w[0], path, o0)?;
+        self.grouped_gemm_planned(a, plan, w[1], path, o1)
+    }
     /// Per-expert row offsets of a plan (`n_experts + 1` entries), as grouped GEMM takes them.
     fn plan_offsets(&self, plan: &Self::Plan) -> Result<Self::Buf<u32>>;
     fn permute(&self, plan: &Self::Plan, hidden: usize, x: &Self::Buf<f32>, out: &mut Self::Buf<f32>) -> Result<()>;
@@ -578,6 +593,19 @@ impl Backend for Cpu {
     fn grouped_gemm_planned(&self, a: &Vec<f32>, plan: &DispatchPlan, w: &[&Fp8Weight], path: GemmPath, out: &mut Vec<f32>) -> Result<()> {
         let views: Vec<Fp8WeightRef<'_>> = w.iter().map(|w| w.view()).collect();
         gemm::grouped_contiguous(a, plan.offsets(), &views, path, out)
+    }
+    fn grouped_gemm_planned_pair(
+        &self,
+        a: &Vec<f32>,
+        plan: &DispatchPlan,
+        w: [&[&Fp8Weight]; 2],
+        path: GemmPath,
+        out: [&mut Vec<f32>; 2],
+    ) -> Result<()> {
+        let v0: Vec<Fp8WeightRef<'_>> = w[0].iter().map(|w| w.view()).collect();
+        let v1: Vec<Fp8WeightRef<'_>> = w[1].iter().map(|w| w.view()).collect();
+        let [o0, o1] = out;
+        gemm::grouped_contiguous_pair(a, plan.offsets(), [&v0, &v1], path, [o0, o1])
     }
     fn plan_offsets(&self, plan: &DispatchPlan) -> Result<Vec<u32>> {
         Ok(plan.offsets().to_vec())

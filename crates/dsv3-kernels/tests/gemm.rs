@@ -192,6 +192,26 @@ proptest! {
         prop_assert!(rel_err(&fast, &slow, &bound) < 2e-5);
     }
 
+    /// The paired grouped GEMM (gate and up in one pass) gives each set the bits of its own
+    /// grouped GEMM.
+    #[test]
+    fn grouped_contiguous_pair_is_two_grouped_gemms(experts in 1usize..9, max_rows in 0usize..20, n in small_dim(), fp8 in any::<bool>(), seed in any::<u64>()) {
+        let (k, path) = (128, if fp8 { GemmPath::Fp8 } else { GemmPath::Reference });
+        let mut rng = Rng::new(seed);
+        let ws: Vec<Vec<Fp8Weight>> = (0..2).map(|_| (0..experts).map(|_| random_weight(&mut rng, n, k)).collect()).collect();
+        let views: Vec<Vec<_>> = ws.iter().map(|set| set.iter().map(|w| w.view()).collect()).collect();
+        let off = random_offsets(&mut rng, experts, max_rows);
+        let rows = off[experts] as usize;
+        let a = rng.vec(rows * k, 1.0);
+        let (mut p0, mut p1) = (vec![f32::NAN; rows * n], vec![f32::NAN; rows * n]);
+        gemm::grouped_contiguous_pair(&a, &off, [&views[0], &views[1]], path, [&mut p0, &mut p1]).unwrap();
+        for (set, got) in views.iter().zip([&p0, &p1]) {
+            let mut want = vec![f32::NAN; rows * n];
+            gemm::grouped_contiguous(&a, &off, set, path, &mut want).unwrap();
+            prop_assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+        }
+    }
+
     #[test]
     fn grouped_masked_matches(experts in 1usize..9, cap in 1usize..24, n in small_dim(), fp8 in any::<bool>(), seed in any::<u64>()) {
         let (k, path) = (256, if fp8 { GemmPath::Fp8 } else { GemmPath::Reference });
@@ -275,6 +295,16 @@ fn bad_shapes_are_typed_errors() {
     let w = Fp8Weight::quantize(16, 128, &vec![0.5; 16 * 128]).unwrap();
     let r = gemm::gemm(&a, w.view(), GemmShape { m: 2, n: 16, k: 128 }, GemmPath::Fp8, &mut [0.0; 32]);
     assert!(matches!(&r, Err(KernelError::Invalid { op: "gemm", what: "a", detail }) if detail.contains("row 1")), "{r:?}");
+}
+
+#[test]
+fn paired_grouped_gemm_refuses_sets_of_different_widths() {
+    let mut rng = Rng::new(3);
+    let (w0, w1) = (random_weight(&mut rng, 16, 128), random_weight(&mut rng, 32, 128));
+    let (a, off) = (rng.vec(2 * 128, 1.0), [0u32, 2]);
+    let (mut o0, mut o1) = (vec![0f32; 2 * 16], vec![0f32; 2 * 16]);
+    let e = gemm::grouped_contiguous_pair(&a, &off, [&[w0.view()], &[w1.view()]], GemmPath::Reference, [&mut o0, &mut o1]).unwrap_err();
+    assert!(matches!(e, KernelError::Length { .. } | KernelError::Shape { .. }), "{e}");
 }
 
 #[test]

@@ -211,8 +211,7 @@ impl<B: Backend> MoeLayer<B> {
             let (gate, up, down) =
                 (self.experts.refs(&self.experts.gate), self.experts.refs(&self.experts.up), self.experts.refs(&self.experts.down));
             let (mut g, mut u, mut a) = (b.zeros::<f32>(pairs * inter)?, b.zeros::<f32>(pairs * inter)?, b.zeros::<f32>(pairs * inter)?);
-            b.grouped_gemm_planned(&xp, &plan, &gate, path, &mut g)?;
-            b.grouped_gemm_planned(&xp, &plan, &up, path, &mut u)?;
+            b.grouped_gemm_planned_pair(&xp, &plan, [&gate, &up], path, [&mut g, &mut u])?;
             b.silu_mul(&g, &u, RowsShape { rows: pairs, cols: inter }, &mut a)?;
             let mut yp = b.zeros::<f32>(pairs * h)?;
             b.grouped_gemm_planned(&a, &plan, &down, path, &mut yp)?;

@@ -47,7 +47,7 @@ mod cpu;
 pub mod reference;
 mod tile;
 
-pub use cpu::{gemm, gemm_fp8_quantized, grouped_contiguous, grouped_masked};
+pub use cpu::{gemm, gemm_fp8_quantized, grouped_contiguous, grouped_contiguous_pair, grouped_masked};
 
 use crate::error::{Result, check_len, checked_mul, invalid, shape_err};
 use crate::fp8::{BLOCK, Fp8WeightRef};
