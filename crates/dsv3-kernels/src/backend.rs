@@ -310,6 +310,21 @@ pub trait Backend: Send + Sync + Debug {
         path: GemmPath,
         out: &mut Self::Buf<f32>,
     ) -> Result<()>;
+    /// Two [`Backend::gemm`] of the same activation against weights of the same shape (an MLP's
+    /// gate and up projection), with the same results. The default runs them one after the
+    /// other; the CPU runs both in one parallel pass.
+    fn gemm_pair(
+        &self,
+        a: &Self::Buf<f32>,
+        w: [&Self::Weight; 2],
+        shape: GemmShape,
+        path: GemmPath,
+        out: [&mut Self::Buf<f32>; 2],
+    ) -> Result<()> {
+        let [o0, o1] = out;
+        self.gemm(a, w[0], shape, path, o0)?;
+        self.gemm(a, w[1], shape, path, o1)
+    }
     /// Two [`Backend::grouped_gemm_planned`] of the same activations and plan (every expert's
     /// gate and up projection), with the same results. The default runs them one after the
     /// other; the CPU runs both in one parallel pass.
@@ -593,6 +608,19 @@ impl Backend for Cpu {
     fn grouped_gemm_planned(&self, a: &Vec<f32>, plan: &DispatchPlan, w: &[&Fp8Weight], path: GemmPath, out: &mut Vec<f32>) -> Result<()> {
         let views: Vec<Fp8WeightRef<'_>> = w.iter().map(|w| w.view()).collect();
         gemm::grouped_contiguous(a, plan.offsets(), &views, path, out)
+    }
+    fn gemm_pair(&self, a: &Vec<f32>, w: [&Fp8Weight; 2], shape: GemmShape, path: GemmPath, out: [&mut Vec<f32>; 2]) -> Result<()> {
+        let [o0, o1] = out;
+        if path == GemmPath::Fp8 && w.iter().any(|w| w.act_scale_fmt() != ScaleFmt::Float) {
+            self.gemm(a, w[0], shape, path, o0)?;
+            return self.gemm(a, w[1], shape, path, o1);
+        }
+        // One expert over every row: the dense GEMM's jobs, both in one pass.
+        for (w, o) in w.iter().zip([&*o0, &*o1]) {
+            shape.validate("gemm_pair", path, a.len(), &w.view(), o.len())?;
+        }
+        let offsets = [0, u32::try_from(shape.m).map_err(|_| crate::error::shape_err("gemm_pair", "more than 2^32 rows"))?];
+        gemm::grouped_contiguous_pair(a, &offsets, [&[w[0].view()], &[w[1].view()]], path, [o0, o1])
     }
     fn grouped_gemm_planned_pair(
         &self,

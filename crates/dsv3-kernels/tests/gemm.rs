@@ -297,6 +297,35 @@ fn bad_shapes_are_typed_errors() {
     assert!(matches!(&r, Err(KernelError::Invalid { op: "gemm", what: "a", detail }) if detail.contains("row 1")), "{r:?}");
 }
 
+/// `Backend::gemm_pair` on the CPU (one pass) gives each weight the bits of its own GEMM, on
+/// the matrix-vector path (m <= 8) and the tile path, both numeric paths.
+#[test]
+fn gemm_pair_is_two_gemms() {
+    let mut rng = Rng::new(5);
+    let (n, k) = (96, 256);
+    let (w0, w1) = (random_weight(&mut rng, n, k), random_weight(&mut rng, n, k));
+    for m in [1, 3, 9, 40] {
+        for path in [GemmPath::Reference, GemmPath::Fp8] {
+            let a = rng.vec(m * k, 1.0);
+            let s = GemmShape { m, n, k };
+            let (mut p0, mut p1) = (vec![0f32; m * n], vec![0f32; m * n]);
+            Cpu.gemm_pair(&a, [&w0, &w1], s, path, [&mut p0, &mut p1]).unwrap();
+            for (w, got) in [(&w0, &p0), (&w1, &p1)] {
+                let mut want = vec![0f32; m * n];
+                Cpu.gemm(&a, w, s, path, &mut want).unwrap();
+                assert_eq!(
+                    got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    "m {m} {path:?}"
+                );
+            }
+        }
+    }
+    let mut short = vec![0f32; 5];
+    let e = Cpu.gemm_pair(&rng.vec(k, 1.0), [&w0, &w1], GemmShape { m: 1, n, k }, GemmPath::Reference, [&mut vec![0f32; n], &mut short]);
+    assert!(matches!(e, Err(KernelError::Length { .. })), "{e:?}");
+}
+
 #[test]
 fn paired_grouped_gemm_refuses_sets_of_different_widths() {
     let mut rng = Rng::new(3);

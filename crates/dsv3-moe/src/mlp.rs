@@ -49,8 +49,7 @@ impl<B: Backend> DenseMlp<B> {
         }
         let inner = mul("x", tokens, i)?;
         let (mut g, mut u, mut act) = (b.zeros::<f32>(inner)?, b.zeros::<f32>(inner)?, b.zeros::<f32>(inner)?);
-        b.gemm(x, &self.gate, GemmShape { m: tokens, n: i, k: h }, path, &mut g)?;
-        b.gemm(x, &self.up, GemmShape { m: tokens, n: i, k: h }, path, &mut u)?;
+        b.gemm_pair(x, [&self.gate, &self.up], GemmShape { m: tokens, n: i, k: h }, path, [&mut g, &mut u])?;
         b.silu_mul(&g, &u, RowsShape { rows: tokens, cols: i }, &mut act)?;
         let mut y = b.zeros::<f32>(xs)?;
         b.gemm(&act, &self.down, GemmShape { m: tokens, n: h, k: i }, path, &mut y)?;

@@ -98,7 +98,7 @@ impl std::str::FromStr for GemmPath {
 }
 
 impl GemmShape {
-    fn validate(&self, op: &'static str, path: GemmPath, a: usize, w: &Fp8WeightRef<'_>, out: usize) -> Result<()> {
+    pub(crate) fn validate(&self, op: &'static str, path: GemmPath, a: usize, w: &Fp8WeightRef<'_>, out: usize) -> Result<()> {
         self.check(op, path, a, (w.rows(), w.cols()), out)
     }
 
