@@ -175,12 +175,15 @@ fn batched<B: Backend>(
     let prompts: Vec<Vec<u32>> = (0..n).map(|k| bench_prompt(vocab, prompt, k)).collect();
     let batch: Vec<_> = seqs.iter().zip(&prompts).map(|(&s, p)| (s, &p[..])).collect();
     let last: Vec<usize> = (0..n).map(|k| (k + 1) * prompt - 1).collect();
+    m.profile().enable(profile);
     let t = Instant::now();
     let mut next = {
         let h = m.forward_hidden(b, &mut cache, &batch)?;
         m.sample(b, &h, &last, &vec![SampleRow::GREEDY; n], vocab)?
     };
     let prefill = t.elapsed().as_secs_f64();
+    let prefill_parts = profile.then(|| prefill_parts(m, prefill));
+    m.profile().enable(false);
     runner.set_timing(true);
     let mut timed = 0.0;
     let (mut wall, mut device, mut host, mut per_step) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -242,6 +245,7 @@ fn batched<B: Backend>(
         "captures": rs.captures,
         "capture_error": rs.capture_error,
         "profile": parts,
+        "prefill_profile": prefill_parts,
     }))
 }
 
@@ -267,8 +271,32 @@ fn profile_parts<B: Backend>(m: &Model<B>, total_s: f64, steps: usize, bandwidth
     serde_json::Value::Array(parts)
 }
 
-/// The profile of a batch ([`profile_parts`]), a line per part, if it has one.
+/// The prefill's time per part of the model (the head samples the last rows only), and the
+/// rest (embedding, final norm, cache bookkeeping).
+fn prefill_parts<B: Backend>(m: &Model<B>, total_s: f64) -> serde_json::Value {
+    let mut rest = total_s;
+    let mut parts: Vec<serde_json::Value> = Part::ALL
+        .into_iter()
+        .map(|p| {
+            let s = m.profile().get(p).as_secs_f64();
+            rest -= s;
+            serde_json::json!({ "part": p.name(), "step_s": s, "share": s / total_s })
+        })
+        .collect();
+    parts.push(serde_json::json!({ "part": "other", "step_s": rest, "share": rest / total_s }));
+    serde_json::Value::Array(parts)
+}
+
+/// The profiles of a batch ([`profile_parts`], [`prefill_parts`]), a line per part, if it has
+/// them.
 fn print_profile(r: &serde_json::Value) {
+    if let Some(parts) = r["prefill_profile"].as_array() {
+        let line: Vec<String> = parts
+            .iter()
+            .map(|p| format!("{} {:.1} ms", p["part"].as_str().unwrap_or("?"), p["step_s"].as_f64().unwrap_or(f64::NAN) * 1e3))
+            .collect();
+        println!("  prefill: {}", line.join(", "));
+    }
     for p in r["profile"].as_array().into_iter().flatten() {
         let f = |k: &str| p[k].as_f64().unwrap_or(f64::NAN);
         let mut line = format!("  {:<20} {:>8.3} ms {:>5.1}%", p["part"].as_str().unwrap_or("?"), f("step_s") * 1e3, 100.0 * f("share"));
