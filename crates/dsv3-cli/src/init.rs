@@ -17,11 +17,16 @@ pub struct InitArgs {
     pub tokenizer: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Vocabulary size (rows of the embedding and lm_head) instead of the preset's; the
+    /// tokenizer, if any, must fit (give a smaller one with --tokenizer).
+    #[arg(long)]
+    pub vocab: Option<usize>,
 }
 
 pub fn run(a: InitArgs) -> Result<()> {
     let preset = Preset::from_name(&a.preset)?;
-    let opts = InitOptions { seed: a.seed, tokenizer_dir: a.tokenizer.or_else(default_tokenizer_dir), ..Default::default() };
+    let opts =
+        InitOptions { seed: a.seed, tokenizer_dir: a.tokenizer.or_else(default_tokenizer_dir), vocab_size: a.vocab, ..Default::default() };
     let report = init_random_preset(preset, &a.out, &opts)?;
     println!(
         "wrote {}: {} tensors, {:.1} MB in {} file(s)",

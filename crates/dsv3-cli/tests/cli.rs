@@ -160,3 +160,17 @@ fn init_random_refuses_an_existing_directory() {
     assert_eq!(std::fs::read(dir.join("keep.txt")).unwrap(), b"mine");
     assert!(!Path::new(&dir.join("config.json")).exists());
 }
+
+#[test]
+fn init_random_vocab_sets_the_vocabulary_and_refuses_zero() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    let o = dsv3(&["init-random", "--preset", "tiny", "--vocab", "500", "--out", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["vocab_size"], 500);
+    let o = dsv3(&["init-random", "--preset", "tiny", "--vocab", "0", "--out", tmp.path().join("z").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--vocab") && stderr(&o).contains("vocab_size"), "{}", stderr(&o));
+    assert!(!tmp.path().join("z").exists());
+}

@@ -14,7 +14,7 @@
 
 use crate::checkpoint::{Checkpoint, Progress};
 use crate::config::ModelConfig;
-use crate::error::{Result, output_err};
+use crate::error::{Result, RuntimeError, output_err};
 use crate::plan::{PlannedTensor, TensorRole, tensor_plan};
 use crate::presets::Preset;
 use crate::tensor_file::{Dtype, TensorSpec};
@@ -35,6 +35,9 @@ pub struct InitOptions {
     pub seed: u64,
     /// A directory with `tokenizer.json` (and `tokenizer_config.json`) to copy into the model.
     pub tokenizer_dir: Option<PathBuf>,
+    /// Rows of the embedding and `lm_head` instead of the preset's (or the tokenizer's) count;
+    /// the tokenizer, if any, must fit in it.
+    pub vocab_size: Option<usize>,
     /// Largest data size of one shard; beyond it the weights are sharded with an index.
     pub shard_max_bytes: u64,
     /// Progress bar on a terminal.
@@ -43,7 +46,7 @@ pub struct InitOptions {
 
 impl Default for InitOptions {
     fn default() -> Self {
-        InitOptions { seed: 0, tokenizer_dir: None, shard_max_bytes: 4 << 30, progress: Progress::Auto }
+        InitOptions { seed: 0, tokenizer_dir: None, vocab_size: None, shard_max_bytes: 4 << 30, progress: Progress::Auto }
     }
 }
 
@@ -61,16 +64,23 @@ pub struct InitReport {
 }
 
 /// Writes `preset` to `out`. With a tokenizer, the tiny presets take their vocabulary from it
-/// (the token count rounded up to a multiple of 128) and BOS/EOS from its config.
+/// (the token count rounded up to a multiple of 128) and BOS/EOS from its config. An explicit
+/// [`InitOptions::vocab_size`] wins over both; the tokenizer must then fit in it.
 pub fn init_random_preset(preset: Preset, out: &Path, opts: &InitOptions) -> Result<InitReport> {
     let mut cfg = preset.config();
+    if let Some(v) = opts.vocab_size {
+        if v == 0 {
+            return Err(RuntimeError::Config { file: "--vocab".into(), field: "vocab_size".into(), detail: "must be at least 1".into() });
+        }
+        cfg.vocab_size = v;
+    }
     if let Some(dir) = &opts.tokenizer_dir {
         let tok = Tokenizer::from_dir(dir)?.ok_or_else(|| output_err(dir, "has no tokenizer.json"))?;
         let need = tok.token_count();
-        if preset.vocab_from_tokenizer() {
+        if preset.vocab_from_tokenizer() && opts.vocab_size.is_none() {
             cfg.vocab_size = need.next_multiple_of(128);
         } else if need > cfg.vocab_size {
-            return Err(output_err(dir, format!("tokenizer has {need} tokens, more than the preset's vocab_size {}", cfg.vocab_size)));
+            return Err(output_err(dir, format!("tokenizer has {need} tokens, more than the vocab_size {}", cfg.vocab_size)));
         }
         cfg.bos_token_id = tok.bos_id().or(cfg.bos_token_id);
         if let Some(e) = tok.eos_id() {

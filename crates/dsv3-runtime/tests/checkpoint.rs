@@ -167,3 +167,39 @@ fn an_uncommitted_output_dir_is_removed() {
     assert!(!target.exists());
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
 }
+
+/// `vocab_size` resizes the embedding and lm_head of a preset (and wins over a tokenizer's
+/// count); 0, or a tokenizer with more tokens than that, is refused with a typed error and
+/// nothing is written.
+#[test]
+fn vocab_option_resizes_embedding_and_head_and_refuses_what_does_not_fit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = |v| dsv3_runtime::InitOptions { vocab_size: Some(v), progress: Progress::Never, ..Default::default() };
+    let rep = dsv3_runtime::init_random_preset(Preset::Tiny, &tmp.path().join("v300"), &opts(300)).unwrap();
+    let (cfg, ck) = load_everything(&rep.dir);
+    assert_eq!(cfg.vocab_size, 300);
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+        assert_eq!(ck.info(name).unwrap().1.shape, [300, cfg.hidden_size], "{name}");
+    }
+
+    let err = dsv3_runtime::init_random_preset(Preset::Tiny, &tmp.path().join("v0"), &opts(0)).unwrap_err();
+    assert!(matches!(&err, RuntimeError::Config { field, .. } if field == "vocab_size"), "{err}");
+    // The preset's EOS id 1 does not fit in one row.
+    let err = dsv3_runtime::init_random_preset(Preset::Tiny, &tmp.path().join("v1"), &opts(1)).unwrap_err();
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+
+    let tok = tmp.path().join("tok");
+    std::fs::create_dir(&tok).unwrap();
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..40).map(|i| (format!("w{i}"), i.into())).collect();
+    let tj = serde_json::json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}});
+    std::fs::write(tok.join("tokenizer.json"), serde_json::to_vec(&tj).unwrap()).unwrap();
+    let with_tok = |v| dsv3_runtime::InitOptions { tokenizer_dir: Some(tok.clone()), ..opts(v) };
+    let err = dsv3_runtime::init_random_preset(Preset::Tiny, &tmp.path().join("v32"), &with_tok(32)).unwrap_err();
+    assert!(matches!(err, RuntimeError::Output { .. }) && err.to_string().contains("40 tokens"), "{err}");
+    let rep = dsv3_runtime::init_random_preset(Preset::Tiny, &tmp.path().join("v64"), &with_tok(64)).unwrap();
+    assert_eq!(rep.config.vocab_size, 64, "the explicit size, not the tokenizer's rounded up to 128");
+    let names: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), 3, "only v300, tok and v64: {names:?}");
+}
