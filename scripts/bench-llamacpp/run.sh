@@ -29,6 +29,7 @@ MODEL=$(realpath "$1")
 shift
 ROUNDS=9 THREADS=2 PROMPTS=16,128 DECODE=64 DSV3_ARGS="" OUT="" IDLE=90
 while [ $# -gt 0 ]; do
+  [ $# -ge 2 ] || { echo "$1 needs a value" >&2; exit 2; }
   case $1 in
     --rounds) ROUNDS=$2 ;;
     --threads) THREADS=$2 ;;
@@ -39,7 +40,6 @@ while [ $# -gt 0 ]; do
     --idle) IDLE=$2 ;;
     *) echo "unknown option $1" >&2; usage ;;
   esac
-  [ $# -ge 2 ] || { echo "$1 needs a value" >&2; exit 2; }
   shift 2
 done
 for v in "$ROUNDS" "$THREADS" "$DECODE"; do
