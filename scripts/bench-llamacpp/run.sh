@@ -97,8 +97,9 @@ run_dsv3() { # round
   for p in "${PS[@]}"; do
     local d=$DECODE flag=(--decode)
     if [ $first -eq 0 ]; then d=1 flag=(); fi # decode is taken from the first prompt size only
-    RAYON_NUM_THREADS=$THREADS "$DSV3" bench --model "$MODEL" --prompt-tokens "$p" --decode-tokens "$d" \
-      --batch 1 "${EXTRA[@]}" >"$OUT/raw/r$1-dsv3-p$p.txt" 2>"$OUT/raw/r$1-dsv3-p$p.err"
+    local cmd=("$DSV3" bench --model "$MODEL" --prompt-tokens "$p" --decode-tokens "$d" --batch 1 "${EXTRA[@]}")
+    echo "RAYON_NUM_THREADS=$THREADS ${cmd[*]}" >"$OUT/raw/r$1-dsv3-p$p.cmd"
+    RAYON_NUM_THREADS=$THREADS "${cmd[@]}" >"$OUT/raw/r$1-dsv3-p$p.txt" 2>"$OUT/raw/r$1-dsv3-p$p.err"
     "${COMPARE[@]}" dsv3 "$RESULTS" "$1" "$p" "${flag[@]}" <"$OUT/raw/r$1-dsv3-p$p.txt"
     first=0
   done
