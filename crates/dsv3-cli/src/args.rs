@@ -155,7 +155,11 @@ impl ModelArgs {
             (Some(d), _) => Ok((d.clone(), None)),
             (None, Some(p)) => {
                 let preset = Preset::from_name(p)?;
-                let dir = std::env::temp_dir().join(format!("dsv3-{}-{}", preset.name(), std::process::id()));
+                // The process id alone was reused by a later process while a killed one's
+                // directory was still there ("exists and is not empty"); the clock makes the
+                // name unique.
+                let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+                let dir = std::env::temp_dir().join(format!("dsv3-{}-{}-{nanos}", preset.name(), std::process::id()));
                 let opts = InitOptions { tokenizer_dir: default_tokenizer_dir(), ..Default::default() };
                 init_random_preset(preset, &dir, &opts)?;
                 Ok((dir.clone(), Some(TempDir(dir))))

@@ -55,8 +55,10 @@ impl OnDevice for BenchArgs {
         println!("{}", limits.describe());
         let prompt = bench_prompt(cfg.vocab_size, a.prompt_tokens.max(1), 0);
         let params = SamplingParams::default();
-        // Warm-up (page in the weights), then the measured run; EOS is ignored so every step runs.
-        let warm = Request { prompt: &prompt[..1], max_tokens: 2, sampling: params, eos: &[], allowed: cfg.vocab_size };
+        // Warm-up with the same prompt (page in the weights, and let the allocator hold the
+        // prefill's buffers, as llama-bench's warm-up run does), then the measured run; EOS is
+        // ignored so every step runs.
+        let warm = Request { prompt: &prompt, max_tokens: 2, sampling: params, eos: &[], allowed: cfg.vocab_size };
         generate(b, m, &warm, |_| Ok(()))?;
         let t = Instant::now();
         let req = Request { prompt: &prompt, max_tokens: a.decode_tokens + 1, sampling: params, eos: &[], allowed: cfg.vocab_size };

@@ -17,11 +17,9 @@ mod serve;
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
-/// mimalloc keeps freed pages for reuse: a step's buffers of a few MB (the activations of a
-/// prefill chunk, logits) were handed back to the kernel by glibc and faulted in and zeroed
-/// again on the next step, which cost ~20% of a long prefill in page faults.
+/// mimalloc, keeping the pages it frees (`dsv3_kernels::alloc`).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: dsv3_kernels::alloc::MiMalloc = dsv3_kernels::alloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(name = "dsv3", version, about = "DeepSeek-V3 inference engine (CPU and CUDA backends)")]
@@ -51,6 +49,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    dsv3_kernels::alloc::keep_freed_pages();
     let cmd = Cli::parse().cmd;
     // Commands run on a worker of this pool (below): give its threads the main thread's stack.
     // `RAYON_NUM_THREADS` still sets their number. (An error here means a pool already exists.)

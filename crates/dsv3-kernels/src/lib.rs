@@ -41,6 +41,8 @@ pub mod machine;
 pub mod mmap;
 mod simd;
 
+#[cfg(feature = "mimalloc")]
+pub mod alloc;
 pub mod bf16_gemm;
 pub mod fp8;
 pub mod gemm;
