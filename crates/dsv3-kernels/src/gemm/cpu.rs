@@ -88,21 +88,7 @@ pub fn gemm_fp8_quantized(a_q: &[u8], a_s: &[f32], w: Fp8WeightRef<'_>, s: GemmS
 pub fn grouped_contiguous(a: &[f32], offsets: &[u32], w: &[Fp8WeightRef<'_>], path: GemmPath, out: &mut [f32]) -> Result<()> {
     const OP: &str = "grouped_contiguous";
     let g = GroupedShape::contiguous(OP, a.len(), offsets, &shapes(w), out.len())?;
-    let rows = offsets[w.len()] as usize;
-    if path == GemmPath::Fp8 && !g.k.is_multiple_of(BLOCK) {
-        return Err(shape_err(OP, format!("the fp8 path needs k % 128 == 0, got k = {}", g.k)));
-    }
-    let prepared = prepare_a(OP, a, rows, g.k, path)?;
-    let side = prepared.side(a);
-    let jobs: Vec<Job<'_>> = (0..w.len())
-        .filter(|&e| offsets[e + 1] > offsets[e])
-        .map(|e| {
-            let (r0, r1) = (offsets[e] as usize, offsets[e + 1] as usize);
-            Job { a: side.rows(r0, r1, g.k), w: w[e], out_row: r0, m: r1 - r0 }
-        })
-        .collect();
-    run_jobs(&jobs, g.n, g.k, out);
-    Ok(())
+    grouped_sets(OP, a, offsets, &[w], (g.n, g.k), path, out)
 }
 
 /// Two grouped GEMMs of the same activations and offsets (every expert's gate and up
@@ -123,26 +109,43 @@ pub fn grouped_contiguous_pair(
     if g1.n != g.n {
         return Err(shape_err(OP, format!("the two weight sets have {} and {} rows", g.n, g1.n)));
     }
-    let rows = offsets[w[0].len()] as usize;
-    if path == GemmPath::Fp8 && !g.k.is_multiple_of(BLOCK) {
-        return Err(shape_err(OP, format!("the fp8 path needs k % 128 == 0, got k = {}", g.k)));
+    let mut both = vec![0f32; o0.len() + o1.len()];
+    grouped_sets(OP, a, offsets, &w, (g.n, g.k), path, &mut both)?;
+    let (b0, b1) = both.split_at(o0.len());
+    o0.copy_from_slice(b0);
+    o1.copy_from_slice(b1);
+    Ok(())
+}
+
+/// The grouped GEMM of every weight set in `sets` (each checked against `offsets` and `[n, k]`
+/// by the caller) in one parallel pass, with the activation prepared once: set `i` writes rows
+/// `i·rows..(i+1)·rows` of `out` (`[sets · rows, n]`, `rows` = the offsets' total).
+fn grouped_sets(
+    op: &'static str,
+    a: &[f32],
+    offsets: &[u32],
+    sets: &[&[Fp8WeightRef<'_>]],
+    (n, k): (usize, usize),
+    path: GemmPath,
+    out: &mut [f32],
+) -> Result<()> {
+    if path == GemmPath::Fp8 && !k.is_multiple_of(BLOCK) {
+        return Err(shape_err(op, format!("the fp8 path needs k % 128 == 0, got k = {k}")));
     }
-    let prepared = prepare_a(OP, a, rows, g.k, path)?;
+    let rows = offsets.last().copied().unwrap_or(0) as usize;
+    let prepared = prepare_a(op, a, rows, k, path)?;
     let side = prepared.side(a);
-    // Both products write one [2 rows, n] buffer: the second set's rows after the first's.
-    let jobs: Vec<Job<'_>> = (0..2)
-        .flat_map(|i| {
-            (0..w[i].len()).filter(|&e| offsets[e + 1] > offsets[e]).map(move |e| {
+    let jobs: Vec<Job<'_>> = sets
+        .iter()
+        .enumerate()
+        .flat_map(|(i, w)| {
+            (0..w.len()).filter(|&e| offsets[e + 1] > offsets[e]).map(move |e| {
                 let (r0, r1) = (offsets[e] as usize, offsets[e + 1] as usize);
-                Job { a: side.rows(r0, r1, g.k), w: w[i][e], out_row: i * rows + r0, m: r1 - r0 }
+                Job { a: side.rows(r0, r1, k), w: w[e], out_row: i * rows + r0, m: r1 - r0 }
             })
         })
         .collect();
-    let mut both = vec![0f32; 2 * rows * g.n];
-    run_jobs(&jobs, g.n, g.k, &mut both);
-    let (b0, b1) = both.split_at(rows * g.n);
-    o0.copy_from_slice(b0);
-    o1.copy_from_slice(b1);
+    run_jobs(&jobs, n, k, out);
     Ok(())
 }
 
