@@ -556,10 +556,7 @@ impl<B: Backend> Model<B> {
         self.profile.time(Part::Head, || {
             let mut logits = b.zeros::<f32>(t * vocab)?;
             let shape = GemmShape { m: t, n: vocab, k: h };
-            match self.head_mode {
-                LmHead::Int8 => b.gemm_dense_screened(&hidden, &self.lm_head, shape, &mut logits)?,
-                LmHead::Exact => b.gemm_dense(&hidden, &self.lm_head, shape, &mut logits)?,
-            }
+            head_gemm(b, &self.lm_head, &hidden, shape, self.head_mode == LmHead::Int8, &mut logits)?;
             b.sample_rows(&logits, SampleShape { rows: t, vocab, allowed }, rows, out)?;
             Ok(())
         })
@@ -756,13 +753,26 @@ pub(crate) fn head_logits_buf<B: Backend>(
     let all = rows.iter().enumerate().all(|(i, &r)| i == r) && b.len(hidden) == rows.len() * width;
     let picked = if all { None } else { Some(select_rows(b, hidden, width, rows)?) };
     let mut out = b.zeros::<f32>(rows.len() * vocab)?;
-    let (a, shape) = (picked.as_ref().unwrap_or(hidden), GemmShape { m: rows.len(), n: vocab, k: width });
-    if screened {
-        b.gemm_dense_screened(a, head, shape, &mut out)?
-    } else {
-        b.gemm_dense(a, head, shape, &mut out)?
-    }
+    let shape = GemmShape { m: rows.len(), n: vocab, k: width };
+    head_gemm(b, head, picked.as_ref().unwrap_or(hidden), shape, screened, &mut out)?;
     Ok(out)
+}
+
+/// `out = a · headᵀ`: exact, or screened by the head's int8 copy ([`LmHead::Int8`]).
+fn head_gemm<B: Backend>(
+    b: &B,
+    head: &B::DenseWeight,
+    a: &B::Buf<f32>,
+    shape: GemmShape,
+    screened: bool,
+    out: &mut B::Buf<f32>,
+) -> Result<()> {
+    if screened {
+        b.gemm_dense_screened(a, head, shape, out)?
+    } else {
+        b.gemm_dense(a, head, shape, out)?
+    }
+    Ok(())
 }
 
 /// The router, bias, shared experts and the routed experts of `shard` of one MoE layer.
