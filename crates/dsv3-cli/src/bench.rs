@@ -184,7 +184,7 @@ fn batched<B: Backend>(
         m.sample(b, &h, &last, &vec![SampleRow::GREEDY; n], vocab)?
     };
     let prefill = t.elapsed().as_secs_f64();
-    let prefill_parts = profile.then(|| prefill_parts(m, prefill));
+    let prefill_parts = profile.then(|| profile_parts(m, prefill, 1, None));
     m.profile().enable(false);
     runner.set_timing(true);
     let mut timed = 0.0;
@@ -212,7 +212,7 @@ fn batched<B: Backend>(
         }
     }
     runner.set_timing(false);
-    let parts = profile.then(|| profile_parts(m, timed, steps, bandwidth));
+    let parts = profile.then(|| profile_parts(m, timed, steps, Some(bandwidth)));
     m.profile().enable(false);
     let step = median(&mut wall);
     let bytes = m.decode_weight_bytes_for(n);
@@ -251,10 +251,11 @@ fn batched<B: Backend>(
     }))
 }
 
-/// Per part of the step ([`Part`]): seconds per step, share of the step, weight bytes, GB/s
-/// and its ratio to `bandwidth`; "other" is the rest of the step (embedding, final norm, step
-/// bookkeeping).
-fn profile_parts<B: Backend>(m: &Model<B>, total_s: f64, steps: usize, bandwidth: f64) -> serde_json::Value {
+/// Per part of the model ([`Part`]) over `steps` steps of `total_s` seconds in all: seconds per
+/// step and share of the step, and "other", the rest (embedding, final norm, step
+/// bookkeeping). With `bandwidth` (a decode step), also each part's weight bytes, GB/s and
+/// their ratio to it.
+fn profile_parts<B: Backend>(m: &Model<B>, total_s: f64, steps: usize, bandwidth: Option<f64>) -> serde_json::Value {
     let per_step = |s: f64| s / steps.max(1) as f64;
     let step = per_step(total_s);
     let bytes = m.decode_bytes();
@@ -263,33 +264,24 @@ fn profile_parts<B: Backend>(m: &Model<B>, total_s: f64, steps: usize, bandwidth
     for p in Part::ALL {
         let s = per_step(m.profile().get(p).as_secs_f64());
         rest -= s;
-        let gbs = bytes.of(p) as f64 / s.max(1e-12) / 1e9;
-        parts.push(serde_json::json!({
-            "part": p.name(), "step_s": s, "share": s / step, "weight_bytes": bytes.of(p),
-            "gb_per_s": gbs, "ratio_to_bandwidth": gbs * 1e9 / bandwidth,
-        }));
+        let mut part = serde_json::json!({ "part": p.name(), "step_s": s, "share": s / step });
+        if let (Some(bw), Some(obj)) = (bandwidth, part.as_object_mut()) {
+            let gbs = bytes.of(p) as f64 / s.max(1e-12) / 1e9;
+            obj.insert("weight_bytes".into(), bytes.of(p).into());
+            obj.insert("gb_per_s".into(), gbs.into());
+            obj.insert("ratio_to_bandwidth".into(), (gbs * 1e9 / bw).into());
+        }
+        parts.push(part);
     }
-    parts.push(serde_json::json!({ "part": "other", "step_s": rest, "share": rest / step, "weight_bytes": 0 }));
+    let mut other = serde_json::json!({ "part": "other", "step_s": rest, "share": rest / step });
+    if let (Some(_), Some(obj)) = (bandwidth, other.as_object_mut()) {
+        obj.insert("weight_bytes".into(), 0.into());
+    }
+    parts.push(other);
     serde_json::Value::Array(parts)
 }
 
-/// The prefill's time per part of the model (the head samples the last rows only), and the
-/// rest (embedding, final norm, cache bookkeeping).
-fn prefill_parts<B: Backend>(m: &Model<B>, total_s: f64) -> serde_json::Value {
-    let mut rest = total_s;
-    let mut parts: Vec<serde_json::Value> = Part::ALL
-        .into_iter()
-        .map(|p| {
-            let s = m.profile().get(p).as_secs_f64();
-            rest -= s;
-            serde_json::json!({ "part": p.name(), "step_s": s, "share": s / total_s })
-        })
-        .collect();
-    parts.push(serde_json::json!({ "part": "other", "step_s": rest, "share": rest / total_s }));
-    serde_json::Value::Array(parts)
-}
-
-/// The profiles of a batch ([`profile_parts`], [`prefill_parts`]), a line per part, if it has
+/// The profiles of a batch (prefill and decode, [`profile_parts`]), a line per part, if it has
 /// them.
 fn print_profile(r: &serde_json::Value) {
     if let Some(parts) = r["prefill_profile"].as_array() {
