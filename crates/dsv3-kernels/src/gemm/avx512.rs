@@ -1,12 +1,13 @@
-//! The AVX-512 kernels: the matrix-vector path (chunks of at most 4 rows, K a multiple of 128)
-//! and the tile path, with one summation order. Per (row, weight row) and 128-block: 16
-//! partial sums, one per K residue `l` (offsets `16c + l`, c = 0..8 in order, fused
-//! multiply-adds from zero), each promoted into its own total by one FMA with
-//! `promotion` (tile.rs); the 16 totals are then added in the fixed tree of [`hsum16`]. The
-//! matrix-vector path keeps the 16 residues in the lanes of one vector; the tile path keeps
-//! 16 activation rows in the lanes and runs the residues one after another ([`tile`]). Codes
-//! are decoded with one widening load, a shift pair and a mask into f16, then two 16-lane
-//! F16C conversions.
+//! The AVX-512 kernels: the matrix-vector path (chunks of at most 4 rows, K a multiple of
+//! 128), the row-tile path (9 to 63 rows, K a multiple of 128) and the outer-product tile path,
+//! with one summation order. Per (row, weight row) and 128-block: 16 partial sums, one per K
+//! residue `l` (offsets `16c + l`, c = 0..8 in order, fused multiply-adds from zero), each
+//! promoted into its own total by one FMA with `promotion` (tile.rs); the 16 totals are then
+//! added in the fixed tree of [`hsum16`]. The matrix-vector and row-tile paths keep the 16
+//! residues in the lanes of one vector ([`matvec`], [`row_tile`]); the tile path keeps 16
+//! activation rows in the lanes and runs the residues one after another ([`tile`]). Codes are
+//! decoded with one widening load, a shift pair and a mask into f16, then two 16-lane F16C
+//! conversions.
 
 use super::cpu::Job;
 use super::tile::{ATiles, Scratch, promotion, row_scale, weight_promotion};
@@ -399,5 +400,181 @@ fn outer<const NR: usize, const MV: usize>(
                 }
             }
         }
+    }
+}
+
+/// 128-blocks of K per chunk of [`row_tile`]: the decoded weights of one register tile's
+/// weight rows (4 x 8 x 128 x 4 B = 16 KiB) stay in L1 while every row group passes over them.
+const ROW_TILE_CHUNK: usize = 4;
+
+/// Weight rows and activation rows of one register tile of [`row_tile`].
+const ROW_TILE_NR: usize = 4;
+
+/// How many weight rows ahead [`row_tile`] prefetches the codes it is about to decode.
+const ROW_TILE_AHEAD: usize = 4;
+const ROW_TILE_MR: usize = 4;
+
+/// The row-tile path: jobs of more than `AVX512_MATVEC_ROWS` (tile.rs) rows with K a whole
+/// number of 128-blocks, in the matrix-vector path's own form, so nothing is transposed: the
+/// 16 K residues sit in the lanes. K is taken in chunks of [`ROW_TILE_CHUNK`] blocks; per chunk,
+/// groups of 4 weight rows are decoded into L1 (units of 2^-8, as the matrix-vector path
+/// decodes them), and register tiles of 4 activation rows x 4 weight rows run through the
+/// chunk's blocks: per block, 8 steps of 4 activation loads, 4 weight loads and 16 fused
+/// multiply-adds from zero, then each partial sum promoted into its total
+/// (`tot [nw][rows][16]`, L1) with `promotion`. At the end each total's 16 lanes are added in
+/// [`hsum16`]. The same sums, in the same order, as [`matvec`] and [`tile`].
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)] // the tile's rectangle is four plain indices
+pub(super) fn row_tile(job: &Job<'_>, k: usize, m0: usize, m1: usize, n0: usize, n1: usize, scratch: &mut Scratch, tile: &mut [f32]) {
+    let (m, nw, kb_n) = (m1 - m0, n1 - n0, k / BLOCK);
+    let cw = ROW_TILE_CHUNK * BLOCK;
+    let (tot, wt) = scratch.take(nw * m * 16, nw * (cw + ROW_TILE_CHUNK));
+    let (wd, ws) = wt.split_at_mut(nw * cw);
+    let data = job.w.data();
+    for kc in (0..kb_n).step_by(ROW_TILE_CHUNK) {
+        let nb = (kb_n - kc).min(ROW_TILE_CHUNK);
+        for c in 0..nw {
+            let n = n0 + c;
+            let codes = &data[n * k + kc * BLOCK..n * k + (kc + nb) * BLOCK];
+            let dst = &mut wd[c * cw..];
+            // The codes ROW_TILE_AHEAD rows on (past the task's last row: the next chunk's
+            // first rows), fetched while this row decodes: each row's run is a few blocks,
+            // too short for the hardware prefetcher to start on.
+            let ahead = match c + ROW_TILE_AHEAD {
+                a if a < nw => Some((n0 + a) * k + kc * BLOCK),
+                a if kc + nb < kb_n => Some((n0 + a - nw) * k + (kc + nb) * BLOCK),
+                _ => None,
+            };
+            for (q, quad) in codes.chunks_exact(32).enumerate() {
+                if let Some(at) = ahead
+                    && q % 2 == 0
+                {
+                    // A prefetch never faults: an address past the weight is harmless.
+                    _mm_prefetch::<_MM_HINT_T0>(data.as_ptr().wrapping_add(at + 32 * q).cast());
+                }
+                let quad: &[u8; 32] = match quad.try_into() {
+                    Ok(q) => q,
+                    Err(_) => unreachable!("chunks_exact(32)"),
+                };
+                let (lo, hi) = decode32_div256(quad);
+                store16(&mut dst[32 * q..], lo);
+                store16(&mut dst[32 * q + 16..], hi);
+            }
+            for b in 0..nb {
+                ws[c * ROW_TILE_CHUNK + b] = weight_promotion(job, n, kc + b, kb_n);
+            }
+        }
+        let mut r = 0;
+        while r < m {
+            for c0 in (0..nw).step_by(ROW_TILE_NR) {
+                let nr = (nw - c0).min(ROW_TILE_NR);
+                let p = RowPass { job, k, kb_n, kc, nb, m0, r, m, c0, wd, ws };
+                let done = match ((m - r).min(ROW_TILE_MR), nr) {
+                    (1, 1) => p.run::<1, 1>(tot),
+                    (1, 2) => p.run::<1, 2>(tot),
+                    (1, 3) => p.run::<1, 3>(tot),
+                    (1, _) => p.run::<1, 4>(tot),
+                    (2, 1) => p.run::<2, 1>(tot),
+                    (2, 2) => p.run::<2, 2>(tot),
+                    (2, 3) => p.run::<2, 3>(tot),
+                    (2, _) => p.run::<2, 4>(tot),
+                    (3, 1) => p.run::<3, 1>(tot),
+                    (3, 2) => p.run::<3, 2>(tot),
+                    (3, 3) => p.run::<3, 3>(tot),
+                    (3, _) => p.run::<3, 4>(tot),
+                    (_, 1) => p.run::<4, 1>(tot),
+                    (_, 2) => p.run::<4, 2>(tot),
+                    (_, 3) => p.run::<4, 3>(tot),
+                    (_, _) => p.run::<4, 4>(tot),
+                };
+                if c0 + nr >= nw {
+                    r += done;
+                }
+            }
+        }
+    }
+    // Each output's 16 lanes added in hsum16's tree, 16 outputs (weight rows) at a time: a
+    // register transpose, then tree16.
+    let mut out = [0f32; 16];
+    for r in 0..m {
+        for c0 in (0..nw).step_by(16) {
+            let cn = (nw - c0).min(16);
+            let t: [__m512; 16] = std::array::from_fn(|i| if i < cn { load16(&tot[((c0 + i) * m + r) * 16..]) } else { _mm512_setzero_ps() });
+            store16(&mut out, tree16(transpose16(t)));
+            tile[r * nw + c0..r * nw + c0 + cn].copy_from_slice(&out[..cn]);
+        }
+    }
+}
+
+/// One register tile of [`row_tile`]: activation rows `m0 + r..` (job rows) against the
+/// decoded weight rows `wd [i][chunk · 128]` (weight rows `c0 + i` of the task), through the
+/// chunk's `nb` blocks.
+struct RowPass<'a> {
+    job: &'a Job<'a>,
+    k: usize,
+    kb_n: usize,
+    kc: usize,
+    nb: usize,
+    m0: usize,
+    /// First row of the tile within the task, and the task's rows.
+    r: usize,
+    m: usize,
+    /// First weight row of the tile within the task.
+    c0: usize,
+    wd: &'a [f32],
+    ws: &'a [f32],
+}
+
+impl RowPass<'_> {
+    /// Returns `MR`, the rows done.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    fn run<const MR: usize, const NR: usize>(&self, tot: &mut [f32]) -> usize {
+        let (k, cw, c0) = (self.k, ROW_TILE_CHUNK * BLOCK, self.c0);
+        let x = self.job.a.x;
+        let (wd, ws) = (&self.wd[c0 * cw..], &self.ws[c0 * ROW_TILE_CHUNK..]);
+        // The unchecked accesses below stay inside these bounds.
+        assert!(x.len() >= (self.m0 + self.r + MR) * k && (self.kc + self.nb) * BLOCK <= k);
+        assert!(wd.len() >= (NR - 1) * cw + self.nb * BLOCK && ws.len() >= (NR - 1) * ROW_TILE_CHUNK + self.nb);
+        assert!(tot.len() >= ((c0 + NR - 1) * self.m + self.r + MR) * 16);
+        let xp: [*const f32; MR] = std::array::from_fn(|i| x[(self.m0 + self.r + i) * k..].as_ptr());
+        let (wp, tp) = (wd.as_ptr(), tot.as_mut_ptr());
+        let mut sa = [[0f32; ROW_TILE_CHUNK]; MR];
+        for (i, s) in sa.iter_mut().enumerate() {
+            for (b, s) in s.iter_mut().enumerate().take(self.nb) {
+                *s = row_scale(self.job, self.m0 + self.r + i, self.kc + b, self.kb_n).unwrap_or(1.0);
+            }
+        }
+        let fp8 = self.job.a.scales.is_some();
+        for b in 0..self.nb {
+            let j0 = (self.kc + b) * BLOCK;
+            let mut acc = [[_mm512_setzero_ps(); NR]; MR];
+            for c in 0..std::hint::black_box(8usize).min(8) {
+                let mut a = [_mm512_setzero_ps(); MR];
+                for i in 0..MR {
+                    // SAFETY: row m0 + r + i < x.len() / k and j0 + 16 c + 16 <= k (asserted above).
+                    a[i] = unsafe { _mm512_loadu_ps(xp[i].add(j0 + 16 * c)) };
+                }
+                for j in 0..NR {
+                    // SAFETY: j cw + 128 b + 16 c + 16 <= (NR - 1) cw + 128 nb <= wd.len().
+                    let w = unsafe { _mm512_loadu_ps(wp.add(j * cw + b * BLOCK + 16 * c)) };
+                    for i in 0..MR {
+                        acc[i][j] = _mm512_fmadd_ps(a[i], w, acc[i][j]);
+                    }
+                }
+            }
+            for j in 0..NR {
+                // SAFETY: j CHUNK + b < (NR - 1) CHUNK + nb <= ws.len() (asserted above).
+                let ws = unsafe { *ws.get_unchecked(j * ROW_TILE_CHUNK + b) };
+                for i in 0..MR {
+                    let s = _mm512_set1_ps(promotion(fp8.then_some(sa[i][b]), ws));
+                    // SAFETY: ((c0 + j) m + r + i) 16 + 16 <= tot.len() (asserted above).
+                    unsafe {
+                        let p = tp.add(((c0 + j) * self.m + self.r + i) * 16);
+                        _mm512_storeu_ps(p, _mm512_fmadd_ps(acc[i][j], s, _mm512_loadu_ps(p)));
+                    }
+                }
+            }
+        }
+        MR
     }
 }

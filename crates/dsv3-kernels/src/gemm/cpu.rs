@@ -28,8 +28,8 @@ pub(super) struct ASide<'a> {
 pub(super) struct Job<'a> {
     pub(super) a: ASide<'a>,
     pub(super) w: Fp8WeightRef<'a>,
-    /// First output row in the caller's output buffer.
-    pub(super) out_row: usize,
+    /// Which of the call's output buffers the job writes, and its first row there.
+    pub(super) out: (usize, usize),
     pub(super) m: usize,
 }
 
@@ -37,8 +37,8 @@ pub(super) struct Job<'a> {
 pub fn gemm(a: &[f32], w: Fp8WeightRef<'_>, s: GemmShape, path: GemmPath, out: &mut [f32]) -> Result<()> {
     s.validate("gemm", path, a.len(), &w, out.len())?;
     let prepared = prepare_a("gemm", a, s.m, s.k, path)?;
-    let job = Job { a: prepared.side(a), w, out_row: 0, m: s.m };
-    run_jobs(&[job], s.n, s.k, out);
+    let job = Job { a: prepared.side(a), w, out: (0, 0), m: s.m };
+    run_jobs(&[job], s.n, s.k, &mut [out]);
     Ok(())
 }
 
@@ -79,8 +79,8 @@ pub fn gemm_fp8_quantized(a_q: &[u8], a_s: &[f32], w: Fp8WeightRef<'_>, s: GemmS
         return Err(invalid(OP, "a_s", format!("row {}, tile {}: scale {} is not finite and > 0", i / kb, i % kb, a_s[i])));
     }
     let x = decode_codes(a_q);
-    let job = Job { a: ASide { x: &x, scales: Some(a_s) }, w, out_row: 0, m: s.m };
-    run_jobs(&[job], s.n, s.k, out);
+    let job = Job { a: ASide { x: &x, scales: Some(a_s) }, w, out: (0, 0), m: s.m };
+    run_jobs(&[job], s.n, s.k, &mut [out]);
     Ok(())
 }
 
@@ -88,7 +88,7 @@ pub fn gemm_fp8_quantized(a_q: &[u8], a_s: &[f32], w: Fp8WeightRef<'_>, s: GemmS
 pub fn grouped_contiguous(a: &[f32], offsets: &[u32], w: &[Fp8WeightRef<'_>], path: GemmPath, out: &mut [f32]) -> Result<()> {
     const OP: &str = "grouped_contiguous";
     let g = GroupedShape::contiguous(OP, a.len(), offsets, &shapes(w), out.len())?;
-    grouped_sets(OP, a, offsets, &[w], (g.n, g.k), path, out)
+    grouped_sets(OP, a, offsets, &[w], (g.n, g.k), path, &mut [out])
 }
 
 /// Two grouped GEMMs of the same activations and offsets (every expert's gate and up
@@ -109,17 +109,12 @@ pub fn grouped_contiguous_pair(
     if g1.n != g.n {
         return Err(shape_err(OP, format!("the two weight sets have {} and {} rows", g.n, g1.n)));
     }
-    let mut both = vec![0f32; o0.len() + o1.len()];
-    grouped_sets(OP, a, offsets, &w, (g.n, g.k), path, &mut both)?;
-    let (b0, b1) = both.split_at(o0.len());
-    o0.copy_from_slice(b0);
-    o1.copy_from_slice(b1);
-    Ok(())
+    grouped_sets(OP, a, offsets, &w, (g.n, g.k), path, &mut [o0, o1])
 }
 
 /// The grouped GEMM of every weight set in `sets` (each checked against `offsets` and `[n, k]`
-/// by the caller) in one parallel pass, with the activation prepared once: set `i` writes rows
-/// `i·rows..(i+1)·rows` of `out` (`[sets · rows, n]`, `rows` = the offsets' total).
+/// by the caller) in one parallel pass, with the activation prepared once: set `i` writes
+/// `outs[i]` (`[rows, n]`, `rows` = the offsets' total).
 fn grouped_sets(
     op: &'static str,
     a: &[f32],
@@ -127,7 +122,7 @@ fn grouped_sets(
     sets: &[&[Fp8WeightRef<'_>]],
     (n, k): (usize, usize),
     path: GemmPath,
-    out: &mut [f32],
+    outs: &mut [&mut [f32]],
 ) -> Result<()> {
     if path == GemmPath::Fp8 && !k.is_multiple_of(BLOCK) {
         return Err(shape_err(op, format!("the fp8 path needs k % 128 == 0, got k = {k}")));
@@ -141,11 +136,11 @@ fn grouped_sets(
         .flat_map(|(i, w)| {
             (0..w.len()).filter(|&e| offsets[e + 1] > offsets[e]).map(move |e| {
                 let (r0, r1) = (offsets[e] as usize, offsets[e + 1] as usize);
-                Job { a: side.rows(r0, r1, k), w: w[e], out_row: i * rows + r0, m: r1 - r0 }
+                Job { a: side.rows(r0, r1, k), w: w[e], out: (i, r0), m: r1 - r0 }
             })
         })
         .collect();
-    run_jobs(&jobs, n, k, out);
+    run_jobs(&jobs, n, k, outs);
     Ok(())
 }
 
@@ -227,11 +222,41 @@ fn decode_codes(q: &[u8]) -> Vec<f32> {
     x
 }
 
+thread_local! {
+    /// Each worker's output tile, reused from task to task (a fresh zeroed vector per task
+    /// cost a tenth of a prefill's MoE GEMM time in allocation, zeroing and a serial scatter).
+    static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An output buffer of one [`run_jobs`] call, written by its tasks in parallel: each task writes the
+/// rows of its own tile, a rectangle no other task touches.
+struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: the tasks of one call write disjoint ranges of the buffer (`write`'s contract), which
+// outlives them (`run_jobs` borrows it mutably until every task has finished).
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// Copies `src` to `[at, at + src.len())`. The caller writes a range no other task writes
+    /// or reads during the call: the tiles of `run_jobs` are disjoint rectangles of the output
+    /// (jobs own disjoint output rows, tiles disjoint row chunks and column chunks of a job).
+    fn write(&self, at: usize, src: &[f32]) {
+        assert!(at.checked_add(src.len()).is_some_and(|end| end <= self.len), "tile row past the output");
+        // SAFETY: in bounds (asserted); no other task writes or reads this range (the tiles are
+        // disjoint), and the buffer lives for the whole call.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(at), src.len()) }
+    }
+}
+
 /// Splits every job into (row chunk, column chunk) tiles, runs them in parallel, and writes
-/// each tile into `out` (`[total rows, n]`). Jobs of at most 4 rows (the matrix-vector path)
+/// each tile into its job's output buffer (`outs[i]`, `[rows, n]`). Jobs of at most 4 rows (the matrix-vector path)
 /// get column chunks of a few hundred rows, so each thread streams long runs of weight bytes;
-/// larger jobs get [`NC`]-row chunks, whose decoded weights stay in L2.
-fn run_jobs(jobs: &[Job<'_>], n: usize, k: usize, out: &mut [f32]) {
+/// larger jobs get [`NC`]-row chunks, whose decoded weights stay in L2. Each task writes its
+/// tile itself.
+fn run_jobs(jobs: &[Job<'_>], n: usize, k: usize, outs: &mut [&mut [f32]]) {
     let threads = crate::cpu::threads().max(1);
     // The AVX-512 tile path reads each job's activations transposed; built once per job.
     let transposed: Vec<Option<ATiles>> = jobs.iter().map(|job| avx512_tiles(job, k).then(|| ATiles::new(job, k))).collect();
@@ -257,21 +282,19 @@ fn run_jobs(jobs: &[Job<'_>], n: usize, k: usize, out: &mut [f32]) {
             (0..job.m.div_ceil(mc)).flat_map(move |i| (0..n.div_ceil(nc)).map(move |c| (j, i * mc, c * nc, ((c + 1) * nc).min(n))))
         })
         .collect();
-    let results: Vec<Vec<f32>> = tiles
-        .par_iter()
-        .map(|&(j, m0, n0, n1)| {
-            let job = &jobs[j];
-            let m1 = (m0 + mc_of(job)).min(job.m);
-            let mut tile = vec![0f32; (m1 - m0) * (n1 - n0)];
-            core_tile(job, transposed[j].as_ref(), k, m0, m1, n0, n1, &mut tile);
-            tile
-        })
-        .collect();
-    // Scatter the tiles (disjoint rectangles of `out`).
-    for (&(j, m0, n0, n1), tile) in tiles.iter().zip(&results) {
-        let row0 = jobs[j].out_row + m0;
-        for (i, row) in tile.chunks_exact(n1 - n0).enumerate() {
-            out[(row0 + i) * n + n0..(row0 + i) * n + n1].copy_from_slice(row);
-        }
-    }
+    let dst: Vec<SharedOut> = outs.iter_mut().map(|o| SharedOut { ptr: o.as_mut_ptr(), len: o.len() }).collect();
+    tiles.par_iter().for_each(|&(j, m0, n0, n1)| {
+        let job = &jobs[j];
+        let m1 = (m0 + mc_of(job)).min(job.m);
+        let nw = n1 - n0;
+        TILE.with_borrow_mut(|tile| {
+            tile.clear();
+            tile.resize((m1 - m0) * nw, 0.0);
+            core_tile(job, transposed[j].as_ref(), k, m0, m1, n0, n1, tile);
+            let (set, row0) = (job.out.0, job.out.1 + m0);
+            for (i, row) in tile.chunks_exact(nw).enumerate() {
+                dst[set].write((row0 + i) * n + n0, row);
+            }
+        });
+    });
 }

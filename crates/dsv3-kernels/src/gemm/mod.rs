@@ -25,9 +25,11 @@
 //! one order: per 128-block, one partial sum per K residue (16 at AVX-512, 8 at AVX2), each a
 //! chain of fused multiply-adds in K order, promoted into its own total with the same factor
 //! (`promotion`); then the totals are added in one fixed order. The matrix-vector kernels
-//! keep the residues in the lanes of a vector; the AVX-512 tile kernel keeps 16 activation
-//! rows in the lanes and takes the residues one after another (see `avx512.rs`). The portable
-//! kernel has a single path. Different ISA levels may differ from each other in the last bits.
+//! and the AVX-512 row-tile kernel (jobs of 9 to 63 rows) keep the residues in the lanes of a
+//! vector; the AVX-512 outer-product tile kernel (64 rows or more, and ragged K) keeps 16
+//! activation rows in the lanes and takes the residues one after another (see `avx512.rs`).
+//! The portable kernel has a single path. Different ISA levels may differ from each other in
+//! the last bits.
 //!
 //! # Files
 //!

@@ -1,7 +1,7 @@
 //! One output tile of one job over all of K, one 128-block at a time, on the widest code path
 //! the CPU has (AVX-512, AVX2 + FMA, or the portable body).
 
-use super::cpu::Job;
+use super::cpu::{Job, MC};
 use crate::cpu::{IsaLevel, isa_level};
 use crate::fp8::{BLOCK, blocks, decode_fast};
 use rayon::prelude::*;
@@ -21,7 +21,8 @@ pub(super) fn core_tile(job: &Job<'_>, at: Option<&ATiles>, k: usize, m0: usize,
             return unsafe {
                 match at {
                     Some(at) => SCRATCH.with_borrow_mut(|sc| super::avx512::tile(job, at, k, m0, m1, n0, n1, sc, tile)),
-                    None => super::avx512::matvec(job, k, m0, m1, n0, n1, tile),
+                    None if job.m <= AVX512_MATVEC_ROWS => super::avx512::matvec(job, k, m0, m1, n0, n1, tile),
+                    None => SCRATCH.with_borrow_mut(|sc| super::avx512::row_tile(job, k, m0, m1, n0, n1, sc, tile)),
                 }
             };
         }
@@ -96,10 +97,15 @@ pub(super) fn avx512_matvec(k: usize) -> bool {
     cfg!(target_arch = "x86_64") && isa_level() == IsaLevel::Avx512 && k.is_multiple_of(BLOCK)
 }
 
-/// Whether `job` runs on the AVX-512 tile path (more than [`AVX512_MATVEC_ROWS`] rows, or a
-/// K that is not a whole number of 128-blocks), which reads its activations as [`ATiles`].
+/// Whether `job` runs on the AVX-512 outer-product tile path, which reads its activations as
+/// [`ATiles`]: jobs of at least `MC` rows (there it measured a little faster than the row-tile
+/// path: 7168 x 2048 at M = 64 and 128, 44-45% of the FMA peak against 42%), and any K that
+/// is not a whole number of 128-blocks (which only it handles). Jobs of more than
+/// [`AVX512_MATVEC_ROWS`] and fewer than `MC` rows take the row-tile path (`avx512::row_tile`),
+/// which wastes no lanes on rows past a multiple of 16: MoE experts at prefill get a few to a
+/// few dozen rows each. All three AVX-512 paths give the same bits.
 pub(super) fn avx512_tiles(job: &Job<'_>, k: usize) -> bool {
-    cfg!(target_arch = "x86_64") && isa_level() == IsaLevel::Avx512 && (job.m > AVX512_MATVEC_ROWS || !k.is_multiple_of(BLOCK))
+    cfg!(target_arch = "x86_64") && isa_level() == IsaLevel::Avx512 && (job.m >= MC || !k.is_multiple_of(BLOCK))
 }
 
 /// A job's activation rows transposed in groups of 16 (the last padded with zero rows) and
