@@ -1,4 +1,5 @@
-//! FP8 matrix-vector and GEMM at DeepSeek-V3 shapes, M in {1, 8, 64}, both numeric paths.
+//! FP8 matrix-vector and GEMM at DeepSeek-V3 shapes, M in {1, 8, 64}, both numeric paths; and
+//! the routed experts' grouped GEMMs of one MoE layer at a 128-token prefill (`grouped_prefill`).
 //!
 //! Weights rotate through enough copies to exceed the last-level cache (768 MiB or more), so
 //! M = 1 measures memory, not cache. `DSV3_BENCH_SHAPE=NxK` narrows the run to one shape and
@@ -63,5 +64,69 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// The routed experts of one MoE layer of the `small` preset (and of the 32K model of
+/// `scripts/bench-llamacpp/`) at a 128-token prefill: 128 tokens x top-8 of 64 experts, each
+/// token's 8 distinct experts drawn uniformly (as a random model routes; ~16 rows per expert,
+/// from a few to ~30), gate + up as one paired grouped GEMM `[rows, 1024] x [384, 1024]ᵀ`, then
+/// down `[rows, 384] x [1024, 384]ᵀ`. The experts rotate through `COPIES` layers' worth
+/// (300 MB) so the weights come from memory, as they do in a prefill. Narrow it with
+/// `DSV3_BENCH_SHAPE=grouped_prefill` (any other shape name skips it).
+fn grouped_prefill(c: &mut Criterion) {
+    const COPIES: usize = 4;
+    let (experts, hidden, inter, tokens, top_k) = (64, 1024, 384, 128, 8);
+    if std::env::var("DSV3_BENCH_SHAPE").is_ok_and(|o| o != "grouped_prefill") {
+        return;
+    }
+    limits();
+    let mut rng = Rng::new(3);
+    let layers: Vec<[Vec<Fp8Weight>; 3]> = (0..COPIES)
+        .map(|_| {
+            let mut set = |n, k| (0..experts).map(|_| random_fp8(&mut rng, n, k)).collect::<Vec<_>>();
+            [set(inter, hidden), set(inter, hidden), set(hidden, inter)]
+        })
+        .collect();
+    let mut counts = vec![0u32; experts];
+    for _ in 0..tokens {
+        let mut picked = Vec::with_capacity(top_k);
+        while picked.len() < top_k {
+            let e = rng.below(experts);
+            if !picked.contains(&e) {
+                picked.push(e);
+            }
+        }
+        picked.iter().for_each(|&e| counts[e] += 1);
+    }
+    let mut offsets = vec![0u32; experts + 1];
+    for e in 0..experts {
+        offsets[e + 1] = offsets[e] + counts[e];
+    }
+    let rows = tokens * top_k;
+    let (x, h) = (rng.vec(rows * hidden, 1.0), rng.vec(rows * inter, 1.0));
+    let (mut gate, mut up, mut down) = (vec![0f32; rows * inter], vec![0f32; rows * inter], vec![0f32; rows * hidden]);
+    let (lo, hi) = (counts.iter().min().copied().unwrap_or(0), counts.iter().max().copied().unwrap_or(0));
+    println!("grouped_prefill: {experts} experts, {rows} routed rows, {lo}-{hi} rows per expert, {COPIES} layers of weights");
+    let mut g = c.benchmark_group("grouped_prefill");
+    g.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
+    for path in [GemmPath::Reference, GemmPath::Fp8] {
+        let name = format!("{path:?}").to_lowercase();
+        let mut i = 0;
+        let mut step = || {
+            let [wg, wu, wd] = &layers[i % COPIES];
+            i += 1;
+            let (vg, vu, vd): (Vec<_>, Vec<_>, Vec<_>) =
+                (wg.iter().map(|w| w.view()).collect(), wu.iter().map(|w| w.view()).collect(), wd.iter().map(|w| w.view()).collect());
+            gemm::grouped_contiguous_pair(&x, &offsets, [&vg, &vu], path, [&mut gate, &mut up]).expect("gate and up");
+            gemm::grouped_contiguous(&h, &offsets, &vd, path, &mut down).expect("down");
+        };
+        g.bench_function(&name, |b| b.iter(&mut step));
+        let t = median_time(4 * COPIES, &mut step);
+        let weights = (experts * 3 * hidden * inter) as f64;
+        let work =
+            Work { bytes: weights + 4.0 * (rows * (2 * hidden + 3 * inter)) as f64, flops: 2.0 * (rows * 3 * hidden * inter) as f64 };
+        report(&format!("grouped_prefill {name}"), work, t);
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, grouped_prefill);
 criterion_main!(benches);

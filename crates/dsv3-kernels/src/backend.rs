@@ -90,6 +90,13 @@ pub trait Backend: Send + Sync + Debug {
     /// A short name for logs ("cpu", "cuda").
     fn name(&self) -> &'static str;
 
+    /// Runs one model step `f` (its kernels, called from this thread). The CPU backend keeps
+    /// its thread pool polling for work during the step ([`crate::cpu::with_busy_pool`]);
+    /// the others just run `f`.
+    fn run_step<R>(&self, f: impl FnOnce() -> R) -> R {
+        f()
+    }
+
     // --- memory -------------------------------------------------------------------------
     fn zeros<T: Elem>(&self, len: usize) -> Result<Self::Buf<T>>;
     fn upload<T: Elem>(&self, host: &[T]) -> Result<Self::Buf<T>>;
@@ -454,6 +461,9 @@ impl Backend for Cpu {
 
     fn name(&self) -> &'static str {
         "cpu"
+    }
+    fn run_step<R>(&self, f: impl FnOnce() -> R) -> R {
+        crate::cpu::with_busy_pool(f)
     }
     fn write<T: Elem>(&self, buf: &mut Vec<T>, host: &[T]) -> Result<()> {
         crate::error::check_len("write", "host", host.len(), buf.len())?;

@@ -90,3 +90,117 @@ pub(crate) use dispatch;
 pub fn threads() -> usize {
     rayon::current_num_threads()
 }
+
+/// Pollers of [`with_busy_pool`] running now (for the tests).
+static POLLERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Runs `f` (a model step) while the pool's other workers poll for work instead of going to
+/// sleep between its kernels.
+///
+/// A decode step is a hundred or more short parallel kernels with a little serial work between
+/// them. A rayon worker that finds no work yields a few dozen times and then sleeps, so the
+/// next kernel's fork first has to wake it through the OS: on a VM several microseconds per
+/// kernel, and the decode profile showed about a tenth of the samples in the scheduler. Here
+/// each other worker runs a job that keeps taking the pool's work (`rayon::yield_now`) until
+/// `f` returns. Called from outside the pool, or with one thread, it just runs `f`.
+///
+/// The workers are busy for the whole of `f`, so use it for steps, not for idle waits.
+pub fn with_busy_pool<R>(f: impl FnOnce() -> R) -> R {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (Some(me), n) = (rayon::current_thread_index(), rayon::current_num_threads()) else {
+        return f();
+    };
+    thread_local! {
+        /// Whether this thread is inside `with_busy_pool` already (a decode step's forward).
+        static ACTIVE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if n < 2 || ACTIVE.get() {
+        return f();
+    }
+    /// Ends the pollers, and the thread's scope, when `f` returns or unwinds.
+    struct Done(Arc<AtomicBool>);
+    impl Drop for Done {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+            ACTIVE.set(false);
+        }
+    }
+    ACTIVE.set(true);
+    let done = Done(Arc::new(AtomicBool::new(false)));
+    for _ in 1..n {
+        let flag = Arc::clone(&done.0);
+        rayon::spawn(move || {
+            // This thread itself may pick the job up while it waits inside `f`: polling there
+            // would never return to `f`.
+            if rayon::current_thread_index() == Some(me) {
+                return;
+            }
+            POLLERS.fetch_add(1, Ordering::Relaxed);
+            while !flag.load(Ordering::Acquire) {
+                if !matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
+                    std::hint::spin_loop();
+                }
+            }
+            POLLERS.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+    f()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_busy_pool;
+    use rayon::prelude::*;
+    use std::time::{Duration, Instant};
+
+    fn pool(n: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new().num_threads(n).build().expect("a thread pool")
+    }
+
+    /// Waits (up to 10 s) until no poller runs: every one ended with its step.
+    fn all_workers_free(_: &rayon::ThreadPool) -> bool {
+        let t = Instant::now();
+        while super::POLLERS.load(std::sync::atomic::Ordering::Relaxed) != 0 {
+            if t.elapsed() > Duration::from_secs(10) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    #[test]
+    fn a_busy_step_computes_what_it_would_alone_and_frees_the_workers() {
+        let p = pool(3);
+        let want: u64 = (0..100_000u64).map(|x| x * x % 7).sum();
+        for _ in 0..20 {
+            // Parallel work inside, a nested scope, serial gaps between the kernels.
+            let got = p.install(|| {
+                with_busy_pool(|| {
+                    let a: u64 = (0..50_000u64).into_par_iter().map(|x| x * x % 7).sum();
+                    std::thread::sleep(Duration::from_micros(200));
+                    let b = with_busy_pool(|| (50_000..100_000u64).into_par_iter().map(|x| x * x % 7).sum::<u64>());
+                    a + b
+                })
+            });
+            assert_eq!(got, want);
+        }
+        assert!(all_workers_free(&p), "a poller outlived its step");
+    }
+
+    #[test]
+    fn a_panicking_step_still_frees_the_workers() {
+        let p = pool(2);
+        let r = p.install(|| std::panic::catch_unwind(|| with_busy_pool(|| panic!("a failing step"))));
+        assert!(r.is_err());
+        assert!(all_workers_free(&p), "a poller outlived its step");
+        assert_eq!(p.install(|| with_busy_pool(|| (0..10u32).into_par_iter().sum::<u32>())), 45);
+    }
+
+    #[test]
+    fn outside_a_pool_or_with_one_thread_it_just_runs() {
+        assert_eq!(with_busy_pool(|| 7), 7);
+        assert_eq!(pool(1).install(|| with_busy_pool(|| (0..10u32).into_par_iter().sum::<u32>())), 45);
+    }
+}

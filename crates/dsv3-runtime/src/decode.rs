@@ -231,13 +231,13 @@ impl<B: Backend> DecodeRunner<B> {
         }
         let lens: Vec<(SeqId, usize)> = rows.iter().map(|r| Ok((r.seq, cache.seq_len(r.seq)?))).collect::<Result<_>>()?;
         let bucket = bucket_for(rows.len()).filter(|&p| self.pad && p <= self.max_rows);
-        let run = match bucket {
+        let run = b.run_step(|| match bucket {
             Some(p) => self.padded(b, model, cache, rows, p, allowed),
             None => {
                 let (timing, last) = (self.timing, &mut self.stats.last_device_s);
                 eager(b, model, cache, rows, allowed, timing, last)
             }
-        };
+        });
         if run.is_err() {
             // The step was committed to the cache before it ran: take it back.
             for &(seq, len) in &lens {

@@ -520,12 +520,14 @@ impl<B: Backend> Model<B> {
             AttnForm::Absorbed => true,
             AttnForm::Expanded => false,
         };
-        let step = crate::decode::StepScope::begin(b)?;
-        let x = self.embed(b, &ids)?;
-        let plan = cache.plan(b, &sizes)?;
-        let hidden = self.stack().run(b, cache, &plan, x, absorbed)?;
-        step.end()?;
-        Ok(hidden)
+        b.run_step(|| {
+            let step = crate::decode::StepScope::begin(b)?;
+            let x = self.embed(b, &ids)?;
+            let plan = cache.plan(b, &sizes)?;
+            let hidden = self.stack().run(b, cache, &plan, x, absorbed)?;
+            step.end()?;
+            Ok(hidden)
+        })
     }
 
     /// The absorbed step on inputs already on the backend ([`DecodeInputs`]), through

@@ -499,7 +499,8 @@ pub(super) fn row_tile(job: &Job<'_>, k: usize, m0: usize, m1: usize, n0: usize,
     for r in 0..m {
         for c0 in (0..nw).step_by(16) {
             let cn = (nw - c0).min(16);
-            let t: [__m512; 16] = std::array::from_fn(|i| if i < cn { load16(&tot[((c0 + i) * m + r) * 16..]) } else { _mm512_setzero_ps() });
+            let t: [__m512; 16] =
+                std::array::from_fn(|i| if i < cn { load16(&tot[((c0 + i) * m + r) * 16..]) } else { _mm512_setzero_ps() });
             store16(&mut out, tree16(transpose16(t)));
             tile[r * nw + c0..r * nw + c0 + cn].copy_from_slice(&out[..cn]);
         }
