@@ -73,14 +73,30 @@ pub(super) struct Scratch {
 }
 
 impl Scratch {
-    /// `tot` (zeroed) and `wt` (contents unspecified) of the given lengths.
+    /// `tot` (zeroed) and `wt` (contents unspecified) of the given lengths, each starting on a
+    /// 64-byte boundary: a 16-lane load that straddles two cache lines costs two, and the
+    /// allocator only promises 16 bytes (glibc's large blocks start 16 bytes into a page;
+    /// measured: the MoE GEMMs of a prefill 30% slower than on mimalloc's aligned blocks).
     pub(super) fn take(&mut self, tot: usize, wt: usize) -> (&mut [f32], &mut [f32]) {
-        self.tot.clear();
-        self.tot.resize(tot, 0.0);
-        if self.wt.len() < wt {
-            self.wt.resize(wt, 0.0);
-        }
-        (&mut self.tot, &mut self.wt[..wt])
+        let tot_at = aligned_len(&mut self.tot, tot);
+        self.tot[tot_at..tot_at + tot].fill(0.0);
+        let wt_at = aligned_len(&mut self.wt, wt);
+        (&mut self.tot[tot_at..tot_at + tot], &mut self.wt[wt_at..wt_at + wt])
+    }
+}
+
+/// Grows `v` so that `len` values fit after its first 64-byte boundary, and returns the
+/// index of that boundary.
+pub(super) fn aligned_len(v: &mut Vec<f32>, len: usize) -> usize {
+    const LANES: usize = 16;
+    if v.len() < len + LANES {
+        v.resize(len + LANES, 0.0);
+    }
+    // The element offset to the next 64-byte boundary (f32 buffers are 4-byte aligned).
+    let at = v.as_ptr().align_offset(64);
+    match at.checked_add(len) {
+        Some(end) if end <= v.len() => at,
+        _ => 0,
     }
 }
 
