@@ -5,10 +5,19 @@ use dsv3_kernels::machine::Limits;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+/// The benchmarks allocate as the `dsv3` program does: mimalloc, keeping the pages it frees
+/// ([`dsv3_kernels::alloc`], set up by [`limits`], which every benchmark calls first). Its large
+/// blocks start on a page; glibc's 16 bytes into one, and the FP8 GEMM's 16-lane loads of
+/// such activations straddle cache lines (the routed experts of a 128-token prefill,
+/// `gemm`'s `grouped_prefill`, measured 13% slower on glibc).
+#[global_allocator]
+static ALLOC: dsv3_kernels::alloc::MiMalloc = dsv3_kernels::alloc::MiMalloc;
+
 /// The limits of this machine, measured once per benchmark process and printed when first used.
 pub fn limits() -> &'static Limits {
     static L: OnceLock<Limits> = OnceLock::new();
     L.get_or_init(|| {
+        dsv3_kernels::alloc::keep_freed_pages();
         let l = Limits::measure();
         println!("{}", l.describe());
         l
