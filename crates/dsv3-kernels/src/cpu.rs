@@ -159,7 +159,7 @@ mod tests {
     }
 
     /// Waits (up to 10 s) until no poller runs: every one ended with its step.
-    fn all_workers_free(_: &rayon::ThreadPool) -> bool {
+    fn all_workers_free() -> bool {
         let t = Instant::now();
         while super::POLLERS.load(std::sync::atomic::Ordering::Relaxed) != 0 {
             if t.elapsed() > Duration::from_secs(10) {
@@ -186,7 +186,7 @@ mod tests {
             });
             assert_eq!(got, want);
         }
-        assert!(all_workers_free(&p), "a poller outlived its step");
+        assert!(all_workers_free(), "a poller outlived its step");
     }
 
     #[test]
@@ -194,7 +194,7 @@ mod tests {
         let p = pool(2);
         let r = p.install(|| std::panic::catch_unwind(|| with_busy_pool(|| panic!("a failing step"))));
         assert!(r.is_err());
-        assert!(all_workers_free(&p), "a poller outlived its step");
+        assert!(all_workers_free(), "a poller outlived its step");
         assert_eq!(p.install(|| with_busy_pool(|| (0..10u32).into_par_iter().sum::<u32>())), 45);
     }
 

@@ -403,26 +403,26 @@ fn outer<const NR: usize, const MV: usize>(
     }
 }
 
-/// 128-blocks of K per chunk of [`row_tile`]: the decoded weights of one register tile's
-/// weight rows (4 x 8 x 128 x 4 B = 16 KiB) stay in L1 while every row group passes over them.
+/// 128-blocks of K per chunk of [`row_tile`]: the task's weight rows decoded for one chunk
+/// (16 rows x 4 x 128 x 4 B = 32 KiB) stay in L1 while every row group passes over them.
 const ROW_TILE_CHUNK: usize = 4;
 
 /// Weight rows and activation rows of one register tile of [`row_tile`].
 const ROW_TILE_NR: usize = 4;
+const ROW_TILE_MR: usize = 4;
 
 /// How many weight rows ahead [`row_tile`] prefetches the codes it is about to decode.
 const ROW_TILE_AHEAD: usize = 4;
-const ROW_TILE_MR: usize = 4;
 
 /// The row-tile path: jobs of more than `AVX512_MATVEC_ROWS` (tile.rs) rows with K a whole
 /// number of 128-blocks, in the matrix-vector path's own form, so nothing is transposed: the
 /// 16 K residues sit in the lanes. K is taken in chunks of [`ROW_TILE_CHUNK`] blocks; per chunk,
-/// groups of 4 weight rows are decoded into L1 (units of 2^-8, as the matrix-vector path
-/// decodes them), and register tiles of 4 activation rows x 4 weight rows run through the
-/// chunk's blocks: per block, 8 steps of 4 activation loads, 4 weight loads and 16 fused
-/// multiply-adds from zero, then each partial sum promoted into its total
-/// (`tot [nw][rows][16]`, L1) with `promotion`. At the end each total's 16 lanes are added in
-/// [`hsum16`]. The same sums, in the same order, as [`matvec`] and [`tile`].
+/// the task's weight rows are decoded into L1 (units of 2^-8, as the matrix-vector path
+/// decodes them), and for each group of 4 activation rows, register tiles of 4 activation
+/// rows x 4 weight rows run through the chunk's blocks: per block, 8 steps of 4 activation
+/// loads, 4 weight loads and 16 fused multiply-adds from zero, then each partial sum promoted
+/// into its total (`tot [nw][rows][16]`, L1) with `promotion`. At the end each total's 16 lanes
+/// are added in [`hsum16`]'s tree. The same sums, in the same order, as [`matvec`] and [`tile`].
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)] // the tile's rectangle is four plain indices
 pub(super) fn row_tile(job: &Job<'_>, k: usize, m0: usize, m1: usize, n0: usize, n1: usize, scratch: &mut Scratch, tile: &mut [f32]) {
@@ -464,12 +464,10 @@ pub(super) fn row_tile(job: &Job<'_>, k: usize, m0: usize, m1: usize, n0: usize,
                 ws[c * ROW_TILE_CHUNK + b] = weight_promotion(job, n, kc + b, kb_n);
             }
         }
-        let mut r = 0;
-        while r < m {
+        for r in (0..m).step_by(ROW_TILE_MR) {
             for c0 in (0..nw).step_by(ROW_TILE_NR) {
-                let nr = (nw - c0).min(ROW_TILE_NR);
                 let p = RowPass { job, k, kb_n, kc, nb, m0, r, m, c0, wd, ws };
-                let done = match ((m - r).min(ROW_TILE_MR), nr) {
+                match ((m - r).min(ROW_TILE_MR), (nw - c0).min(ROW_TILE_NR)) {
                     (1, 1) => p.run::<1, 1>(tot),
                     (1, 2) => p.run::<1, 2>(tot),
                     (1, 3) => p.run::<1, 3>(tot),
@@ -486,9 +484,6 @@ pub(super) fn row_tile(job: &Job<'_>, k: usize, m0: usize, m1: usize, n0: usize,
                     (_, 2) => p.run::<4, 2>(tot),
                     (_, 3) => p.run::<4, 3>(tot),
                     (_, _) => p.run::<4, 4>(tot),
-                };
-                if c0 + nr >= nw {
-                    r += done;
                 }
             }
         }
@@ -527,9 +522,8 @@ struct RowPass<'a> {
 }
 
 impl RowPass<'_> {
-    /// Returns `MR`, the rows done.
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-    fn run<const MR: usize, const NR: usize>(&self, tot: &mut [f32]) -> usize {
+    fn run<const MR: usize, const NR: usize>(&self, tot: &mut [f32]) {
         let (k, cw, c0) = (self.k, ROW_TILE_CHUNK * BLOCK, self.c0);
         let x = self.job.a.x;
         let (wd, ws) = (&self.wd[c0 * cw..], &self.ws[c0 * ROW_TILE_CHUNK..]);
@@ -576,6 +570,5 @@ impl RowPass<'_> {
                 }
             }
         }
-        MR
     }
 }

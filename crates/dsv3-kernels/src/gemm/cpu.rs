@@ -252,10 +252,10 @@ impl SharedOut {
 }
 
 /// Splits every job into (row chunk, column chunk) tiles, runs them in parallel, and writes
-/// each tile into its job's output buffer (`outs[i]`, `[rows, n]`). Jobs of at most 4 rows (the matrix-vector path)
-/// get column chunks of a few hundred rows, so each thread streams long runs of weight bytes;
-/// larger jobs get [`NC`]-row chunks, whose decoded weights stay in L2. Each task writes its
-/// tile itself.
+/// each tile into its job's output buffer (`outs[i]`, `[rows, n]`) from the task itself. Jobs
+/// on the matrix-vector path get column chunks of a few hundred rows, so each thread streams
+/// long runs of weight bytes; larger jobs get [`NC`]-row chunks, whose decoded weights stay
+/// in L2.
 fn run_jobs(jobs: &[Job<'_>], n: usize, k: usize, outs: &mut [&mut [f32]]) {
     let threads = crate::cpu::threads().max(1);
     // The AVX-512 tile path reads each job's activations transposed; built once per job.

@@ -87,7 +87,7 @@ impl Scratch {
 
 /// Grows `v` so that `len` values fit after its first 64-byte boundary, and returns the
 /// index of that boundary.
-pub(super) fn aligned_len(v: &mut Vec<f32>, len: usize) -> usize {
+fn aligned_len(v: &mut Vec<f32>, len: usize) -> usize {
     const LANES: usize = 16;
     if v.len() < len + LANES {
         v.resize(len + LANES, 0.0);
