@@ -9,7 +9,7 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use dsv3_benches::{Rng, Work, limits, median_time, report};
-use dsv3_kernels::fp8::Fp8Weight;
+use dsv3_kernels::fp8::{Fp8Weight, Fp8WeightRef};
 use dsv3_kernels::gemm::{self, GemmPath, GemmShape};
 use std::time::Duration;
 
@@ -85,6 +85,8 @@ fn grouped_prefill(c: &mut Criterion) {
             [set(inter, hidden), set(inter, hidden), set(hidden, inter)]
         })
         .collect();
+    let views: Vec<[Vec<Fp8WeightRef<'_>>; 3]> =
+        layers.iter().map(|l| l.each_ref().map(|set| set.iter().map(|w| w.view()).collect())).collect();
     let mut counts = vec![0u32; experts];
     for _ in 0..tokens {
         let mut picked = Vec::with_capacity(top_k);
@@ -111,12 +113,10 @@ fn grouped_prefill(c: &mut Criterion) {
         let name = format!("{path:?}").to_lowercase();
         let mut i = 0;
         let mut step = || {
-            let [wg, wu, wd] = &layers[i % COPIES];
+            let [vg, vu, vd] = &views[i % COPIES];
             i += 1;
-            let (vg, vu, vd): (Vec<_>, Vec<_>, Vec<_>) =
-                (wg.iter().map(|w| w.view()).collect(), wu.iter().map(|w| w.view()).collect(), wd.iter().map(|w| w.view()).collect());
-            gemm::grouped_contiguous_pair(&x, &offsets, [&vg, &vu], path, [&mut gate, &mut up]).expect("gate and up");
-            gemm::grouped_contiguous(&h, &offsets, &vd, path, &mut down).expect("down");
+            gemm::grouped_contiguous_pair(&x, &offsets, [vg, vu], path, [&mut gate, &mut up]).expect("gate and up");
+            gemm::grouped_contiguous(&h, &offsets, vd, path, &mut down).expect("down");
         };
         g.bench_function(&name, |b| b.iter(&mut step));
         let t = median_time(4 * COPIES, &mut step);
